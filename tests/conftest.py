@@ -1,0 +1,3 @@
+"""Shared fixtures. Each fixture module owns one kind of external process."""
+
+pytest_plugins: list[str] = []
