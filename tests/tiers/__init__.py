@@ -1,0 +1,1 @@
+"""Tests of the KV tiers and the Redis storage backend."""
