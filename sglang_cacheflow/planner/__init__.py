@@ -1,0 +1,35 @@
+"""Pure restore planner: what to recompute and what to load, when.
+
+Imports neither torch nor SGLang, so every rank and every executor can run it. The entry
+point is :func:`plan`; executors call :func:`validate` on what they receive before running it.
+"""
+
+from sglang_cacheflow.planner.bound import Bound, fluid_bound
+from sglang_cacheflow.planner.calibration import Calibrator
+from sglang_cacheflow.planner.capabilities import Capabilities
+from sglang_cacheflow.planner.cost import ComputeCost, CostModel, ModelShape, TierCost
+from sglang_cacheflow.planner.plan import Action, Plan, RequestPlan, Step
+from sglang_cacheflow.planner.policies import POLICIES, plan
+from sglang_cacheflow.planner.request import Request, Span
+from sglang_cacheflow.planner.validate import PlanError, validate
+
+__all__ = [
+    "POLICIES",
+    "Action",
+    "Bound",
+    "Calibrator",
+    "Capabilities",
+    "ComputeCost",
+    "CostModel",
+    "ModelShape",
+    "Plan",
+    "PlanError",
+    "Request",
+    "RequestPlan",
+    "Span",
+    "Step",
+    "TierCost",
+    "fluid_bound",
+    "plan",
+    "validate",
+]

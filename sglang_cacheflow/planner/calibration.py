@@ -1,0 +1,119 @@
+"""Calibrating the cost model from measured samples.
+
+Compute: ``seconds = step_s + n / tokens_per_s + attention * (n*p + n*(n-1)/2)`` is linear in
+its three coefficients, so a least-squares fit over (prefix, tokens, layers, seconds) samples
+recovers them; a coefficient that comes out negative is dropped and the rest refitted
+(non-negative least squares over three unknowns by enumeration).
+
+Tiers: ``seconds = latency + bytes / bandwidth`` per transfer, tracked with exponentially
+weighted sums, so recent transfers count most and each update is O(1): a weighted linear
+regression of seconds on bytes gives latency and bandwidth; with transfers all of one size,
+the latency keeps its prior and the bandwidth follows the average.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from sglang_cacheflow.planner.cost import ComputeCost, CostModel, TierCost
+
+
+@dataclass
+class _TierStats:
+    prior: TierCost
+    decay: float
+    w: float = 0.0
+    x: float = 0.0  # weighted sums of bytes, seconds, bytes^2, bytes*seconds
+    y: float = 0.0
+    xx: float = 0.0
+    xy: float = 0.0
+
+    def add(self, nbytes: float, seconds: float) -> None:
+        k = self.decay
+        self.w = self.w * k + 1.0
+        self.x = self.x * k + nbytes
+        self.y = self.y * k + seconds
+        self.xx = self.xx * k + nbytes * nbytes
+        self.xy = self.xy * k + nbytes * seconds
+
+    def estimate(self) -> TierCost:
+        if self.w == 0.0:
+            return self.prior
+        mx, my = self.x / self.w, self.y / self.w
+        var = self.xx / self.w - mx * mx
+        if var > 1e-6 * mx * mx and var > 0:
+            slope = (self.xy / self.w - mx * my) / var
+            latency = my - slope * mx
+            if slope > 0 and latency >= 0:
+                return TierCost(1.0 / slope, latency)
+        # One transfer size (or a noisy fit): keep the latency, fit the bandwidth.
+        latency = min(self.prior.latency_s, 0.5 * my)
+        return TierCost(mx / max(my - latency, 1e-12), latency)
+
+
+@dataclass
+class Calibrator:
+    """Collects measured step times and produces a calibrated :class:`CostModel`."""
+
+    prior: CostModel
+    decay: float = 0.9  # weight kept by older tier samples at each new one
+    max_compute_samples: int = 512
+    _compute: list[tuple[float, float, float, float]] = field(default_factory=list)
+    _tiers: dict[str, _TierStats] = field(default_factory=dict)
+
+    def add_compute(
+        self, prefix: int, tokens: int, seconds: float, layers: int | None = None
+    ) -> None:
+        """A forward of ``tokens`` after ``prefix`` cached tokens over ``layers`` layers."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        frac = 1.0 if layers is None else layers / self.prior.shape.num_layers
+        self._compute.append((float(prefix), float(tokens), frac, float(seconds)))
+        if len(self._compute) > self.max_compute_samples:
+            del self._compute[0]
+
+    def add_transfer(self, tier: str, nbytes: float, seconds: float) -> None:
+        if nbytes <= 0 or seconds <= 0:
+            return
+        stats = self._tiers.get(tier)
+        if stats is None:
+            prior = self.prior.tiers.get(tier, TierCost(1e9, 0.0))
+            stats = self._tiers[tier] = _TierStats(prior, self.decay)
+        stats.add(nbytes, seconds)
+
+    def compute_cost(self) -> ComputeCost:
+        if len(self._compute) < 3:
+            return self.prior.compute
+        s = np.asarray(self._compute)
+        p, n, frac, y = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
+        # columns: step, per-token, per-token-pair, each scaled by the layer fraction
+        cols = np.stack([frac, frac * n, frac * (n * p + n * (n - 1) / 2)], axis=1)
+        best: tuple[float, np.ndarray] | None = None
+        for keep in itertools.chain.from_iterable(
+            itertools.combinations(range(3), k) for k in (3, 2, 1)
+        ):
+            if 1 not in keep:  # the per-token term is what makes a cost model
+                continue
+            sub = cols[:, keep]
+            # relative least squares: every sample counts by its own scale
+            coef, *_ = np.linalg.lstsq(sub / y[:, None], np.ones_like(y), rcond=None)
+            if (coef < 0).any():
+                continue
+            err = float(np.sum(((sub @ coef) / y - 1.0) ** 2))
+            if best is None or err < best[0]:
+                full = np.zeros(3)
+                full[list(keep)] = coef
+                best = (err, full)
+        if best is None or best[1][1] <= 0:
+            return self.prior.compute
+        step, per_token, pair = best[1]
+        return ComputeCost(1.0 / per_token, float(pair), float(step))
+
+    def model(self) -> CostModel:
+        """The prior with every measured part replaced by its fit."""
+        tiers = dict(self.prior.tiers)
+        tiers.update({name: st.estimate() for name, st in self._tiers.items()})
+        return replace(self.prior, compute=self.compute_cost(), tiers=tiers)

@@ -1,0 +1,38 @@
+"""What an executor can run; the planner plans only shapes its executor supports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Restore shapes an executor supports.
+
+    ``token_split``: recompute the front of a span while loading its back (Cake's order).
+    ``layer_split``: recompute the bottom layers of a span while loading the top ones.
+    ``load_front``: load the front of a span, recompute the back in the same forward
+    (what SGLang's extend does with a capped host hit).
+    ``streamed_tiers``: tiers whose loads arrive layer by layer, so a forward can start
+    on layer i as soon as layer i is in (``None``: every tier).
+    """
+
+    token_split: bool = True
+    layer_split: bool = True
+    load_front: bool = False
+    streamed_tiers: frozenset[str] | None = None
+
+    def streams(self, tier: str) -> bool:
+        return self.streamed_tiers is None or tier in self.streamed_tiers
+
+
+#: The reference runtime streams every tier layer by layer. It can also run load-front
+#: shapes, but a token split restores the same tokens with a cheaper recompute (the front of
+#: a span attends to fewer tokens than its back), so the planner need not search them.
+RUNTIME = Capabilities(token_split=True, layer_split=True, load_front=False)
+
+#: SGLang 0.5.23's extend: load the front of a hit (host loads stream per layer through
+#: ``LayerDoneCounter``; storage prefetch lands whole pages in host memory first).
+SGLANG = Capabilities(
+    token_split=False, layer_split=False, load_front=True, streamed_tiers=frozenset({"host"})
+)

@@ -1,0 +1,101 @@
+"""Analytic cost model: how long recomputing or loading a range of KV takes.
+
+Recomputing tokens [p, p+n) through all layers costs
+``step_s + n / tokens_per_s + attention_s_per_token_pair * (n*p + n*(n-1)/2)``; through ``l``
+of ``L`` layers, ``l/L`` of that. Loading n tokens from a tier costs
+``latency + n * kv_bytes_per_token / bandwidth`` (a layer range loads its share). Times are
+for the whole tensor-parallel group; each rank loads ``1/tp`` of the bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "dtype_bytes", "tp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_heads % self.tp and self.tp % self.num_kv_heads:
+            raise ValueError(
+                f"model.tp={self.tp} must divide num_kv_heads={self.num_kv_heads} (or be a "
+                "multiple of it, with KV heads replicated)"
+            )
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """Bytes of K and V, all layers, one token, as loaded by one TP rank."""
+        heads_per_rank = max(1.0, self.num_kv_heads / self.tp)
+        return 2.0 * self.num_layers * heads_per_rank * self.head_dim * self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class ComputeCost:
+    tokens_per_s: float
+    attention_s_per_token_pair: float = 0.0
+    step_s: float = 0.0  # fixed cost of one forward (launches, scheduling); fitted by calibration
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_s <= 0:
+            raise ValueError(f"compute.tokens_per_s must be > 0, got {self.tokens_per_s}")
+        if self.attention_s_per_token_pair < 0 or self.step_s < 0:
+            raise ValueError("compute.attention_s_per_token_pair and step_s must be >= 0")
+
+    def seconds(self, prefix: float, n: float) -> float:
+        """All-layer time to compute n tokens that follow ``prefix`` tokens of KV."""
+        if n <= 0:
+            return 0.0
+        pairs = n * prefix + n * (n - 1) / 2
+        return self.step_s + n / self.tokens_per_s + self.attention_s_per_token_pair * pairs
+
+
+@dataclass(frozen=True)
+class TierCost:
+    bandwidth_Bps: float
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_Bps <= 0:
+            raise ValueError(f"tier bandwidth must be > 0, got {self.bandwidth_Bps}")
+        if self.latency_s < 0:
+            raise ValueError(f"tier latency must be >= 0, got {self.latency_s}")
+
+    @classmethod
+    def from_gbps(cls, bandwidth_GBps: float, latency_ms: float = 0.0) -> TierCost:
+        return cls(bandwidth_GBps * 1e9, latency_ms / 1e3)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    shape: ModelShape
+    compute: ComputeCost
+    tiers: dict[str, TierCost] = field(default_factory=dict)
+
+    def tier(self, name: str) -> TierCost:
+        try:
+            return self.tiers[name]
+        except KeyError:
+            raise KeyError(
+                f"tier {name!r} has no cost entry; known tiers: {sorted(self.tiers)}"
+            ) from None
+
+    def recompute_s(self, prefix: float, n: float, layers: float | None = None) -> float:
+        """Time to recompute n tokens after ``prefix`` through ``layers`` layers (default all)."""
+        frac = 1.0 if layers is None else layers / self.shape.num_layers
+        return frac * self.compute.seconds(prefix, n)
+
+    def load_s(self, tier: str, n: float, layers: float | None = None) -> float:
+        """Time to load n tokens' KV for ``layers`` layers (default all) from ``tier``."""
+        if n <= 0:
+            return 0.0
+        frac = 1.0 if layers is None else layers / self.shape.num_layers
+        t = self.tier(tier)
+        return t.latency_s + n * frac * self.shape.kv_bytes_per_token / t.bandwidth_Bps

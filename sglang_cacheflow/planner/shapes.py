@@ -1,0 +1,359 @@
+"""Restore shapes of one request and their timing against shared resource clocks.
+
+A shape is one way to restore a request's evicted span:
+
+- ``token`` split ``s``: recompute tokens [d, d+s) through all layers while loading
+  [d+s, end) (Cake's order; ``s = 0`` is load-all, ``s = E`` is recompute-all);
+- ``layer`` split ``l``: recompute layers [0, l) of the whole span while loading layers
+  [l, L) (CacheFlow's layer-wise split);
+- ``load_front`` split ``j``: load [d, d+j) and recompute [d+j, end) in the same forward,
+  waiting per layer for the loaded KV (SGLang's extend over a capped hit).
+
+The new tokens are prefilled last; every forward starts layer i as soon as the KV it reads
+for layer i is in (layer-wise overlap). :meth:`Shaper.run` prices a shape against the
+current free time of the compute resource and of each tier's I/O channel, and, when asked,
+emits the timed :class:`Step` list; the search and the final plan use this one function,
+so what is searched is what is emitted.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from dataclasses import dataclass
+
+from sglang_cacheflow.planner.capabilities import Capabilities
+from sglang_cacheflow.planner.cost import CostModel
+from sglang_cacheflow.planner.plan import Action, Step
+from sglang_cacheflow.planner.request import Request
+
+TOKEN, LAYER, LOAD_FRONT = "token", "layer", "load_front"
+NEG = float("-inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    kind: str  # TOKEN | LAYER | LOAD_FRONT
+    split: int  # tokens (TOKEN, LOAD_FRONT) or layers (LAYER), counted from the span's start
+
+    def describe(self, evicted: int, num_layers: int) -> str:
+        if evicted == 0:
+            return "prefill only"
+        if self.kind == LAYER:
+            if self.split in (0, num_layers):
+                return "load all" if self.split == 0 else "recompute all"
+            return f"layer split: recompute layers 0-{self.split - 1}, load the rest"
+        full, none = (evicted, 0) if self.kind == TOKEN else (0, evicted)
+        if self.split == full:
+            return "recompute all"
+        if self.split == none:
+            return "load all"
+        if self.kind == TOKEN:
+            return f"token split: recompute front {self.split}, load back {evicted - self.split}"
+        return f"load front {self.split}, recompute back {evicted - self.split}"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """A shape priced against the clocks: when the compute side and the loads are ready."""
+
+    compute_ready: float  # A: compute resource done with the restore's own recompute
+    load_ready: float  # B: earliest start of the consuming forward allowed by the loads
+    ttft: float
+    compute_free: float  # new clock of the compute resource
+    io_free: dict[str, float]  # new clocks of the tiers this shape loads from
+
+
+class Shaper:
+    """Prices and emits the shapes of one request under one cost model."""
+
+    __slots__ = (
+        "L",
+        "bpt",
+        "caps",
+        "cost",
+        "d",
+        "evicted",
+        "grid",
+        "new",
+        "prefill_s",
+        "ranges",
+        "req",
+        "tiers",
+    )
+
+    def __init__(
+        self, req: Request, cost: CostModel, caps: Capabilities, chunk_tokens: int
+    ) -> None:
+        self.req = req
+        self.cost = cost
+        self.caps = caps
+        self.L = cost.shape.num_layers
+        self.bpt = cost.shape.kv_bytes_per_token
+        self.d = req.device_tokens
+        self.evicted = req.evicted_tokens
+        self.new = req.new_tokens
+        self.ranges = req.tier_ranges()
+        # per range: (tier, start, end, latency, seconds per token per layer, streamed)
+        self.tiers = [
+            (
+                t,
+                a,
+                b,
+                cost.tier(t).latency_s,
+                self.bpt / (cost.tier(t).bandwidth_Bps * self.L),
+                caps.streams(t),
+            )
+            for t, a, b in self.ranges
+        ]
+        self.prefill_s = cost.recompute_s(req.evicted_end, req.new_tokens)
+        # Split points: chunk boundaries in absolute positions (page aligned), plus both ends.
+        d, e = self.d, self.evicted
+        first = (d // chunk_tokens + 1) * chunk_tokens
+        self.grid = [0, *range(first - d, e, chunk_tokens), e] if e else [0]
+
+    # -- pricing -------------------------------------------------------------------------
+
+    def _loads(
+        self,
+        lo: int,
+        hi: int,
+        l0: int,
+        io: dict[str, float],
+        cper: float,
+        steps: list[Step] | None,
+    ) -> tuple[float, dict[str, float]]:
+        """Load tokens [lo, hi) x layers [l0, L); return the earliest start of a forward that
+        reads them layer by layer from layer 0 at ``cper`` seconds a layer, and the new
+        clocks of the tiers used. (Hot path of the search: plain arithmetic, no calls.)"""
+        ready = NEG
+        free: dict[str, float] = {}
+        L = self.L
+        nl = L - l0
+        if nl <= 0:
+            return ready, free
+        for tier, a, b, lat, per_tok, streamed in self.tiers:
+            x = a if a > lo else lo
+            y = b if b < hi else hi
+            if x >= y:
+                continue
+            start = free[tier] if tier in free else io.get(tier, 0.0)
+            per = (y - x) * per_tok
+            finish = start + lat + nl * per
+            free[tier] = finish
+            # Layer m (from l0) is in at start + lat + (m - l0 + 1) * per and the forward
+            # begins layer m at its start + m * cper: the binding layer is the first or last.
+            r = start + lat + per - l0 * cper
+            if streamed:
+                last = finish - (L - 1) * cper
+                if last > r:
+                    r = last
+            else:
+                r = finish - l0 * cper
+            if r > ready:
+                ready = r
+            if steps is not None:
+                steps.append(Step(x, y, l0, L, Action.LOAD, tier, start, finish, lat, streamed))
+        return ready, free
+
+    def _compute(
+        self, lo: int, hi: int, l0: int, l1: int, at: float, steps: list[Step] | None
+    ) -> float:
+        n = hi - lo
+        if n <= 0 or l1 <= l0:
+            return at
+        c = self.cost.compute
+        dur = (
+            (l1 - l0)
+            / self.L
+            * (
+                c.step_s
+                + n / c.tokens_per_s
+                + c.attention_s_per_token_pair * (n * lo + n * (n - 1) / 2)
+            )
+        )
+        if steps is not None:
+            steps.append(Step(lo, hi, l0, l1, Action.RECOMPUTE, None, at, at + dur))
+        return at + dur
+
+    def _price(
+        self, kind: str, split: int, tc: float, io: dict[str, float], steps: list[Step] | None
+    ) -> tuple[float, float, float, dict[str, float]]:
+        """(compute ready A, load ready B, TTFT, new tier clocks) of one shape."""
+        d, end, L = self.d, self.d + self.evicted, self.L
+        cper = self.prefill_s / L
+        if kind == TOKEN:
+            mid = d + split
+            a = self._compute(d, mid, 0, L, tc, steps)
+            b, free = self._loads(mid, end, 0, io, cper, steps)
+        elif kind == LAYER:
+            a = self._compute(d, end, 0, split, tc, steps)
+            b, free = self._loads(d, end, split, io, cper, steps)
+        else:  # LOAD_FRONT: the back's recompute is the forward that waits for the loads
+            mid = d + split
+            rc = self.cost.recompute_s(mid, end - mid)
+            if rc > 0:
+                b, free = self._loads(d, mid, 0, io, rc / L, steps)
+                a = self._compute(mid, end, 0, L, max(tc, b), steps)
+                b = NEG
+            else:
+                a = tc
+                b, free = self._loads(d, mid, 0, io, cper, steps)
+        if self.new:
+            ttft = max(a, b) + self.prefill_s
+            if steps is not None:
+                e = self.req.evicted_end
+                steps.append(
+                    Step(e, e + self.new, 0, L, Action.PREFILL, None, ttft - self.prefill_s, ttft)
+                )
+        else:  # nothing to prefill: done when the last load lands
+            ttft = max(a, max(free.values(), default=NEG))
+        return a, b, ttft, free
+
+    def run(
+        self, shape: Shape, tc: float, io: dict[str, float], steps: list[Step] | None = None
+    ) -> Outcome:
+        """Price ``shape`` with compute free at ``tc`` and tier channels free at ``io``."""
+        a, b, ttft, free = self._price(shape.kind, shape.split, tc, io, steps)
+        return Outcome(a, b, ttft, ttft if self.new else a, free)
+
+    # -- search --------------------------------------------------------------------------
+
+    def best(self, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
+        """The allowed shape with the earliest TTFT given the clocks."""
+        cands: list[Shape] = []
+        if self.caps.token_split:
+            cands += self._crossing(TOKEN, self.grid, tc, io)
+        if self.caps.layer_split:
+            cands += self._layer_crossing(tc, io)
+        if self.caps.load_front or not cands:
+            points = self.grid if self.caps.load_front else [0]
+            cands += [
+                self._convex_min(LOAD_FRONT, seg, tc, io)
+                for seg in self._load_front_segments(points)
+            ]
+        best_ttft, best = float("inf"), cands[0]
+        for c in cands:
+            ttft = self._price(c.kind, c.split, tc, io, None)[2]
+            if ttft < best_ttft:
+                best_ttft, best = ttft, c
+        return best, self.run(best, tc, io)
+
+    def _load_front_segments(self, points: list[int]) -> list[list[int]]:
+        """Split points where the TTFT jumps: a tier's first loaded token adds its latency,
+        and loading everything drops the back's forward. Between jumps the TTFT is convex
+        (a max of convex pieces: pipelined loads grow linearly, the back's recompute
+        shrinks convexly)."""
+        cuts = sorted({a - self.d for _, a, _, _, _, _ in self.tiers} | {self.evicted})
+        segs: list[list[int]] = []
+        cur: list[int] = []
+        ci = 0
+        for j in points:
+            while ci < len(cuts) and j > cuts[ci]:
+                ci += 1
+                if cur:
+                    segs.append(cur)
+                    cur = []
+            cur.append(j)
+            if j == self.evicted and len(cur) > 1:
+                segs.append(cur[:-1])
+                cur = [j]
+        if cur:
+            segs.append(cur)
+        return segs
+
+    def _convex_min(self, kind: str, points: list[int], tc: float, io: dict[str, float]) -> Shape:
+        """Minimum of a convex TTFT over ``points``: the first point whose forward
+        difference is not negative."""
+        lo, hi = 0, len(points) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            here = self._price(kind, points[mid], tc, io, None)[2]
+            if self._price(kind, points[mid + 1], tc, io, None)[2] >= here:
+                hi = mid
+            else:
+                lo = mid + 1
+        return Shape(kind, points[lo])
+
+    def _crossing(
+        self, kind: str, points: list[int], tc: float, io: dict[str, float]
+    ) -> list[Shape]:
+        """Binary search for the first split where compute is no earlier than the loads.
+
+        TTFT = max(A(x), B(x)) + prefill with A non-decreasing and B non-increasing in x, so
+        the optimum is at that split or the one before it.
+        """
+        lo, hi = 0, len(points) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            a, b, _, _ = self._price(kind, points[mid], tc, io, None)
+            if a >= b:
+                hi = mid
+            else:
+                lo = mid + 1
+        return [Shape(kind, points[i]) for i in (lo - 1, lo) if i >= 0]
+
+    def _layer_crossing(self, tc: float, io: dict[str, float]) -> list[Shape]:
+        """The layer split where compute meets the loads, solved in closed form.
+
+        A(l) = tc + l * C / L rises linearly; the loads' readiness B(l) is a max of lines
+        falling in l (one per tier and per end of the layer range), so A(l) >= B(l) holds
+        from the largest crossing point of A with those lines on.
+        """
+        L = self.L
+        if len({t[0] for t in self.tiers}) < len(self.tiers):  # a tier's loads queue up
+            return self._crossing(LAYER, list(range(L + 1)), tc, io)
+        c_layer = self.cost.recompute_s(self.d, self.evicted) / L
+        cper = self.prefill_s / L
+        cross = 0.0
+        for tier, a, b, lat, per_tok, streamed in self.tiers:
+            base = io.get(tier, 0.0) + lat
+            per = (b - a) * per_tok
+            # B's pieces as k0 - k1 * l, l = first loaded layer (see _loads)
+            if streamed:
+                lines = [(base + per, cper), (base + L * per - (L - 1) * cper, per)]
+            else:
+                lines = [(base + L * per, per + cper)]
+            for k0, k1 in lines:
+                if c_layer + k1 > 0:
+                    cross = max(cross, (k0 - tc) / (c_layer + k1))
+        hi = min(L, max(0, math.ceil(cross - 1e-12)))
+        return [Shape(LAYER, x) for x in {max(0, hi - 1), hi}]
+
+    # -- Cake's run-time meeting point -----------------------------------------------------
+
+    def cake_split(self, tc: float, io: dict[str, float]) -> int:
+        """Where Cake's pointers meet: compute claims front chunks, one I/O worker claims
+        back chunks (paying a tier's latency per chunk); each side claims its next chunk when
+        it gets to it, so chunk k is recomputed iff compute reaches it no later than I/O."""
+        g, n = self.grid, len(self.grid) - 1
+        if n == 0:
+            return 0
+        d, e = self.d, self.evicted
+        step = self.cost.compute.step_s
+        frac_free = self.cost.recompute_s  # alias for speed in the loop below
+        t0 = max((io.get(t[0], 0.0) for t in self.tiers), default=0.0)
+
+        def compute_reaches(k: int) -> float:
+            return tc + frac_free(d, g[k]) - (step if g[k] else 0.0) + k * step
+
+        def io_reaches(k: int) -> float:
+            # I/O has loaded chunks k+1..n-1 (tokens [d + g[k+1], d + e)) before chunk k.
+            lo = d + g[k + 1]
+            t = t0
+            for _tier, a, b, lat, per_tok, _s in self.tiers:
+                x = max(a, lo)
+                if x < b:
+                    t += (b - x) * per_tok * self.L
+                    # one latency per chunk whose first token lies in [max(a, lo), b)
+                    t += lat * (bisect_left(g, b - d) - bisect_left(g, x - d))
+            return t
+
+        lo, hi = 0, n  # f = number of front chunks compute claims
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if compute_reaches(mid) <= io_reaches(mid):
+                lo = mid + 1
+            else:
+                hi = mid
+        return g[lo]
