@@ -329,13 +329,12 @@ class Shaper:
         g, n = self.grid, len(self.grid) - 1
         if n == 0:
             return 0
-        d, e = self.d, self.evicted
+        d = self.d
         step = self.cost.compute.step_s
-        frac_free = self.cost.recompute_s  # alias for speed in the loop below
         t0 = max((io.get(t[0], 0.0) for t in self.tiers), default=0.0)
 
         def compute_reaches(k: int) -> float:
-            return tc + frac_free(d, g[k]) - (step if g[k] else 0.0) + k * step
+            return tc + self.cost.recompute_s(d, g[k]) - (step if g[k] else 0.0) + k * step
 
         def io_reaches(k: int) -> float:
             # I/O has loaded chunks k+1..n-1 (tokens [d + g[k+1], d + e)) before chunk k.

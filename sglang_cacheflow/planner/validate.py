@@ -15,6 +15,7 @@ A plan is valid when, for every request:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -155,7 +156,7 @@ def validate(plan: Plan, requests: Sequence[Request], num_layers: int) -> None:
             by_resource.setdefault(s.resource, []).append(s)
     for res, steps in by_resource.items():
         steps.sort(key=lambda s: (s.start_s, s.finish_s))
-        for prev, nxt in zip(steps, steps[1:], strict=False):
+        for prev, nxt in itertools.pairwise(steps):
             if nxt.start_s + eps < prev.finish_s:
                 raise PlanError(
                     f"resource {res!r} runs two steps at once: one until {prev.finish_s:.6g}s, "
