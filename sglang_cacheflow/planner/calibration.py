@@ -50,7 +50,7 @@ class _TierStats:
             if slope > 0 and latency >= 0:
                 return TierCost(1.0 / slope, latency)
         # One transfer size (or a noisy fit): keep the latency, fit the bandwidth.
-        latency = min(self.prior.latency_s, 0.5 * my)
+        latency = self.prior.latency_s if self.prior.latency_s < my else 0.5 * my
         return TierCost(mx / max(my - latency, 1e-12), latency)
 
 

@@ -37,20 +37,19 @@ class Shape:
     split: int  # tokens (TOKEN, LOAD_FRONT) or layers (LAYER), counted from the span's start
 
     def describe(self, evicted: int, num_layers: int) -> str:
+        """Short text: ``token split 4096+4096`` is 4096 recomputed then 4096 loaded."""
         if evicted == 0:
             return "prefill only"
         if self.kind == LAYER:
             if self.split in (0, num_layers):
                 return "load all" if self.split == 0 else "recompute all"
-            return f"layer split: recompute layers 0-{self.split - 1}, load the rest"
-        full, none = (evicted, 0) if self.kind == TOKEN else (0, evicted)
-        if self.split == full:
-            return "recompute all"
-        if self.split == none:
-            return "load all"
+            return f"layer split {self.split}/{num_layers}"
+        recomputed = self.split if self.kind == TOKEN else evicted - self.split
+        if recomputed in (0, evicted):
+            return "recompute all" if recomputed else "load all"
         if self.kind == TOKEN:
-            return f"token split: recompute front {self.split}, load back {evicted - self.split}"
-        return f"load front {self.split}, recompute back {evicted - self.split}"
+            return f"token split {self.split}+{evicted - self.split}"
+        return f"load front {self.split}+{evicted - self.split}"
 
 
 @dataclass(slots=True)
@@ -206,8 +205,10 @@ class Shaper:
                 steps.append(
                     Step(e, e + self.new, 0, L, Action.PREFILL, None, ttft - self.prefill_s, ttft)
                 )
-        else:  # nothing to prefill: done when the last load lands
-            ttft = max(a, max(free.values(), default=NEG))
+        else:  # nothing to prefill: done when its last own step ends
+            ttft = max(free.values(), default=0.0)
+            if a > tc:
+                ttft = max(ttft, a)
         return a, b, ttft, free
 
     def run(

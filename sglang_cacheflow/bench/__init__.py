@@ -1,0 +1,1 @@
+"""Workloads, benchmarks, tables and plots."""

@@ -1,0 +1,91 @@
+"""The ``sglang-cacheflow`` command: one subcommand per job, each module imported on use."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+# subcommand -> (module with add_arguments(parser) and run(args) -> int, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "plan": ("sglang_cacheflow.cli", "print each policy's restore plan for a scenario file"),
+    "planner-bench": ("sglang_cacheflow.bench.planner", "planner speed and plan quality"),
+    "demo": ("sglang_cacheflow.cli", "the main job on embedded defaults"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the subcommands implemented in this module (``plan`` and ``demo``)."""
+    if parser.prog.endswith(" plan"):
+        parser.add_argument("scenario", type=Path, help="scenario JSON (see README)")
+        parser.add_argument("--policy", default="all", help="recompute|load|cake|cacheflow|all")
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    return _plan(args) if args.command == "plan" else _demo(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from sglang_cacheflow.planner import POLICIES, fluid_bound, plan, validate
+    from sglang_cacheflow.planner.scenario import ScenarioError, load_scenario
+
+    try:
+        sc = load_scenario(args.scenario)
+    except ScenarioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.policy != "all" and args.policy not in POLICIES:
+        print(f"error: --policy must be one of {', '.join(POLICIES)} or all", file=sys.stderr)
+        return 2
+    policies = POLICIES if args.policy == "all" else (args.policy,)
+    plans = {}
+    for p in policies:
+        plans[p] = plan(sc.requests, sc.cost, p, chunk_tokens=sc.chunk_tokens)
+        validate(plans[p], sc.requests, sc.cost.shape.num_layers)
+    bound = fluid_bound(sc.requests, sc.cost)
+    if args.json:
+        out = {"policies": {p: pl.to_dict() for p, pl in plans.items()}, "bound": bound.to_dict()}
+        print(json.dumps(out, indent=2))
+        return 0
+    from sglang_cacheflow.bench.report import print_plans
+
+    print_plans(plans, sc.requests, bound, sc.cost.shape.num_layers, title=str(args.scenario))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sglang_cacheflow.bench.report import print_plans
+    from sglang_cacheflow.planner import POLICIES, fluid_bound, plan
+    from sglang_cacheflow.planner.scenario import load_scenario
+
+    folder = Path(__file__).resolve().parent.parent / "examples" / "scenarios"
+    for path in sorted(folder.glob("*.json")):
+        sc = load_scenario(path)
+        plans = {p: plan(sc.requests, sc.cost, p, chunk_tokens=sc.chunk_tokens) for p in POLICIES}
+        bound = fluid_bound(sc.requests, sc.cost)
+        print_plans(plans, sc.requests, bound, sc.cost.shape.num_layers, title=path.name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sglang-cacheflow", description="Fast KV cache restoration for SGLang."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Calibration recovers a cost model from measurements and predicts them within 10%."""
+
+import random
+
+import pytest
+
+from sglang_cacheflow.planner import Calibrator, ComputeCost, CostModel, ModelShape, TierCost
+
+SHAPE = ModelShape(30, 3, 64, 2)
+PRIOR = CostModel(SHAPE, ComputeCost(1000.0), {"redis": TierCost(1e9, 1e-3)})
+
+
+def test_compute_fit_predicts_its_samples_within_10_percent():
+    truth = ComputeCost(tokens_per_s=8000, attention_s_per_token_pair=4e-8, step_s=0.004)
+    rng = random.Random(0)
+    cal = Calibrator(PRIOR)
+    samples = []
+    for _ in range(200):
+        p, n = rng.randrange(0, 4096), rng.randrange(1, 2048)
+        layers = rng.choice([None, 10, 30])
+        frac = 1.0 if layers is None else layers / 30
+        t = frac * truth.seconds(p, n) * rng.uniform(0.97, 1.03)  # measurement noise
+        cal.add_compute(p, n, t, layers)
+        samples.append((p, n, layers, t))
+    fitted = cal.model()
+    for p, n, layers, t in samples:
+        assert fitted.recompute_s(p, n, layers) == pytest.approx(t, rel=0.10)
+    assert fitted.compute.tokens_per_s == pytest.approx(8000, rel=0.05)
+    assert fitted.compute.attention_s_per_token_pair == pytest.approx(4e-8, rel=0.10)
+
+
+def test_negative_coefficients_are_dropped():
+    # purely linear timings: the attention and step terms must come out as zero, not < 0
+    cal = Calibrator(PRIOR)
+    for n in range(10, 2000, 37):
+        cal.add_compute(n, n, n / 5000)
+    c = cal.compute_cost()
+    assert c.attention_s_per_token_pair >= 0 and c.step_s >= 0
+    assert c.tokens_per_s == pytest.approx(5000, rel=0.01)
+
+
+def test_tier_tracks_bandwidth_and_latency_and_follows_changes():
+    cal = Calibrator(PRIOR, decay=0.8)
+    rng = random.Random(1)
+    sizes = [rng.choice([2**16, 2**20, 2**23]) for _ in range(60)]
+    for b in sizes:
+        cal.add_transfer("redis", b, 2e-4 + b / 2.5e9)
+    t = cal.model().tier("redis")
+    assert t.bandwidth_Bps == pytest.approx(2.5e9, rel=0.02)
+    assert t.latency_s == pytest.approx(2e-4, rel=0.05)
+    for b in sizes:  # the link slows down: recent samples dominate
+        cal.add_transfer("redis", b, 2e-4 + b / 1e9)
+    assert cal.model().tier("redis").bandwidth_Bps == pytest.approx(1e9, rel=0.05)
+    for b in sizes:
+        assert cal.model().load_s("redis", b / SHAPE.kv_bytes_per_token) == pytest.approx(
+            2e-4 + b / 1e9, rel=0.10
+        )
+
+
+def test_one_transfer_size_keeps_the_prior_latency():
+    cal = Calibrator(PRIOR)
+    for _ in range(10):
+        cal.add_transfer("redis", 1e6, 1e-3 + 1e6 / 2e9)
+    t = cal.model().tier("redis")
+    assert t.latency_s == pytest.approx(1e-3)
+    assert t.bandwidth_Bps == pytest.approx(2e9, rel=1e-6)
+
+
+def test_too_few_samples_keep_the_prior():
+    cal = Calibrator(PRIOR)
+    cal.add_compute(0, 100, 0.1)
+    assert cal.model().compute == PRIOR.compute

@@ -1,0 +1,193 @@
+"""Policies on random rounds: valid plans, CacheFlow never worse, bound never above."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sglang_cacheflow.planner import (
+    POLICIES,
+    Capabilities,
+    ComputeCost,
+    CostModel,
+    ModelShape,
+    Request,
+    Span,
+    TierCost,
+    fluid_bound,
+    plan,
+    validate,
+)
+from sglang_cacheflow.planner.capabilities import RUNTIME, SGLANG
+from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Shape, Shaper
+
+from .strategies import cost_models, requests
+
+EXECUTORS = {
+    "runtime": RUNTIME,
+    "sglang": SGLANG,
+    "token-only": Capabilities(token_split=True, layer_split=False),
+    "layer-only": Capabilities(token_split=False, layer_split=True),
+    "everything": Capabilities(token_split=True, layer_split=True, load_front=True),
+}
+TOL = 1e-9
+
+
+def policies_for(caps: Capabilities) -> list[str]:
+    return [p for p in POLICIES if p != "cake" or caps.token_split]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    reqs=requests(),
+    cost=cost_models(),
+    caps=st.sampled_from(sorted(EXECUTORS)),
+    chunk=st.sampled_from([64, 256, 1000]),
+)
+def test_every_policy_plans_validly_and_cacheflow_is_never_worse(reqs, cost, caps, chunk):
+    capabilities = EXECUTORS[caps]
+    plans = {
+        p: plan(reqs, cost, p, capabilities, chunk_tokens=chunk) for p in policies_for(capabilities)
+    }
+    for p in plans.values():
+        validate(p, reqs, cost.shape.num_layers)
+    best = plans["cacheflow"].mean_ttft_s
+    for name, p in plans.items():
+        assert best <= p.mean_ttft_s * (1 + TOL) + TOL, name
+    bound = fluid_bound(reqs, cost)
+    for name, p in plans.items():
+        assert bound.makespan_s <= p.makespan_s * (1 + 1e-6) + 1e-9, name
+        assert bound.mean_ttft_s <= p.mean_ttft_s * (1 + 1e-6) + 1e-9, name
+
+
+def brute_force_best(req: Request, cost: CostModel, caps: Capabilities, chunk: int) -> float:
+    s = Shaper(req, cost, caps, chunk)
+    shapes = [Shape(LOAD_FRONT, 0), Shape(LOAD_FRONT, req.evicted_tokens)]
+    # every split point an executor can run: each chunk (page) boundary, each layer
+    if caps.token_split:
+        shapes += [Shape(TOKEN, x) for x in s.grid]
+    if caps.layer_split:
+        shapes += [Shape(LAYER, x) for x in range(cost.shape.num_layers + 1)]
+    if caps.load_front:
+        shapes += [Shape(LOAD_FRONT, x) for x in s.grid]
+    return min(s.run(shape, 0.0, {}).ttft for shape in shapes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    cost=cost_models(),
+    caps=st.sampled_from(sorted(EXECUTORS)),
+    spans=st.lists(
+        st.tuples(st.sampled_from(["host", "redis"]), st.integers(1, 1500)), min_size=1, max_size=2
+    ),
+    device=st.integers(0, 700),
+    new=st.integers(1, 200),
+)
+def test_cacheflow_is_within_5_percent_of_brute_force_over_every_split(
+    cost, caps, spans, device, new
+):
+    req = Request("one", device, tuple(Span(t, n) for t, n in spans), new)
+    capabilities = EXECUTORS[caps]
+    got = plan([req], cost, "cacheflow", capabilities, chunk_tokens=16).mean_ttft_s
+    assert got <= 1.05 * brute_force_best(req, cost, capabilities, 16) + 1e-9
+
+
+def llama8b(attention: float = 0.0) -> CostModel:
+    return CostModel(
+        ModelShape(32, 8, 128, 2, 1),
+        ComputeCost(20000, attention),
+        {"host": TierCost.from_gbps(25, 0.05), "redis": TierCost.from_gbps(2.5, 0.5)},
+    )
+
+
+@pytest.mark.parametrize("attention", [0.0, 2e-9])
+def test_balanced_single_request_reaches_the_harmonic_bound(attention):
+    cost = llama8b(attention)
+    n, new = 8192, 128
+    tc = cost.recompute_s(0, n)
+    # pick the Redis bandwidth that makes loading take exactly as long as recomputing
+    bw = n * cost.shape.kv_bytes_per_token / (tc - 0.5e-3)
+    cost = CostModel(cost.shape, cost.compute, {"redis": TierCost(bw, 0.5e-3)})
+    tio = cost.load_s("redis", n)
+    assert tio == pytest.approx(tc)
+    req = Request("chat", 0, (Span("redis", n),), new)
+    got = plan([req], cost, "cacheflow").mean_ttft_s
+    target = tc * tio / (tc + tio) + cost.recompute_s(n, new)
+    assert got <= 1.10 * target
+    assert got < 0.6 * min(
+        plan([req], cost, "recompute").mean_ttft_s, plan([req], cost, "load").mean_ttft_s
+    )
+
+
+def test_batch_of_eight_mixed_requests_is_near_the_fluid_makespan():
+    cost = llama8b(2e-9)
+    cost = CostModel(
+        cost.shape,
+        cost.compute,
+        {"host": TierCost.from_gbps(12, 0.05), "redis": TierCost.from_gbps(2.5, 0.5)},
+    )
+    reqs = [
+        Request("r0", 512, (Span("redis", 2048),), 64),
+        Request("r1", 0, (Span("host", 4096), Span("redis", 12288)), 256),
+        Request("r2", 1024, (Span("host", 7168),), 128),
+        Request("r3", 0, (Span("redis", 32768),), 512),
+        Request("r4", 256, (Span("redis", 1024),), 32),
+        Request("r5", 0, (Span("host", 2048), Span("redis", 6144)), 128),
+        Request("r6", 4096, (Span("redis", 16384),), 64),
+        Request("r7", 0, (Span("host", 24576),), 256),
+    ]
+    p = plan(reqs, cost, "cacheflow")
+    validate(p, reqs, 32)
+    bound = fluid_bound(reqs, cost)
+    assert p.makespan_s <= 1.15 * bound.makespan_s
+    # and it is the batch that gains: both pure modes and Cake are far behind
+    for other in ("recompute", "load", "cake"):
+        assert p.mean_ttft_s < 0.8 * plan(reqs, cost, other).mean_ttft_s
+
+
+def test_layer_split_wins_on_short_spans_token_split_on_long_ones():
+    # The layer-wise split has L+1 split points: on a span of one chunk it balances compute
+    # and I/O where the token split cannot cut at all. On a long span the token split wins:
+    # its recomputed front attends to fewer tokens than an average layer slice of the span.
+    cost = llama8b(2e-9)
+    short = Request("short", 0, (Span("redis", 512),), 16)
+    long = Request("long", 0, (Span("redis", 65536),), 16)
+    got = plan([short], cost, "cacheflow", chunk_tokens=512).requests["short"].shape
+    assert got.startswith("layer split")
+    assert plan([long], cost, "cacheflow").requests["long"].shape.startswith("token split")
+
+
+def test_tensor_parallelism_divides_what_each_rank_loads():
+    one = llama8b()
+    two = CostModel(ModelShape(32, 8, 128, 2, 2), one.compute, one.tiers)
+    req = Request("doc", 0, (Span("redis", 16384),), 64)
+    load1 = plan([req], one, "load").mean_ttft_s
+    load2 = plan([req], two, "load").mean_ttft_s
+    assert load2 < 0.6 * load1
+
+
+def test_cake_needs_an_executor_that_loads_the_back():
+    req = Request("a", 0, (Span("host", 1024),), 8)
+    with pytest.raises(ValueError, match="token_split"):
+        plan([req], llama8b(), "cake", SGLANG)
+
+
+def test_sglang_plans_only_load_front_shapes():
+    cost = llama8b(2e-9)
+    reqs = [Request(f"r{i}", 0, (Span("host", 2048 * (i + 1)),), 64) for i in range(4)]
+    p = plan(reqs, cost, "cacheflow", SGLANG)
+    validate(p, reqs, 32)
+    for r in reqs:
+        steps = p.requests[r.id].steps
+        loads = [s for s in steps if s.action == "load"]
+        recomputes = [s for s in steps if s.action == "recompute"]
+        assert all(s.layer_start == 0 and s.layer_end == 32 for s in steps)
+        if loads and recomputes:  # loaded front, recomputed back
+            assert max(s.end for s in loads) <= min(s.start for s in recomputes)
+
+
+def test_unknown_policy_and_duplicate_ids_are_refused():
+    req = Request("a", 0, (Span("host", 10),), 1)
+    with pytest.raises(ValueError, match="unknown policy"):
+        plan([req], llama8b(), "fastest")
+    with pytest.raises(ValueError, match="unique"):
+        plan([req, req], llama8b(), "load")
