@@ -149,7 +149,7 @@ def test_concurrent_prefetch_and_backup_threads(redis_server: RedisServer, make_
     pool = make_pool("page_first")
     b = backend(redis_server.url, pool, streams=2)
     keys = page_hashes(6)
-    want = {k: canonical_page_view(pool, i * PAGE).clone() for k, i in zip(keys, range(6), strict=True)}
+    want = {k: canonical_page_view(pool, i * PAGE).clone() for i, k in enumerate(keys)}
     assert all(b.batch_set_v1(keys, idx(*range(6))))
     errors: list[BaseException] = []
 
