@@ -222,7 +222,7 @@ class Shaper:
 
     def best(self, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
         """The allowed shape with the earliest TTFT given the clocks."""
-        cands: list[Shape] = []
+        cands: list[tuple[float, Shape]] = []
         if self.caps.token_split:
             cands += self._crossing(TOKEN, self.grid, tc, io)
         if self.caps.layer_split:
@@ -233,11 +233,7 @@ class Shaper:
                 self._convex_min(LOAD_FRONT, seg, tc, io)
                 for seg in self._load_front_segments(points)
             ]
-        best_ttft, best = float("inf"), cands[0]
-        for c in cands:
-            ttft = self._price(c.kind, c.split, tc, io, None)[2]
-            if ttft < best_ttft:
-                best_ttft, best = ttft, c
+        best = min(cands, key=lambda c: c[0])[1]
         return best, self.run(best, tc, io)
 
     def _load_front_segments(self, points: list[int]) -> list[list[int]]:
@@ -263,7 +259,9 @@ class Shaper:
             segs.append(cur)
         return segs
 
-    def _convex_min(self, kind: str, points: list[int], tc: float, io: dict[str, float]) -> Shape:
+    def _convex_min(
+        self, kind: str, points: list[int], tc: float, io: dict[str, float]
+    ) -> tuple[float, Shape]:
         """Minimum of a convex TTFT over ``points``: the first point whose forward
         difference is not negative."""
         lo, hi = 0, len(points) - 1
@@ -274,27 +272,35 @@ class Shaper:
                 hi = mid
             else:
                 lo = mid + 1
-        return Shape(kind, points[lo])
+        return self._price(kind, points[lo], tc, io, None)[2], Shape(kind, points[lo])
 
     def _crossing(
         self, kind: str, points: list[int], tc: float, io: dict[str, float]
-    ) -> list[Shape]:
+    ) -> list[tuple[float, Shape]]:
         """Binary search for the first split where compute is no earlier than the loads.
 
         TTFT = max(A(x), B(x)) + prefill with A non-decreasing and B non-increasing in x, so
         the optimum is at that split or the one before it.
         """
+        seen: dict[int, float] = {}
         lo, hi = 0, len(points) - 1
         while lo < hi:
             mid = (lo + hi) // 2
-            a, b, _, _ = self._price(kind, points[mid], tc, io, None)
+            a, b, seen[mid], _ = self._price(kind, points[mid], tc, io, None)
             if a >= b:
                 hi = mid
             else:
                 lo = mid + 1
-        return [Shape(kind, points[i]) for i in (lo - 1, lo) if i >= 0]
+        return [
+            (
+                seen[i] if i in seen else self._price(kind, points[i], tc, io, None)[2],
+                Shape(kind, points[i]),
+            )
+            for i in (lo - 1, lo)
+            if i >= 0
+        ]
 
-    def _layer_crossing(self, tc: float, io: dict[str, float]) -> list[Shape]:
+    def _layer_crossing(self, tc: float, io: dict[str, float]) -> list[tuple[float, Shape]]:
         """The layer split where compute meets the loads, solved in closed form.
 
         A(l) = tc + l * C / L rises linearly; the loads' readiness B(l) is a max of lines
@@ -319,7 +325,9 @@ class Shaper:
                 if c_layer + k1 > 0:
                     cross = max(cross, (k0 - tc) / (c_layer + k1))
         hi = min(L, max(0, math.ceil(cross - 1e-12)))
-        return [Shape(LAYER, x) for x in {max(0, hi - 1), hi}]
+        return [
+            (self._price(LAYER, x, tc, io, None)[2], Shape(LAYER, x)) for x in {max(0, hi - 1), hi}
+        ]
 
     # -- Cake's run-time meeting point -----------------------------------------------------
 
