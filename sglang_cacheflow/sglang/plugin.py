@@ -1,5 +1,22 @@
-"""Entry point of group ``sglang.srt.plugins``: SGLang calls :func:`load` in every process."""
+"""Entry point of group ``sglang.srt.plugins``: SGLang calls :func:`load` in every process.
+
+SGLang's launcher, engine, scheduler and detokenizer each call
+``sglang.srt.plugins.load_plugins()`` early; that calls :func:`load`. This module
+imports nothing heavy, so a process that needs nothing from the package pays
+nothing for it.
+"""
+
+from __future__ import annotations
 
 
 def load() -> None:
-    """Install what this process needs; does nothing yet on any platform."""
+    """Install what this process needs.
+
+    On SGLang's CPU engine without a real ``sgl_kernel`` (a CPU-only machine),
+    install the CPU kernels, HiCache host transfers, host allocator and the
+    ``cacheflow_cpu`` attention backend (:mod:`sglang_cacheflow.cpu.install`).
+    Anywhere else (a GPU install) nothing is touched.
+    """
+    from sglang_cacheflow.cpu.install import install
+
+    install()
