@@ -78,7 +78,7 @@ class SGLangServer:
 
     def __post_init__(self) -> None:
         if not _has_flag(self.args, "--max-total-tokens"):
-            raise ValueError("an SGLang server needs --max-total-tokens (else the KV pool fills RAM)")
+            raise ValueError("an SGLang server needs --max-total-tokens (RAM sizes it otherwise)")
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ kernels' next-token / next-sibling arrays, so they check the encoding too.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -104,7 +106,7 @@ def test_verify_tree_greedy() -> None:
             kids = [c for c in range(1, N) if parents[b][c] == p]
             if kids:
                 r_next[b, p] = kids[0]
-            for first, second in zip(kids, kids[1:], strict=False):
+            for first, second in itertools.pairwise(kids):
                 r_sibling[b, first] = second
     # Request 0 accepts 0 -> 1 -> 3 and stops at 4; request 1 accepts 0 -> 2 -> 4.
     candidates = torch.tensor([[50, 11, 12, 13, 14], [60, 21, 22, 23, 24]])
@@ -171,7 +173,7 @@ def test_rotate_input_ids(with_select: bool) -> None:
     new = torch.tensor([100, 200, 300])
     select = torch.tensor([2, 6, 9]) if with_select else None
     spec.rotate_input_ids_cpu(ids, starts, lens, new, select)
-    expected = list(range(11, 14)) + [100] + list(range(15, 19)) + [200] + [300]
+    expected = [11, 12, 13, 100, 15, 16, 17, 18, 200, 300]
     if with_select:
         expected = [11, 12, 100, 13, 15, 16, 200, 18, 18, 300]
     assert ids.tolist() == expected

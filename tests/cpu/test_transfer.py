@@ -19,9 +19,7 @@ DEVICE_SIZE, HOST_SIZE = 40, 64
 
 def _device(dtype: torch.dtype, seed: int, heads: int = HEADS) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(DEVICE_SIZE, heads, DIM, generator=g).to(dtype) for _ in range(LAYERS)
-    ]
+    return [torch.randn(DEVICE_SIZE, heads, DIM, generator=g).to(dtype) for _ in range(LAYERS)]
 
 
 def _ptrs(tensors: list[torch.Tensor]) -> torch.Tensor:
