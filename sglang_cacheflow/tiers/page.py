@@ -258,10 +258,9 @@ def encode_block(
     hlen = BlockHeader.size_for(layer_count)
     lb = layout.layer_bytes
     buf = bytearray(hlen + lb * layer_count)
-    payload = torch.frombuffer(buf, dtype=torch.uint8, offset=hlen, count=lb * layer_count)
-    payload.view(layout.dtype).view(layer_count, *layout.layer_shape).copy_(
-        page[layer_start : layer_start + layer_count]
-    )
+    payload = np.frombuffer(buf, dtype=np.uint8, count=lb * layer_count, offset=hlen)
+    src = _as_numpy(page[layer_start : layer_start + layer_count])
+    np.copyto(payload.view(src.dtype).reshape(src.shape), src)
     mv = memoryview(buf)
     sums = [
         xxhash.xxh3_64_intdigest(mv[hlen + i * lb : hlen + (i + 1) * lb])
@@ -342,9 +341,18 @@ def copy_bytes_into(out: torch.Tensor, data: bytes | bytearray | memoryview, off
     if out.is_contiguous():
         ctypes.memmove(out.data_ptr(), src.ctypes.data, nbytes)
         return
-    tmp = torch.empty(out.shape, dtype=out.dtype)
-    ctypes.memmove(tmp.data_ptr(), src.ctypes.data, nbytes)
-    out.copy_(tmp)
+    dst = _as_numpy(out)
+    np.copyto(dst, src.view(dst.dtype).reshape(dst.shape))
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view (same memory and strides) of a CPU tensor of any dtype, as integers of
+    the same width. Copies between such views run in the calling thread: torch's parallel
+    copy kernels spin worker threads that compete with a local redis-server for cores."""
+    return t.view(_INT_OF_SIZE[t.element_size()]).numpy()
 
 
 def split_blocks(num_layers: int, layers_per_block: int) -> list[tuple[int, int]]:
