@@ -17,7 +17,8 @@ def test_json_report_with_redis_benchmark(
     redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--url", redis_server.url, "--pages", "4", "--shape", "tiny", "--page-tokens",
-            "32", "--repeat", "1", "--layer-range", "1:3", "--redis-benchmark", "--json"]  # fmt: skip
+            "32", "--repeat", "1", "--layer-range", "1:3", "--redis-benchmark",
+            "--json"]  # fmt: skip
     assert bench.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["layout"] == "L4-kv-t32-h2-d16-bf16" and report["emulated"] is False
