@@ -4,7 +4,10 @@ A test that checks "the KV restored from host gives the same output as the KV
 computed on device" needs a negative control: the same check must fail when the
 restored KV is wrong. With ``SGLANG_CACHEFLOW_FAULT=zero-host-loads`` in the
 server's environment, every host -> device layer load is followed by writing
-zeros into the device rows it just filled. Nothing happens without the variable.
+zeros into the device rows it just filled. With ``SGLANG_CACHEFLOW_FAULT_FILE``
+also set, the fault applies only while that file exists, so one server can serve
+the positive check and then the negative control. Nothing happens without the
+variables.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 FAULT_ENV = "SGLANG_CACHEFLOW_FAULT"
+FAULT_FILE_ENV = "SGLANG_CACHEFLOW_FAULT_FILE"
 ZERO_HOST_LOADS = "zero-host-loads"
 _PATCHED = "__sglang_cacheflow_fault__"
 
@@ -27,6 +31,11 @@ def requested_fault() -> str | None:
     """The fault named in the environment, if any."""
     value = os.environ.get(FAULT_ENV, "").strip()
     return value or None
+
+
+def _armed() -> bool:
+    switch = os.environ.get(FAULT_FILE_ENV)
+    return not switch or os.path.exists(switch)
 
 
 def _zero_loaded_rows(
@@ -43,6 +52,8 @@ def _zero_loaded_rows(
         **kwargs: Any,
     ) -> None:
         load(self, device_pool, host_indices, device_indices, layer_id, io_backend, **kwargs)
+        if not _armed():
+            return
         rows = device_indices.reshape(-1).to(device="cpu").long()
         for getter in ("get_key_buffer", "get_value_buffer"):
             buffer = getattr(device_pool, getter)(layer_id)

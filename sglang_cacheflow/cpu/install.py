@@ -10,6 +10,9 @@ What :func:`install` does, once per process:
 - binds the ``transfer_kv_*`` functions into SGLang's host pool modules, which
   import them only on CUDA, HIP and XPU;
 - registers the plain host allocator for device ``"cpu"``;
+- with ``SGLANG_CACHEFLOW_HICACHE_RESERVE_GB`` set, replaces the 10 GiB of host
+  RAM SGLang keeps free before sizing a HiCache host pool (a GPU-server rule;
+  on a small CPU machine the device pool itself is host RAM);
 - registers the ``cacheflow_cpu`` attention backend and its CLI choice;
 - routes SGLang's spawned subprocesses through :mod:`sglang_cacheflow.cpu.processes`;
 - installs the test fault named by ``SGLANG_CACHEFLOW_FAULT``, if any
@@ -45,6 +48,9 @@ HOST_POOL_MODULES: tuple[str, ...] = (
     "sglang.srt.mem_cache.pool_host.unified",
 )
 """Modules that import ``transfer_kv_*`` from ``sgl_kernel.kvcacheio`` only off CPU."""
+
+HICACHE_RESERVE_ENV = "SGLANG_CACHEFLOW_HICACHE_RESERVE_GB"
+"""Host RAM (GiB) HiCache must leave free; SGLang's own reserve (10 GiB) when unset."""
 
 _lock = threading.Lock()
 _installed = False
@@ -131,6 +137,12 @@ def _add_attention_choice(module: ModuleType) -> None:
         module.add_attention_backend_choices([ATTENTION_BACKEND])
 
 
+def _set_hicache_reserve(module: ModuleType) -> None:
+    value = os.environ.get(HICACHE_RESERVE_ENV)
+    if value:
+        module.HICACHE_HOST_MEMORY_RESERVE_BYTES = int(float(value) * 1024**3)
+
+
 def install() -> bool:
     """Install every CPU piece into this process if :func:`should_install`; idempotent.
 
@@ -149,6 +161,8 @@ def install() -> bool:
     for name in HOST_POOL_MODULES:
         when_imported(name, _bind_transfers)
     when_imported("sglang.srt.mem_cache.pool_host.common", _register_allocator)
+    if os.environ.get(HICACHE_RESERVE_ENV):
+        when_imported("sglang.srt.mem_cache.pool_host.base", _set_hicache_reserve)
     when_imported("sglang.srt.arg_groups.choices", _add_attention_choice)
     when_imported("sglang.srt.layers.attention.attention_registry", _register_attention_backend)
 
