@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None,
                         help="Redis URL (redis://, rediss://, unix://, redis+cluster://); "
                              "default: start a private redis-server on a free loopback port")
+    parser.add_argument("--private-cluster", action="store_true",
+                        help="without --url: start a private 3-node Redis Cluster instead")
     parser.add_argument("--pages", type=int, default=32, help="pages per run (default 32)")
     parser.add_argument("--page-tokens", type=int, default=256, help="tokens per page")
     parser.add_argument("--shape", default="llama-8b",
@@ -187,12 +189,12 @@ def run(args: argparse.Namespace) -> int:
         args.shape, page_tokens=args.page_tokens, dtype=args.dtype, tp_size=args.tp_size
     )
     ranges = _ranges(args.layer_range, layout.num_layers)
-    server = None
+    server: Any = None
     url = args.url
     if url is None:
-        from sglang_cacheflow.testing.redis import RedisServer
+        from sglang_cacheflow.testing.redis import RedisCluster, RedisServer
 
-        server = RedisServer().start()
+        server = RedisCluster().start() if args.private_cluster else RedisServer().start()
         url = server.url
     try:
         cfg = RedisTierConfig(
@@ -215,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
             report = {
                 "tier": tier.name,
                 "emulated": link is not None,
-                "url": redact_url(url) + (" (private redis-server)" if server else ""),
+                "url": redact_url(url) + (" (private, started by tier-bench)" if server else ""),
                 "cluster": rtier.is_cluster,
                 "layout": layout.tag,
                 "page_bytes": layout.page_bytes,

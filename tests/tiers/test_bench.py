@@ -39,7 +39,7 @@ def test_emulated_run_is_labelled(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(argv) == 0  # starts and stops its own redis-server
     out = capsys.readouterr().out
     assert out.startswith("EMULATED link emulated[1 Gbps + 1 ms](redis)")
-    assert "(private redis-server)" in out
+    assert "(private, started by tier-bench)" in out
 
 
 def test_bad_layer_range_says_how_to_write_it() -> None:
