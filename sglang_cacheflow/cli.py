@@ -10,22 +10,42 @@ from pathlib import Path
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("sglang_cacheflow.bench.demo", "the main job: returning chats on SGLang, per policy"),
+    "bench": ("sglang_cacheflow.bench.command", "TTFT of returning turns on a real SGLang server"),
     "plan": ("sglang_cacheflow.cli", "print each policy's restore plan for a scenario file"),
     "planner-bench": ("sglang_cacheflow.bench.planner", "planner speed and plan quality"),
-    "demo": ("sglang_cacheflow.cli", "the main job on embedded defaults"),
+    "tier-bench": ("sglang_cacheflow.bench.tiers", "KV tier throughput and latency"),
+    "prepare-model": ("sglang_cacheflow.cli", "build or convert a local model folder"),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of the subcommands implemented in this module (``plan`` and ``demo``)."""
+    """Arguments of the subcommands implemented in this module."""
     if parser.prog.endswith(" plan"):
         parser.add_argument("scenario", type=Path, help="scenario JSON (see README)")
         parser.add_argument("--policy", default="all", help="recompute|load|cake|cacheflow|all")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
+    else:  # prepare-model
+        parser.add_argument(
+            "model", choices=("smollm2", "smollm2-fp32", "tiny-llama"), help="which model"
+        )
+        parser.add_argument("--out", type=Path, help="folder (default: the local model cache)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return _plan(args) if args.command == "plan" else _demo(args)
+    return _plan(args) if args.command == "plan" else _prepare_model(args)
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    from sglang_cacheflow.models import build_tiny_llama, convert_smollm2
+
+    if args.model == "tiny-llama":
+        path = build_tiny_llama(args.out)
+    else:
+        dtype = "float32" if args.model.endswith("fp32") else "bfloat16"
+        path = convert_smollm2(args.out, dtype=dtype)
+    print(path)
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -53,20 +73,6 @@ def _plan(args: argparse.Namespace) -> int:
     from sglang_cacheflow.bench.report import print_plans
 
     print_plans(plans, sc.requests, bound, sc.cost.shape.num_layers, title=str(args.scenario))
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from sglang_cacheflow.bench.report import print_plans
-    from sglang_cacheflow.planner import POLICIES, fluid_bound, plan
-    from sglang_cacheflow.planner.scenario import load_scenario
-
-    folder = Path(__file__).resolve().parent.parent / "examples" / "scenarios"
-    for path in sorted(folder.glob("*.json")):
-        sc = load_scenario(path)
-        plans = {p: plan(sc.requests, sc.cost, p, chunk_tokens=sc.chunk_tokens) for p in POLICIES}
-        bound = fluid_bound(sc.requests, sc.cost)
-        print_plans(plans, sc.requests, bound, sc.cost.shape.num_layers, title=path.name)
     return 0
 
 

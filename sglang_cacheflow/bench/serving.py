@@ -1,0 +1,182 @@
+"""End-to-end runs on a real SGLang server: one server per (policy, emulated L3 bandwidth).
+
+Each run starts SGLang with ``--enable-cacheflow --cacheflow-policy P`` (Redis as L3 seen
+through an emulated link when a Redis URL is given), replays the sessions, reads the
+server's restore counters from ``/metrics`` and stops the server. Every run starts cold: a
+new server process and an emptied Redis database. Answers are checked against the first
+policy's (greedy decoding, so a restore that changes the KV changes the ids).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sglang_cacheflow.bench.client import Result, replay
+from sglang_cacheflow.bench.workloads import Session
+
+
+@dataclass
+class ServerSpec:
+    """How to start SGLang for a run; ``args`` are passed through to ``launch_server``."""
+
+    model: Path
+    max_total_tokens: int = 4096
+    hicache_ratio: float = 2.0
+    chunk_tokens: int = 64
+    args: tuple[str, ...] = ()
+    cpu: bool = True
+
+    def launch_args(self, policy: str, redis_url: str | None, link: str | None) -> list[str]:
+        config: dict[str, Any] = {"chunk_tokens": self.chunk_tokens}
+        if redis_url:
+            config["redis_url"] = redis_url
+            if link:
+                config["link"] = link
+        return [
+            "--max-total-tokens", str(self.max_total_tokens),
+            "--hicache-ratio", str(self.hicache_ratio),
+            "--enable-metrics",
+            "--enable-cacheflow",
+            "--cacheflow-policy", policy,
+            "--cacheflow-config", json.dumps(config),
+            *self.args,
+        ]  # fmt: skip
+
+
+def link_for(gbps: float | None) -> str | None:
+    """The emulated L3 link of a run (``None``: the Redis server as it is)."""
+    return None if gbps is None else f"{gbps:g}gbps+0.2ms"
+
+
+def scrape_restores(base_url: str) -> dict[str, float]:
+    """Restore counters from ``/metrics``: ``load:TIER``, ``recompute:TIER``, ``fallbacks``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "sglang:cacheflow_restored_tokens_total":
+                key = f"{s.labels.get('action')}:{s.labels.get('tier')}"
+                out[key] = out.get(key, 0.0) + s.value
+            elif s.name == "sglang:cacheflow_fallbacks_total":
+                out["fallbacks"] = out.get("fallbacks", 0.0) + s.value
+    return out
+
+
+@dataclass
+class Run:
+    policy: str
+    bandwidth_gbps: float | None
+    results: list[Result]
+    restores: dict[str, float]
+    server_start_s: float = 0.0
+    wall_s: float = 0.0
+    answers_match: float | None = None  # fraction of turns equal to the reference policy
+    errors: list[str] = field(default_factory=list)
+
+    def returning_ttfts(self) -> list[float]:
+        return [r.ttft_s for r in self.results if r.returning and not r.error]
+
+    def summary(self) -> dict[str, Any]:
+        ret = self.returning_ttfts()
+        allt = [r.ttft_s for r in self.results if not r.error]
+        q = statistics.quantiles(ret, n=10) if len(ret) >= 2 else [float("nan")] * 9
+        loaded = sum(v for k, v in self.restores.items() if k.startswith("load:"))
+        recomputed = sum(v for k, v in self.restores.items() if k.startswith("recompute:"))
+        return {
+            "returning_turns": len(ret),
+            "mean_ttft_returning_s": statistics.fmean(ret) if ret else None,
+            "p50_ttft_returning_s": statistics.median(ret) if ret else None,
+            "p90_ttft_returning_s": q[8] if ret else None,
+            "mean_ttft_all_s": statistics.fmean(allt) if allt else None,
+            "tokens_loaded": loaded,
+            "tokens_recomputed": recomputed,
+            "restores": self.restores,
+            "answers_match": self.answers_match,
+            "failed_requests": sum(1 for r in self.results if r.error),
+            "server_start_s": self.server_start_s,
+            "wall_s": self.wall_s,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "bandwidth_gbps": self.bandwidth_gbps,
+            "summary": self.summary(),
+            "requests": [r.to_dict() for r in self.results],
+        }
+
+
+def _flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def run_one(
+    spec: ServerSpec,
+    policy: str,
+    sessions: Sequence[Session],
+    redis_url: str | None,
+    gbps: float | None,
+    concurrency: int,
+    by_arrival: bool,
+    progress: Callable[[Result], None] | None = None,
+) -> Run:
+    """Start a server for ``policy``, replay ``sessions``, read its counters, stop it."""
+    from sglang_cacheflow.testing.server import SGLangServer
+
+    if redis_url:
+        _flush_redis(redis_url)
+    server = SGLangServer(
+        spec.model, spec.launch_args(policy, redis_url, link_for(gbps)), cpu=spec.cpu
+    )
+    with server:
+        t0 = time.perf_counter()
+        results = replay(server.base_url, sessions, concurrency, by_arrival, progress)
+        wall = time.perf_counter() - t0
+        restores = scrape_restores(server.base_url)
+    run = Run(policy, gbps, results, restores, server.startup_seconds or 0.0, wall)
+    run.errors = [r.error for r in results if r.error]
+    return run
+
+
+def check_answers(runs: Sequence[Run]) -> None:
+    """Set each run's ``answers_match`` against the first run with the same sessions."""
+    if not runs:
+        return
+    ref = {(r.session, r.turn): r.output_ids for r in runs[0].results if not r.error}
+    for run in runs:
+        same = [
+            ref.get((r.session, r.turn)) == r.output_ids
+            for r in run.results
+            if (r.session, r.turn) in ref
+        ]
+        run.answers_match = sum(same) / len(same) if same else None
+
+
+def report(runs: Sequence[Run], meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document of a benchmark (schema in docs/bench.md)."""
+    return {
+        "meta": {
+            **meta,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "runs": [r.to_dict() for r in runs],
+    }
