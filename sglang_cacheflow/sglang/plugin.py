@@ -16,7 +16,13 @@ def load() -> None:
     install the CPU kernels, HiCache host transfers, host allocator and the
     ``cacheflow_cpu`` attention backend (:mod:`sglang_cacheflow.cpu.install`).
     Anywhere else (a GPU install) nothing is touched.
+
+    Everywhere, install the ``--enable-cacheflow`` hooks (:mod:`sglang_cacheflow.sglang.hooks`).
     """
     from sglang_cacheflow.cpu.install import install
 
     install()
+
+    from sglang_cacheflow.sglang.hooks import install as install_cacheflow
+
+    install_cacheflow()

@@ -1,0 +1,374 @@
+"""The restore controller of one SGLang scheduler process: plans, calibrates, counts.
+
+It runs in the scheduler thread (the L3 backend reports transfer times from SGLang's prefetch
+thread, under a lock). Per scheduling round it does two kinds of planning, both batch-aware
+(one :func:`~sglang_cacheflow.planner.plan` call for all the requests concerned):
+
+- **arrivals** (:meth:`begin_arrivals` / :meth:`end_arrivals`, around
+  ``Scheduler.process_input_requests``): SGLang asks the radix cache to prefetch each new
+  request's L3 hit; the cache defers those calls here. At the end of the batch of arrivals
+  the controller looks up every hit, plans them together with the ``redis`` tier not
+  streamed (the prefetch lands whole pages in host memory before the extend), and issues the
+  prefetches in the plan's service order, each capped at the front the plan loads
+  (a cap of 0 issues none: the request recomputes its L3 span);
+- **admission** (:meth:`begin_admission` / :meth:`end_admission`, around
+  ``Scheduler._get_new_batch_prefill_raw``): the waiting requests whose prefix hits host
+  memory are matched, planned together with the ``host`` tier streamed per layer, and the
+  radix cache caps each one's host hit at the front the plan loads while SGLang admits them
+  (``load_back`` loads that front layer by layer; the extend recomputes the rest with the
+  new tokens).
+
+Decisions are identical on every TP rank: the inputs that differ between ranks (calibrated
+cost model, L3 hit lengths) are reduced with one collective per planning round
+(:mod:`sglang_cacheflow.sglang.tp`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sglang_cacheflow.planner import (
+    Action,
+    Calibrator,
+    ComputeCost,
+    CostModel,
+    ModelShape,
+    Plan,
+    Request,
+    Span,
+    TierCost,
+    plan,
+)
+from sglang_cacheflow.planner.capabilities import SGLANG
+from sglang_cacheflow.sglang.flags import CacheFlowConfig
+from sglang_cacheflow.sglang.metrics import RestoreMetrics
+from sglang_cacheflow.sglang.tp import reduce_round
+
+__all__ = ["HOST_TIER", "L3_TIER", "CacheFlowController", "current_controller"]
+
+logger = logging.getLogger("sglang_cacheflow.sglang")
+
+HOST_TIER = "host"
+L3_TIER = "redis"
+_MAX_TRACKED = 4096
+
+_CONTROLLER: CacheFlowController | None = None
+
+
+def current_controller() -> CacheFlowController | None:
+    """The controller of this process's scheduler, if ``--enable-cacheflow`` is on."""
+    return _CONTROLLER
+
+
+def set_current_controller(ctl: CacheFlowController | None) -> None:
+    global _CONTROLLER
+    _CONTROLLER = ctl
+
+
+@dataclass
+class Decision:
+    """One request's restore decision, kept until its first forward has run."""
+
+    rid: str
+    tier: str  # where the evicted span was: host or redis
+    t0: float  # when it was planned (perf_counter)
+    predicted_s: float
+    evicted: int
+    planned_load: int
+    shape: str
+
+
+def prior_cost(cfg: CacheFlowConfig, shape: ModelShape) -> CostModel:
+    p = cfg.prior
+    return CostModel(
+        shape,
+        ComputeCost(p["tokens_per_s"], p["attention_s_per_token_pair"], p["step_s"]),
+        {
+            HOST_TIER: TierCost.from_gbps(p["host_GBps"], p["host_latency_ms"]),
+            L3_TIER: TierCost.from_gbps(p["redis_GBps"], p["redis_latency_ms"]),
+        },
+    )
+
+
+def _loaded_tokens(plan_: Plan, rid: str) -> int:
+    steps = plan_.requests[rid].steps
+    return sum(s.tokens for s in steps if s.action is Action.LOAD)
+
+
+class CacheFlowController:
+    """See the module doc. ``cache`` is the process's
+    :class:`~sglang_cacheflow.sglang.radix_cache.CacheFlowRadixCache`."""
+
+    def __init__(
+        self,
+        cfg: CacheFlowConfig,
+        cache: Any,
+        shape: ModelShape,
+        page_size: int,
+        *,
+        tp_group: Any | None = None,
+        tp_rank: int = 0,
+        enable_metrics: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.cache = cache
+        self.shape = shape
+        self.page_size = max(1, page_size)
+        self.tp_group = tp_group
+        self.tp_rank = tp_rank
+        self.prior = prior_cost(cfg, shape)
+        self.calibrator = Calibrator(self.prior)
+        self._lock = threading.Lock()
+        self.metrics = RestoreMetrics(enable_metrics and tp_rank == 0)
+        self.host_caps: dict[str, int] = {}
+        self._round: dict[str, Decision] = {}
+        self.storage_plans: OrderedDict[str, Decision] = OrderedDict()
+        self.pending: OrderedDict[str, Decision] = OrderedDict()
+        self.collecting = False
+        self.deferred: list[dict[str, Any]] = []
+        self.rounds = 0
+        self.collectives = 0
+        self._log = logger.info if cfg.log_decisions else logger.debug
+
+    # -- cost model ----------------------------------------------------------------------
+
+    def cost_model(self) -> CostModel:
+        if not self.cfg.calibrate:
+            return self.prior
+        with self._lock:
+            return self.calibrator.model()
+
+    def _round_inputs(self, hits: Sequence[int]) -> tuple[CostModel, list[int]]:
+        """The cost model and hit lengths of this round, identical on every TP rank."""
+        self.rounds += 1
+        if self.tp_group is not None:
+            self.collectives += 1
+        return reduce_round(self.cost_model(), hits, self.tp_group)
+
+    def observe_compute(
+        self, prefix_lens: Sequence[int], extend_lens: Sequence[int], s: float
+    ) -> None:
+        """An extend forward over requests with these prefix and extend lengths took ``s``.
+
+        A batch enters the compute fit as one sample with its token count and its number of
+        attended (query, key) pairs, which is what the cost model charges for.
+        """
+        n = float(sum(extend_lens))
+        if not self.cfg.calibrate or n <= 0 or s <= 0:
+            return
+        pairs = sum(e * p + e * (e - 1) / 2 for p, e in zip(prefix_lens, extend_lens, strict=False))
+        prefix = (pairs - n * (n - 1) / 2) / n
+        with self._lock:
+            predicted = self.calibrator.model().recompute_s(prefix, n)
+            self.calibrator.add_compute(prefix, int(n), s)  # type: ignore[arg-type]
+        logger.debug(
+            "cacheflow calibration: forward of %d tokens over %d requests took %.2f ms "
+            "(predicted %.2f ms)", n, len(extend_lens), s * 1e3, predicted * 1e3,
+        )  # fmt: skip
+
+    def observe_transfer(self, tier: str, nbytes: float, s: float) -> None:
+        if not self.cfg.calibrate or nbytes <= 0 or s <= 0:
+            return
+        with self._lock:
+            predicted = self.calibrator.model().load_s(tier, nbytes / self.shape.kv_bytes_per_token)
+            self.calibrator.add_transfer(tier, nbytes, s)
+        logger.debug(
+            "cacheflow calibration: %s transfer of %d bytes took %.2f ms (predicted %.2f ms)",
+            tier, int(nbytes), s * 1e3, predicted * 1e3,
+        )  # fmt: skip
+
+    # -- decisions -----------------------------------------------------------------------
+
+    def _describe(
+        self, plan_: Plan, req: Request, tier: str, cost: CostModel, load: int, n: int
+    ) -> None:
+        rp = plan_.requests[req.id]
+        e = req.evicted_tokens
+        alone_load = cost.load_s(tier, e) + cost.recompute_s(req.evicted_end, req.new_tokens)
+        alone_rc = cost.recompute_s(req.device_tokens, e + req.new_tokens)
+        t = cost.tier(tier)
+        self._log(
+            "cacheflow restore rid=%s policy=%s: device %d, %d evicted on %s, %d new -> "
+            "load %d from %s, recompute %d (%s, #%d of %d in round); predicted %.2f ms "
+            "(alone: load all %.2f ms, recompute all %.2f ms; compute %.0f tok/s + %.2g s/pair, "
+            "%s %.3f GB/s + %.2f ms)",
+            req.id, plan_.policy, req.device_tokens, e, tier, req.new_tokens, load, tier,
+            e - load, rp.shape, plan_.order.index(req.id) + 1, n, rp.predicted_ttft_s * 1e3,
+            alone_load * 1e3, alone_rc * 1e3, cost.compute.tokens_per_s,
+            cost.compute.attention_s_per_token_pair, tier, t.bandwidth_Bps / 1e9,
+            t.latency_s * 1e3,
+        )  # fmt: skip
+        self.metrics.planned(plan_.policy, rp.shape)
+
+    def _plan(self, reqs: list[Request], cost: CostModel) -> Plan:
+        return plan(reqs, cost, self.cfg.policy, SGLANG, self.cfg.chunk_tokens)
+
+    def _align(self, tokens: int) -> int:
+        return tokens - tokens % self.page_size
+
+    # -- admission rounds (host hits) ----------------------------------------------------
+
+    def begin_admission(self, scheduler: Any) -> None:
+        """Plan the host hits of the requests SGLang is about to consider for admission."""
+        self.host_caps = {}
+        self._round = {}
+        cache = self.cache
+        cands = []
+        for req in list(scheduler.waiting_queue)[: self.cfg.max_round_requests]:
+            if req.rid in self.storage_plans or req.finished():
+                continue
+            if cache.enable_storage and cache.has_ongoing_prefetch(req.cache_request_handle):
+                continue
+            req.init_next_round_input(cache, cow_mamba=False)
+            if req.host_hit_length > 0:
+                cands.append(req)
+        if not cands:
+            return
+        cost, hits = self._round_inputs([r.host_hit_length for r in cands])
+        reqs = []
+        for r, hit in zip(cands, hits, strict=True):
+            hit = self._align(min(hit, r.host_hit_length))
+            if hit <= 0:
+                self.host_caps[r.rid] = 0
+                continue
+            new = max(1, len(r.full_untruncated_fill_ids) - r.prefix_len - hit)
+            reqs.append(Request(r.rid, r.prefix_len, (Span(HOST_TIER, hit),), new))
+        if not reqs:
+            return
+        now = time.perf_counter()
+        plan_ = self._plan(reqs, cost)
+        for req in reqs:
+            load = min(self._align(_loaded_tokens(plan_, req.id)), req.evicted_tokens)
+            self.host_caps[req.id] = load
+            rp = plan_.requests[req.id]
+            self._round[req.id] = Decision(
+                req.id, HOST_TIER, now, rp.predicted_ttft_s, req.evicted_tokens, load, rp.shape
+            )
+            self._describe(plan_, req, HOST_TIER, cost, load, len(reqs))
+
+    def end_admission(self, new_batch: Any) -> None:
+        """Count what the admitted requests restored; caps end with the round."""
+        self.host_caps = {}
+        round_, self._round = self._round, {}
+        if new_batch is None:
+            return
+        for req in new_batch.reqs:
+            d = round_.get(req.rid)
+            if d is not None:
+                loaded = min(req.host_loaded_length, d.evicted)
+                self.metrics.restored("load", HOST_TIER, loaded)
+                self.metrics.restored("recompute", HOST_TIER, d.evicted - loaded)
+                if loaded < d.planned_load:
+                    self.metrics.fallback("host_load_declined", HOST_TIER, d.planned_load - loaded)
+                self._track(d)
+                continue
+            d = self.storage_plans.pop(req.rid, None)
+            if d is None:
+                continue
+            from_l3 = min(int(getattr(req, "storage_hit_length", 0) or 0), d.evicted)
+            self.metrics.restored("load", L3_TIER, from_l3)
+            self.metrics.restored("load", HOST_TIER, max(0, req.host_loaded_length - from_l3))
+            self.metrics.restored("recompute", L3_TIER, d.evicted - from_l3)
+            if from_l3 < d.planned_load:
+                self.metrics.fallback("l3_short", L3_TIER, d.planned_load - from_l3)
+                logger.warning(
+                    "cacheflow: rid=%s got %d of the %d tokens planned from %s; recomputing "
+                    "the rest", req.rid, from_l3, d.planned_load, L3_TIER,
+                )  # fmt: skip
+            self._track(d)
+
+    def _track(self, d: Decision) -> None:
+        self.pending[d.rid] = d
+        while len(self.pending) > _MAX_TRACKED:
+            self.pending.popitem(last=False)
+
+    def forward_done(self, batch: Any, seconds: float) -> None:
+        """An extend forward of ``batch`` finished: calibrate, and measure its restores."""
+        mode = batch.forward_mode
+        if not mode.is_extend():
+            return
+        if not mode.is_mixed() and batch.prefix_lens is not None and batch.extend_lens:
+            self.observe_compute(batch.prefix_lens, batch.extend_lens, seconds)
+        if not self.pending:
+            return
+        now = time.perf_counter()
+        for req in batch.reqs:
+            d = self.pending.pop(req.rid, None)
+            if d is None:
+                continue
+            measured = now - d.t0
+            self.metrics.restore_time(d.predicted_s, measured)
+            self._log(
+                "cacheflow restore rid=%s done: measured %.2f ms, predicted %.2f ms (%s)",
+                d.rid, measured * 1e3, d.predicted_s * 1e3, d.shape,
+            )  # fmt: skip
+
+    # -- arrivals (L3 hits) --------------------------------------------------------------
+
+    def begin_arrivals(self) -> None:
+        self.collecting = True
+        self.deferred = []
+
+    def end_arrivals(self) -> None:
+        self.collecting = False
+        calls, self.deferred = self.deferred, []
+        if calls:
+            self.plan_prefetches(calls)
+
+    def on_prefetch(self, call: dict[str, Any]) -> None:
+        """SGLang asks to prefetch one request's L3 hit: defer it to the round's plan (or
+        plan it alone outside a batch of arrivals, e.g. a retry)."""
+        if self.collecting:
+            self.deferred.append(call)
+        else:
+            self.plan_prefetches([call])
+
+    def plan_prefetches(self, calls: list[dict[str, Any]]) -> None:
+        cache = self.cache
+        probed: list[tuple[dict[str, Any], int]] = []
+        for call in calls:
+            hit = cache.cacheflow_storage_hit(call)
+            if hit is None:  # SGLang will decline or dedupe it: let it
+                cache.cacheflow_issue_prefetch(call)
+            else:
+                probed.append((call, hit))
+        if not probed:
+            return
+        cost, hits = self._round_inputs([h for _, h in probed])
+        reqs: list[Request] = []
+        by_id: dict[str, dict[str, Any]] = {}
+        for (call, _), hit in zip(probed, hits, strict=True):
+            hit = self._align(hit)
+            rid = call["request"].rid
+            if hit <= 0 or rid in by_id:
+                cache.cacheflow_issue_prefetch(call)
+                continue
+            device = len(call["matched_prefix_tokens"] or ())
+            new = max(1, len(call["new_input_tokens"]) + 1 - hit)
+            reqs.append(Request(rid, device, (Span(L3_TIER, hit),), new))
+            by_id[rid] = call
+        if not reqs:
+            return
+        now = time.perf_counter()
+        plan_ = self._plan(reqs, cost)
+        for rid in plan_.order:
+            req = next(r for r in reqs if r.id == rid)
+            load = min(self._align(_loaded_tokens(plan_, rid)), req.evicted_tokens)
+            rp = plan_.requests[rid]
+            self.storage_plans[rid] = Decision(
+                rid, L3_TIER, now, rp.predicted_ttft_s, req.evicted_tokens, load, rp.shape
+            )
+            while len(self.storage_plans) > _MAX_TRACKED:
+                self.storage_plans.popitem(last=False)
+            self._describe(plan_, req, L3_TIER, cost, load, len(reqs))
+            if load > 0:
+                call = dict(by_id[rid])
+                call["new_input_tokens"] = call["new_input_tokens"][:load]
+                call["storage_hit_end"] = None
+                cache.cacheflow_issue_prefetch(call)

@@ -1,0 +1,223 @@
+"""Hook-up of ``--enable-cacheflow`` into SGLang 0.5.23, installed by the plugin entry point.
+
+:func:`install` (called from :func:`sglang_cacheflow.sglang.plugin.load` in every SGLang
+process) does, lazily (each when SGLang imports the module concerned):
+
+- launcher: handles ``--enable-cacheflow`` / ``--cacheflow-policy`` / ``--cacheflow-config``
+  in ``sys.argv`` when SGLang has no native fields for them
+  (:func:`sglang_cacheflow.sglang.flags.handle_launcher_argv`);
+- ``sglang.srt.mem_cache.registry``: registers the radix cache backend ``cacheflow``;
+- ``sglang.srt.managers.scheduler``: wraps ``Scheduler.process_input_requests`` (arrivals:
+  batch-planned L3 prefetches) and ``Scheduler._get_new_batch_prefill_raw`` (admission:
+  batch-planned host hits);
+- ``sglang.srt.managers.tp_worker``: times ``TpModelWorker.forward_batch_generation`` (extend
+  forwards calibrate the compute cost; the end of a request's first forward ends its restore);
+- ``sglang.srt.managers.cache_controller``: times ``HiCacheController.start_loading``
+  (host-to-device loads calibrate the host tier).
+
+Every wrapper passes straight through unless the process runs a
+:class:`~sglang_cacheflow.sglang.radix_cache.CacheFlowRadixCache`; a failure inside the
+controller's bookkeeping is logged and never fails the scheduler.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+__all__ = ["create_cacheflow_cache", "install"]
+
+logger = logging.getLogger("sglang_cacheflow.sglang")
+
+_lock = threading.Lock()
+_installed = False
+
+
+def _ctl() -> Any:
+    from sglang_cacheflow.sglang.controller import current_controller
+
+    return current_controller()
+
+
+def create_cacheflow_cache(ctx: Any) -> Any:
+    """Radix cache factory of ``--radix-cache-backend cacheflow``."""
+    from sglang.srt.mem_cache.registry import create_unified_radix_cache
+
+    from sglang_cacheflow.planner import ModelShape
+    from sglang_cacheflow.sglang.controller import CacheFlowController, set_current_controller
+    from sglang_cacheflow.sglang.flags import check_page_size, config_from_server_args
+    from sglang_cacheflow.sglang.radix_cache import CacheFlowRadixCache
+
+    cfg = config_from_server_args(ctx.server_args)
+    if ctx.disable_radix_cache:
+        raise ValueError(
+            "--radix-cache-backend cacheflow needs the radix cache: drop --disable-radix-cache"
+        )
+    if not ctx.enable_hierarchical_cache:
+        raise ValueError(
+            "--radix-cache-backend cacheflow restores from HiCache tiers: add "
+            "--enable-hierarchical-cache (--enable-cacheflow does)"
+        )
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm:
+        raise ValueError("--enable-cacheflow supports full-attention models only (no SWA/Mamba)")
+    cache = create_unified_radix_cache(ctx, cache_class=CacheFlowRadixCache)
+    check_page_size(cfg, cache.page_size)
+    mc = ctx.model_config
+    try:
+        dtype_bytes = ctx.params.token_to_kv_pool_allocator.get_kvcache().dtype.itemsize
+    except AttributeError:
+        dtype_bytes = 2
+    shape = ModelShape(
+        num_layers=int(mc.num_hidden_layers),
+        num_kv_heads=int(mc.get_total_num_kv_heads()),
+        head_dim=int(mc.head_dim),
+        dtype_bytes=int(dtype_bytes),
+        tp=int(ctx.tp_size),
+    )
+    group = None
+    if ctx.tp_size > 1 and ctx.tp_group is not None:
+        group = getattr(ctx.tp_group, "cpu_group", ctx.tp_group)
+    ctl = CacheFlowController(
+        cfg,
+        cache,
+        shape,
+        cache.page_size,
+        tp_group=group,
+        tp_rank=int(ctx.tp_rank),
+        enable_metrics=bool(getattr(ctx.server_args, "enable_metrics", False)),
+    )
+    cache.cacheflow = ctl
+    set_current_controller(ctl)
+    logger.info(
+        "cacheflow: policy %s, chunk %d tokens, L3 %s%s, TP %d, model %s",
+        cfg.policy, cfg.chunk_tokens, (cfg.redis_url and "redis") or "none",
+        f" through {cfg.link}" if cfg.link else "", ctx.tp_size, shape,
+    )  # fmt: skip
+    return cache
+
+
+def _safe(what: str, fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:
+        logger.exception("cacheflow: %s failed; serving continues", what)
+
+
+# -- scheduler --------------------------------------------------------------------------
+
+
+def _wrap_process_input_requests(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def process_input_requests(self: Any, recv_reqs: Any, *args: Any, **kwargs: Any) -> Any:
+        ctl = _ctl()
+        if ctl is None:
+            return original(self, recv_reqs, *args, **kwargs)
+        ctl.begin_arrivals()
+        try:
+            return original(self, recv_reqs, *args, **kwargs)
+        finally:
+            ctl.end_arrivals()
+
+    return process_input_requests
+
+
+def _wrap_get_new_batch_prefill_raw(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _get_new_batch_prefill_raw(self: Any, *args: Any, **kwargs: Any) -> Any:
+        ctl = _ctl()
+        if ctl is None or not self.waiting_queue:
+            return original(self, *args, **kwargs)
+        ctl.begin_admission(self)
+        result = None
+        try:
+            result = original(self, *args, **kwargs)
+            return result
+        finally:
+            new_batch = result[0] if isinstance(result, tuple) else None
+            ctl.end_admission(new_batch)
+
+    return _get_new_batch_prefill_raw
+
+
+def _patch_scheduler(module: ModuleType) -> None:
+    cls = module.Scheduler
+    cls.process_input_requests = _wrap_process_input_requests(cls.process_input_requests)
+    cls._get_new_batch_prefill_raw = _wrap_get_new_batch_prefill_raw(cls._get_new_batch_prefill_raw)
+
+
+# -- timings ----------------------------------------------------------------------------
+
+
+def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def forward_batch_generation(self: Any, batch: Any = None, *args: Any, **kwargs: Any) -> Any:
+        ctl = _ctl()
+        if ctl is None or batch is None or not hasattr(batch, "reqs"):
+            return original(self, batch, *args, **kwargs)
+        start = time.perf_counter()
+        out = original(self, batch, *args, **kwargs)
+        elapsed = time.perf_counter() - start
+        _safe("forward bookkeeping", lambda: ctl.forward_done(batch, elapsed))
+        return out
+
+    return forward_batch_generation
+
+
+def _patch_tp_worker(module: ModuleType) -> None:
+    cls = module.TpModelWorker
+    cls.forward_batch_generation = _wrap_forward(cls.forward_batch_generation)
+
+
+def _wrap_start_loading(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def start_loading(self: Any, *args: Any, **kwargs: Any) -> Any:
+        ctl = _ctl()
+        if ctl is None or not self.load_queue:
+            return original(self, *args, **kwargs)
+        tokens = sum(len(op.device_indices) for op in self.load_queue)
+        start = time.perf_counter()
+        out = original(self, *args, **kwargs)
+        elapsed = time.perf_counter() - start
+        from sglang_cacheflow.sglang.controller import HOST_TIER
+
+        _safe(
+            "host transfer timing",
+            lambda: ctl.observe_transfer(HOST_TIER, tokens * ctl.shape.kv_bytes_per_token, elapsed),
+        )
+        return out
+
+    return start_loading
+
+
+def _patch_cache_controller(module: ModuleType) -> None:
+    cls = module.HiCacheController
+    cls.start_loading = _wrap_start_loading(cls.start_loading)
+
+
+def _register_backend(module: ModuleType) -> None:
+    from sglang_cacheflow.sglang.flags import BACKEND_NAME
+
+    if module.get_radix_cache_factory(BACKEND_NAME) is None:
+        module.register_radix_cache_backend(BACKEND_NAME, create_cacheflow_cache)
+
+
+def install() -> None:
+    """Install the hooks above into this process (idempotent)."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+    from sglang_cacheflow.cpu.imports import when_imported
+    from sglang_cacheflow.sglang.flags import handle_launcher_argv
+
+    handle_launcher_argv()
+    when_imported("sglang.srt.mem_cache.registry", _register_backend)
+    when_imported("sglang.srt.managers.scheduler", _patch_scheduler)
+    when_imported("sglang.srt.managers.tp_worker", _patch_tp_worker)
+    when_imported("sglang.srt.managers.cache_controller", _patch_cache_controller)

@@ -1,0 +1,127 @@
+"""``CacheFlowRadixCache``: SGLang's ``UnifiedRadixCache`` with planner-driven restores.
+
+Registered as ``--radix-cache-backend cacheflow`` (``--enable-cacheflow`` selects it). It
+changes two things, and only while the restore controller asks for them:
+
+- :meth:`match_prefix` caps a request's host hit at the front the plan loads: it matches
+  again with the key limited to ``device prefix + cap`` tokens, so the tree splits the host
+  node there; SGLang's ``load_back`` then loads only that front (layer by layer, overlapped
+  with the extend through ``LayerDoneCounter``) and the extend recomputes the rest;
+- :meth:`prefetch_from_storage` hands L3 prefetches to the controller, which plans the
+  requests that arrived together and issues each prefetch capped at the front it loads.
+
+Everything else (eviction, write-through, backup to L3, load-back, prefetch threads) is
+SGLang's own code, so the policies ``load`` and ``recompute`` run exactly HiCache's paths
+with no cap and with every evicted span recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from array import array
+from typing import Any
+
+from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams, MatchResult
+from sglang.srt.mem_cache.radix_cache import RadixKey
+from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+from sglang_cacheflow.sglang.controller import CacheFlowController
+
+__all__ = ["CacheFlowRadixCache"]
+
+logger = logging.getLogger("sglang_cacheflow.sglang")
+
+
+class CacheFlowRadixCache(UnifiedRadixCache):
+    """See the module doc; :attr:`cacheflow` is set by the backend factory."""
+
+    cacheflow: CacheFlowController | None = None
+
+    # -- host hits -----------------------------------------------------------------------
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        result = super().match_prefix(params)
+        ctl = self.cacheflow
+        req = params.req
+        if ctl is None or req is None or not ctl.host_caps:
+            return result
+        cap = ctl.host_caps.get(req.rid)
+        if cap is None or result.host_hit_length <= cap or params.key.is_bigram:
+            return result
+        key = params.key
+        limit = result.device_prefix_len + cap
+        if key.limit is not None:
+            limit = min(limit, key.limit)
+        capped = RadixKey(key.token_ids, key.extra_key, limit=limit, cache_salt=key.cache_salt)
+        return super().match_prefix(dataclasses.replace(params, key=capped))
+
+    # -- L3 hits -------------------------------------------------------------------------
+
+    def prefetch_from_storage(  # type: ignore[override]
+        self,
+        request: Any,
+        last_host_node_id: Any,
+        new_input_tokens: Any,
+        last_hash: str | None = None,
+        prefix_keys: list[str] | None = None,
+        matched_prefix_tokens: Any = None,
+        extra_key: str | None = None,
+        cache_salt: str | None = None,
+        storage_hit_end: int | None = None,
+    ) -> bool | None:
+        call = {
+            "request": request,
+            "last_host_node_id": last_host_node_id,
+            "new_input_tokens": new_input_tokens,
+            "last_hash": last_hash,
+            "prefix_keys": prefix_keys,
+            "matched_prefix_tokens": matched_prefix_tokens,
+            "extra_key": extra_key,
+            "cache_salt": cache_salt,
+            "storage_hit_end": storage_hit_end,
+        }
+        ctl = self.cacheflow
+        if ctl is None or not self.enable_storage or self.cache_controller is None:
+            return self.cacheflow_issue_prefetch(call)
+        ctl.on_prefetch(call)
+        return None
+
+    def cacheflow_issue_prefetch(self, call: dict[str, Any]) -> bool | None:
+        """SGLang's own prefetch of ``call`` (possibly capped by the controller)."""
+        return UnifiedRadixCache.prefetch_from_storage(self, **call)
+
+    def cacheflow_storage_hit(self, call: dict[str, Any]) -> int | None:
+        """Tokens of ``call``'s span this rank's L3 holds (a prefix of whole pages), or None
+        when SGLang would not look it up (too short, rate limited, already in flight)."""
+        request = call["request"]
+        controller = self.cache_controller
+        if (
+            controller is None
+            or request in self.ongoing_prefetch
+            or controller.get_prefetch_submission(request.rid) is not None
+            or controller.prefetch_rate_limited()
+            or self.host_memory_mode == "buffer_only"
+        ):
+            return None
+        key = RadixKey(
+            array("q", call["new_input_tokens"]),
+            extra_key=call["extra_key"],
+            is_bigram=self.tree_core.is_eagle,
+            cache_salt=call["cache_salt"],
+        ).page_aligned(self.page_size)
+        if len(key) < self.prefetch_threshold:
+            return None
+        from sglang.srt.mem_cache.unified_radix_cache import (
+            CacheRequestHandle,
+            PrefetchOperation,
+        )
+
+        handle = CacheRequestHandle("__cacheflow_query__", 0)
+        op = PrefetchOperation(handle, key, call["last_hash"], call["prefix_keys"])
+        try:
+            _, hit = controller._storage_hit_query(op)
+        except Exception:  # a tier that is down: nothing to load, recompute
+            logger.exception("cacheflow: L3 lookup failed for rid=%s", request.rid)
+            return 0
+        return int(hit) - int(hit) % self.page_size

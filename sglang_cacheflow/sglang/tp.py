@@ -1,0 +1,59 @@
+"""Identical restore decisions on every tensor-parallel rank.
+
+The planner is deterministic, so ranks decide alike when they feed it identical inputs. What
+differs between ranks is what each measured: its calibrated cost model and, for L3 hits, what
+its own storage lookup found. :func:`reduce_round` makes those identical with **one**
+``all_reduce(MIN)`` over the TP CPU (gloo) group per planning round, whatever the number of
+requests in it: compute throughput and tier bandwidths take the minimum, per-token-pair,
+per-forward and latency costs the maximum (so every rank plans with the most conservative
+view), and hit lengths the minimum (a page counts only if every rank has it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from sglang_cacheflow.planner import ComputeCost, CostModel, TierCost
+
+__all__ = ["cost_from_vector", "cost_vector", "reduce_round"]
+
+
+def cost_vector(cost: CostModel, tiers: Sequence[str]) -> list[float]:
+    """The cost model as numbers whose MIN is the conservative choice (costs negated)."""
+    c = cost.compute
+    out = [c.tokens_per_s, -c.attention_s_per_token_pair, -c.step_s]
+    for name in tiers:
+        t = cost.tier(name)
+        out += [t.bandwidth_Bps, -t.latency_s]
+    return out
+
+
+def cost_from_vector(cost: CostModel, tiers: Sequence[str], vec: Sequence[float]) -> CostModel:
+    compute = ComputeCost(vec[0], -vec[1], -vec[2])
+    new_tiers = dict(cost.tiers)
+    for i, name in enumerate(tiers):
+        new_tiers[name] = TierCost(vec[3 + 2 * i], -vec[4 + 2 * i])
+    return replace(cost, compute=compute, tiers=new_tiers)
+
+
+def reduce_round(
+    cost: CostModel, hits: Sequence[int], group: Any | None
+) -> tuple[CostModel, list[int]]:
+    """The cost model and hit lengths every rank of ``group`` agrees on (one collective).
+
+    ``group`` is a ``torch.distributed`` process group (SGLang's TP ``cpu_group``); None or a
+    group of one rank returns the inputs unchanged.
+    """
+    if group is None or torch.distributed.get_world_size(group) <= 1:
+        return cost, list(hits)
+    tiers = sorted(cost.tiers)
+    vec = cost_vector(cost, tiers)
+    t = torch.tensor([*vec, *(float(h) for h in hits)], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
+    values = t.tolist()
+    n = len(vec)
+    return cost_from_vector(cost, tiers, values[:n]), [int(v) for v in values[n:]]
