@@ -79,3 +79,9 @@ def when_imported(module_name: str, patch: Patch) -> None:
         _finder.pending.setdefault(module_name, []).append(patch)
         if _finder not in sys.meta_path:
             sys.meta_path.insert(0, _finder)
+
+
+def pending() -> set[str]:
+    """Names of the modules that still have patches waiting for their import."""
+    with _lock:
+        return set(_finder.pending)
