@@ -44,6 +44,7 @@ __all__ = [
     "encode_block",
     "verify_header",
     "verify_layers",
+    "writable_bytes",
 ]
 
 MAGIC = b"CFKV"
@@ -157,9 +158,7 @@ class PageLayout:
             return (0, self.num_layers)
         l0, l1 = layers
         if not (0 <= l0 < l1 <= self.num_layers):
-            raise ValueError(
-                f"layer range [{l0}, {l1}) is outside [0, {self.num_layers}) or empty"
-            )
+            raise ValueError(f"layer range [{l0}, {l1}) is outside [0, {self.num_layers}) or empty")
         return (int(l0), int(l1))
 
     def check_page(self, page: torch.Tensor, layers: tuple[int, int] | None = None) -> None:
@@ -291,8 +290,8 @@ def verify_header(
     if len(data) < hlen:
         raise CorruptRecordError(f"record is truncated: {len(data)} bytes, header needs {hlen}")
     mv = memoryview(data)
-    (magic, version, stored_hlen, code, comps, nl, ls, lc, pt, kh, hd, lb, kd) = (
-        _FIXED.unpack_from(mv, 0)
+    (magic, version, stored_hlen, code, comps, nl, ls, lc, pt, kh, hd, lb, kd) = _FIXED.unpack_from(
+        mv, 0
     )
     if magic != MAGIC:
         raise CorruptRecordError(f"bad magic {magic!r}")
@@ -313,9 +312,7 @@ def verify_header(
     if kd != key_digest(key):
         raise CorruptRecordError("record belongs to another key")
     sums = struct.unpack_from(f"<{layer_count}Q", mv, _FIXED.size)
-    return BlockHeader(
-        _CODE_DTYPES[code], comps, nl, ls, lc, pt, kh, hd, lb, kd, tuple(sums)
-    )
+    return BlockHeader(_CODE_DTYPES[code], comps, nl, ls, lc, pt, kh, hd, lb, kd, tuple(sums))
 
 
 def verify_layers(
@@ -343,6 +340,14 @@ def copy_bytes_into(out: torch.Tensor, data: bytes | bytearray | memoryview, off
         return
     dst = _as_numpy(out)
     np.copyto(dst, src.view(dst.dtype).reshape(dst.shape))
+
+
+def writable_bytes(t: torch.Tensor) -> memoryview | None:
+    """The memory of a contiguous CPU tensor as a writable byte ``memoryview`` (a socket can
+    ``recv_into`` it), or None when the tensor is strided and has no single byte range."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        return None
+    return memoryview(_as_numpy(t).reshape(-1).view(np.uint8))
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -38,7 +38,13 @@ import redis.cluster
 import torch
 from redis._parsers import Encoder
 from redis.backoff import ExponentialBackoff
-from redis.connection import PythonRespSerializer
+from redis.connection import (
+    Connection,
+    ConnectionPool,
+    PythonRespSerializer,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.retry import Retry
 
 from sglang_cacheflow.tiers.base import (
@@ -59,7 +65,9 @@ from sglang_cacheflow.tiers.page import (
     split_blocks,
     verify_header,
     verify_layers,
+    writable_bytes,
 )
+from sglang_cacheflow.tiers.resp import ReplyReader, RespReplyError, pack_command, send_pieces
 
 __all__ = ["RedisTier", "RedisTierConfig", "RedisTierError", "redact_url"]
 
@@ -99,7 +107,10 @@ class RedisTierConfig:
     a ``redis://`` URL a cluster URL. ``streams``: threads (and connections) a batch call
     uses. ``ttl_s``: expiry of written pages (None: keep until Redis evicts them).
     ``block_bytes``/``layers_per_block``: record size (layers per key). ``pipeline_bytes``:
-    bytes of values per pipelined round trip.
+    bytes of values per pipelined round trip. ``direct_io``: send the tier's GET, GETRANGE
+    and SET commands on redis-py's pooled connections and read the replies with
+    :mod:`~sglang_cacheflow.tiers.resp`, values straight into the destination tensors (one
+    copy); False uses redis-py pipelines (and their reply copies) for everything.
     """
 
     url: str
@@ -113,6 +124,7 @@ class RedisTierConfig:
     connect_timeout_s: float = 2.0
     socket_read_size: int = 1 << 16
     evict_corrupt: bool = True
+    direct_io: bool = True
 
     def __post_init__(self) -> None:
         if self.streams < 1:
@@ -182,6 +194,60 @@ class _LogLimiter:
         logger.error(msg, *args)
 
 
+class _Scratch:
+    """Per-stream buffers of a direct batch: a record header, a staging area for strided
+    destinations, and the shared list of ops a cluster redirected."""
+
+    def __init__(self, redirected: list[_Op], lock: threading.Lock) -> None:
+        self.redirected = redirected
+        self.lock = lock
+        self._header = bytearray()
+        self._stage = bytearray()
+
+    def header(self, nbytes: int) -> memoryview:
+        if len(self._header) < nbytes:
+            self._header = bytearray(nbytes)
+        return memoryview(self._header)[:nbytes]
+
+    def stage(self, nbytes: int) -> memoryview:
+        if len(self._stage) < nbytes:
+            self._stage = bytearray(nbytes)
+        return memoryview(self._stage)[:nbytes]
+
+
+# redis-py connection classes whose ``_sock`` is a plain, TLS or unix stream socket that
+# carries RESP2 with nothing else on it (no client-side cache, no RESP3 push messages).
+_DIRECT_CLASSES = (Connection, SSLConnection, UnixDomainSocketConnection)
+
+
+def _direct_capable(pool: ConnectionPool) -> bool:
+    kwargs = pool.connection_kwargs
+    return (
+        pool.connection_class in _DIRECT_CLASSES
+        and str(kwargs.get("protocol") or 2) == "2"
+        and getattr(pool, "cache", None) is None
+        and not kwargs.get("cache")
+    )
+
+
+def _socket_of(conn: Connection) -> Any:
+    """The connected socket of a redis-py connection (TCP, TLS or unix)."""
+    sock = getattr(conn, "_sock", None)
+    if sock is None:
+        raise redis.ConnectionError("connection has no socket")
+    return sock
+
+
+def _discard(pool: ConnectionPool, conn: Connection) -> None:
+    """Close a connection whose reply stream can no longer be trusted, and hand the closed
+    connection object back so the pool does not lose the slot (it reconnects on next use;
+    the old socket is never read again)."""
+    try:
+        conn.disconnect()
+    finally:
+        pool.release(conn)
+
+
 def _parse_hosts(netloc_hosts: str, url: str) -> list[tuple[str, int]]:
     out = []
     for item in netloc_hosts.split(","):
@@ -191,9 +257,7 @@ def _parse_hosts(netloc_hosts: str, url: str) -> list[tuple[str, int]]:
         try:
             out.append((host.strip("[]"), int(port)))
         except ValueError:
-            raise RedisTierError(
-                f"bad host:port {item!r} in Redis URL {redact_url(url)}"
-            ) from None
+            raise RedisTierError(f"bad host:port {item!r} in Redis URL {redact_url(url)}") from None
     return out
 
 
@@ -212,12 +276,29 @@ class RedisTier(KVTier):
         self._stats = TierStats()
         self._log = _LogLimiter()
         self._client = self._connect()
+        cluster = isinstance(self._client, redis.cluster.RedisCluster)
+        workers = config.streams * 2
+        if cluster:
+            # A cluster batch runs ``streams`` connections to each master at once.
+            workers = config.streams * max(2, len(self._client.get_primaries()))
         self._executor = (
-            ThreadPoolExecutor(config.streams * 2, thread_name_prefix="cf-redis")
-            if config.streams > 1
+            ThreadPoolExecutor(workers, thread_name_prefix="cf-redis")
+            if config.streams > 1 or cluster
             else None
         )
+        self._direct = config.direct_io and _direct_capable(self._any_pool())
         self._closed = False
+
+    def _any_pool(self) -> ConnectionPool:
+        if isinstance(self._client, redis.cluster.RedisCluster):
+            node = self._client.get_default_node()
+            return node.redis_connection.connection_pool  # type: ignore[union-attr]
+        return self._client.connection_pool
+
+    @property
+    def direct_io(self) -> bool:
+        """Whether reads and writes use the one-copy path (see :class:`RedisTierConfig`)."""
+        return self._direct
 
     # -- connection ----------------------------------------------------------------------
     def _connect(self) -> redis.Redis | redis.cluster.RedisCluster:
@@ -286,7 +367,8 @@ class RedisTier(KVTier):
             username=username,
             password=password,
             ssl=parts.scheme.lower().startswith("rediss"),
-            max_connections=self.config.streams * 2 + 4,
+            # Per master; opened on demand. Batches use up to the executor's workers.
+            max_connections=max(64, self.config.streams * 16),
             **common,
         )
         if "ssl_cert_reqs" in query:
@@ -321,6 +403,53 @@ class RedisTier(KVTier):
         return [f"{ns.prefix}:{{{page_hash}}}:{b}" for b in range(n)]
 
     # -- execution -----------------------------------------------------------------------
+    #
+    # A batch is a list of _Op (one Redis value each). It runs over up to ``streams``
+    # connections (per master on a cluster), each sending byte-bounded groups of commands
+    # and reading their replies before the next group. Two ways to run it:
+    #
+    # - direct (``_run_direct``, the default): the tier packs its own commands, sends them on
+    #   a connection taken from redis-py's pool (connected, authenticated, database
+    #   selected) and reads the replies with ``resp.ReplyReader``: values go straight into
+    #   the destination tensors. On a cluster the ops are grouped by master (slot map of
+    #   redis-py's cluster client) and every master is served at once.
+    # - pipelines (``_run``): redis-py pipelines (``ClusterPipeline`` on a cluster), which
+    #   follow MOVED/ASK redirections. Used when ``direct_io`` is off or does not apply, and
+    #   for the ops of a direct batch that a cluster redirected.
+
+    def _split(self, ops: list[_Op], streams: int) -> list[list[_Op]]:
+        """Contiguous chunks of ``ops`` (so of pages), balanced by bytes."""
+        if streams <= 1 or len(ops) <= 1:
+            return [ops] if ops else []
+        total = sum(op.nbytes or 1 for op in ops)
+        chunks: list[list[_Op]] = [[] for _ in range(streams)]
+        acc = 0
+        for op in ops:
+            chunks[min(streams - 1, acc * streams // total)].append(op)
+            acc += op.nbytes or 1
+        return [c for c in chunks if c]
+
+    def _groups(self, chunk: list[_Op]) -> list[list[_Op]]:
+        """Consecutive ops of about ``pipeline_bytes`` of values each (at least one op)."""
+        groups: list[list[_Op]] = []
+        size = 0
+        for op in chunk:
+            if groups and size + op.nbytes <= self.config.pipeline_bytes:
+                groups[-1].append(op)
+                size += op.nbytes
+            else:
+                groups.append([op])
+                size = op.nbytes
+        return groups
+
+    def _parallel(self, tasks: list[Callable[[], None]]) -> None:
+        if len(tasks) == 1 or self._executor is None:
+            for task in tasks:
+                task()
+            return
+        for f in [self._executor.submit(task) for task in tasks]:
+            f.result()
+
     def _run(
         self,
         ops: list[_Op],
@@ -328,8 +457,7 @@ class RedisTier(KVTier):
         issue: Callable[[Any, _Op], None],
         finish: Callable[[_Op, Any], _Status],
     ) -> None:
-        """Send ``ops`` over up to ``streams`` threads in byte-bounded pipelines; record the
-        worst status of each page."""
+        """Run ``ops`` on redis-py pipelines; record the worst status of each page."""
         lock = threading.Lock()
 
         def mark(page: int, st: _Status) -> None:
@@ -338,15 +466,7 @@ class RedisTier(KVTier):
                     status[page] = max(status[page], st)
 
         def stream(chunk: list[_Op]) -> None:
-            i = 0
-            while i < len(chunk):
-                group = [chunk[i]]
-                size = chunk[i].nbytes
-                i += 1
-                while i < len(chunk) and size + chunk[i].nbytes <= self.config.pipeline_bytes:
-                    size += chunk[i].nbytes
-                    group.append(chunk[i])
-                    i += 1
+            for group in self._groups(chunk):
                 if all(status[op.page] != _Status.HIT for op in group):
                     continue  # every page of this group already failed
                 try:
@@ -373,20 +493,144 @@ class RedisTier(KVTier):
                     mark(op.page, finish(op, reply))
 
         streams = self.config.streams if self._executor is not None else 1
-        if streams == 1 or len(ops) <= 1:
-            stream(ops)
-            return
-        # Contiguous chunks of pages per stream, balanced by bytes.
-        total = sum(op.nbytes for op in ops) or len(ops)
-        chunks: list[list[_Op]] = [[] for _ in range(streams)]
-        acc = 0
+        self._parallel([lambda c=c: stream(c) for c in self._split(ops, streams)])
+
+    def _run_direct(
+        self,
+        ops: list[_Op],
+        status: list[_Status],
+        pack: Callable[[_Op], list[bytes | memoryview]],
+        read: Callable[[ReplyReader, _Op, _Scratch], _Status],
+    ) -> list[_Op]:
+        """Run ``ops`` on pooled connections with the tier's own RESP reader; record the
+        worst status of each page. ``read`` consumes every reply of its op (also after an
+        error reply) and raises only when the connection is broken. Returns the ops a
+        cluster answered with a redirection (MOVED/ASK), which are not marked."""
+        lock = threading.Lock()
+        redirected: list[_Op] = []
+
+        def mark(page: int, st: _Status) -> None:
+            if st != _Status.HIT:
+                with lock:
+                    status[page] = max(status[page], st)
+
+        def stream(pool: ConnectionPool, chunk: list[_Op]) -> None:
+            groups = self._groups(chunk)
+            scratch = _Scratch(redirected, lock)
+            conn: Connection | None = None
+            reader: ReplyReader | None = None
+            retried = False
+            i = 0
+            try:
+                while i < len(groups):
+                    group = groups[i]
+                    if all(status[op.page] != _Status.HIT for op in group):
+                        i += 1
+                        continue  # every page of this group already failed
+                    try:
+                        if conn is None:
+                            conn = pool.get_connection()
+                            reader = ReplyReader(_socket_of(conn))
+                        assert reader is not None
+                        sock = _socket_of(conn)
+                        send_pieces(sock, [piece for op in group for piece in pack(op)])
+                        for op in group:
+                            mark(op.page, read(reader, op, scratch))
+                        i += 1
+                    except _REDIS_ERRORS as e:
+                        # The stream is out of step or gone: close the socket (the pool
+                        # opens a new one on next use) and never read from it again.
+                        if conn is not None:
+                            _discard(pool, conn)
+                            conn = None
+                        if not retried and not isinstance(e, TimeoutError):
+                            retried = True  # once, on a fresh connection (server restart)
+                            continue
+                        self._log.error(
+                            "Redis tier %s: %d commands failed: %r",
+                            self.url, sum(len(g) for g in groups[i:]), e,
+                        )  # fmt: skip
+                        self._stats.add(errors=1)
+                        for g in groups[i:]:
+                            for op in g:
+                                mark(op.page, _Status.ERROR)
+                        return
+            except BaseException:
+                if conn is not None:
+                    _discard(pool, conn)
+                    conn = None
+                raise
+            finally:
+                if conn is not None:
+                    if reader is not None and reader.buffered:
+                        _discard(pool, conn)  # bytes nobody asked for: do not reuse
+                    else:
+                        pool.release(conn)
+
+        tasks: list[Callable[[], None]] = []
+        for pool, pool_ops in self._by_pool(ops, status, mark).items():
+            for chunk in self._split(pool_ops, self.config.streams):
+                tasks.append(lambda pool=pool, chunk=chunk: stream(pool, chunk))
+        self._parallel(tasks)
+        return redirected
+
+    def _by_pool(
+        self, ops: list[_Op], status: list[_Status], mark: Callable[[int, _Status], None]
+    ) -> dict[ConnectionPool, list[_Op]]:
+        """Ops by the connection pool of the server that holds their key."""
+        client = self._client
+        if not isinstance(client, redis.cluster.RedisCluster):
+            return {client.connection_pool: ops} if ops else {}
+        out: dict[ConnectionPool, list[_Op]] = {}
+        pools: dict[str, ConnectionPool | None] = {}  # by hash tag: all blocks of a page
         for op in ops:
-            idx = min(streams - 1, acc * streams // total)
-            chunks[idx].append(op)
-            acc += op.nbytes or 1
-        futures = [self._executor.submit(stream, c) for c in chunks if c]  # type: ignore[union-attr]
-        for f in futures:
-            f.result()
+            tag = op.key[op.key.index("{") : op.key.index("}") + 1]
+            if tag not in pools:
+                try:
+                    node = client.nodes_manager.get_node_from_slot(client.keyslot(tag))
+                    pools[tag] = node.redis_connection.connection_pool  # type: ignore[union-attr]
+                except _REDIS_ERRORS as e:  # slot not covered: cluster down or resharding
+                    self._log.error("Redis tier %s: no node for %s: %r", self.url, op.key, e)
+                    self._stats.add(errors=1)
+                    pools[tag] = None
+            pool = pools[tag]
+            if pool is None:
+                mark(op.page, _Status.ERROR)
+            else:
+                out.setdefault(pool, []).append(op)
+        return out
+
+    def _execute(
+        self,
+        ops: list[_Op],
+        status: list[_Status],
+        issue: Callable[[Any, _Op], None],
+        finish: Callable[[_Op, Any], _Status],
+        pack: Callable[[_Op], list[bytes | memoryview]],
+        read: Callable[[ReplyReader, _Op, _Scratch], _Status],
+    ) -> None:
+        if not self._direct:
+            self._run(ops, status, issue, finish)
+            return
+        redirected = self._run_direct(ops, status, pack, read)
+        if redirected and isinstance(self._client, redis.cluster.RedisCluster):
+            # Slots moved: refresh the slot map for the next batch and let redis-py's
+            # cluster pipeline (which follows MOVED/ASK) run these ops now.
+            try:
+                self._client.nodes_manager.initialize()
+            except _REDIS_ERRORS as e:
+                self._log.error("Redis tier %s: slot map refresh failed: %r", self.url, e)
+            self._run(redirected, status, issue, finish)
+
+    def _reply_error(self, e: RespReplyError, op: _Op, scratch: _Scratch) -> _Status:
+        """Status of an op the server answered with an error reply."""
+        if str(e).startswith(("MOVED ", "ASK ")):
+            with scratch.lock:
+                scratch.redirected.append(op)
+            return _Status.HIT  # not a result: the op runs again through the pipeline path
+        self._log.error("Redis tier %s: %s on %s", self.url, e, op.key)
+        self._stats.add(errors=1)
+        return _Status.ERROR
 
     # -- KVTier --------------------------------------------------------------------------
     def batch_put(
@@ -402,20 +646,32 @@ class RedisTier(KVTier):
         ]
         px = int(self.config.ttl_s * 1000) if self.config.ttl_s is not None else None
 
+        def record(op: _Op) -> bytearray:
+            return encode_block(op.key, layout, pages[op.page], op.block_start, op.block_count)
+
         def issue(pipe: Any, op: _Op) -> None:
-            record = encode_block(op.key, layout, pages[op.page], op.block_start, op.block_count)
-            pipe.set(op.key, memoryview(record), px=px)
+            pipe.set(op.key, memoryview(record(op)), px=px)
 
         def finish(op: _Op, reply: list[Any]) -> _Status:
             return _Status.HIT if reply[0] else _Status.ERROR
 
+        def pack(op: _Op) -> list[bytes | memoryview]:
+            value = memoryview(record(op))
+            if px is None:
+                return pack_command(b"SET", op.key, value)
+            return pack_command(b"SET", op.key, value, b"PX", px)
+
+        def read(reader: ReplyReader, op: _Op, scratch: _Scratch) -> _Status:
+            try:
+                return _Status.HIT if reader.read_status() == b"OK" else _Status.ERROR
+            except RespReplyError as e:  # e.g. OOM when maxmemory is reached
+                return self._reply_error(e, op, scratch)
+
         status = [_Status.HIT] * len(page_hashes)
-        self._run(ops, status, issue, finish)
+        self._execute(ops, status, issue, finish, pack, read)
         ok = [s == _Status.HIT for s in status]
         n_ok = sum(ok)
-        self._stats.add(
-            puts=n_ok, put_failures=len(ok) - n_ok, put_bytes=n_ok * layout.page_bytes
-        )
+        self._stats.add(puts=n_ok, put_failures=len(ok) - n_ok, put_bytes=n_ok * layout.page_bytes)
         return ok
 
     def batch_get_into(
@@ -439,7 +695,14 @@ class RedisTier(KVTier):
                     _Op(i, f"{ns.prefix}:{{{h}}}:{b}", count * lb, kind, start, bcount,
                         first, count, start + first - l0)
                 )  # fmt: skip
+        corrupt_keys: list[str] = []
 
+        def corrupt(op: _Op, reason: object) -> _Status:
+            logger.warning("Redis tier %s: corrupt record %s: %s", self.url, op.key, reason)
+            corrupt_keys.append(op.key)
+            return _Status.CORRUPT
+
+        # redis-py pipelines: the reply values arrive as bytes and are copied into outs.
         def issue(pipe: Any, op: _Op) -> None:
             if op.kind == "get":
                 pipe.get(op.key)
@@ -448,8 +711,6 @@ class RedisTier(KVTier):
                 pipe.getrange(op.key, 0, hlen - 1)
                 lo = hlen + op.first * lb
                 pipe.getrange(op.key, lo, lo + op.count * lb - 1)
-
-        corrupt_keys: list[str] = []
 
         def finish(op: _Op, reply: list[Any]) -> _Status:
             data = reply[0]
@@ -466,15 +727,71 @@ class RedisTier(KVTier):
                     src, offset = reply[1], 0
                 verify_layers(header, payload, op.first, op.count)
             except CorruptRecordError as e:
-                logger.warning("Redis tier %s: corrupt record %s: %s", self.url, op.key, e)
-                corrupt_keys.append(op.key)
-                return _Status.CORRUPT
+                return corrupt(op, e)
             out = outs[op.page]
             copy_bytes_into(out[op.dst_offset : op.dst_offset + op.count], src, offset)
             return _Status.HIT
 
+        # Direct: the header goes to a scratch buffer, the layers straight into outs (or,
+        # for a strided destination, into a scratch buffer and then into outs). The bytes
+        # count only once the header and every layer checksum verify.
+        def pack(op: _Op) -> list[bytes | memoryview]:
+            if op.kind == "get":
+                return pack_command(b"GET", op.key)
+            hlen = BlockHeader.size_for(op.block_count)
+            lo = hlen + op.first * lb
+            return [
+                *pack_command(b"GETRANGE", op.key, 0, hlen - 1),
+                *pack_command(b"GETRANGE", op.key, lo, lo + op.count * lb - 1),
+            ]
+
+        def read(reader: ReplyReader, op: _Op, scratch: _Scratch) -> _Status:
+            hlen = BlockHeader.size_for(op.block_count)
+            head = scratch.header(hlen)
+            out = outs[op.page][op.dst_offset : op.dst_offset + op.count]
+            dst = writable_bytes(out)
+            staged = dst is None
+            if dst is None:
+                dst = scratch.stage(op.count * lb)
+            if op.kind == "get":
+                try:
+                    n = reader.read_bulk_into((head, dst))
+                except RespReplyError as e:
+                    return self._reply_error(e, op, scratch)
+                if n <= 0:
+                    return _Status.MISSING
+                if n != hlen + dst.nbytes:
+                    return corrupt(op, f"value is {n} bytes, a record of its block has "
+                                       f"{hlen + dst.nbytes}")  # fmt: skip
+            else:
+                replies: list[int | RespReplyError] = []
+                for parts in ((head,), (dst,)):  # read both replies whatever the first is
+                    try:
+                        replies.append(reader.read_bulk_into(parts))
+                    except RespReplyError as e:
+                        replies.append(e)
+                n_head, n_data = replies
+                if isinstance(n_head, RespReplyError):
+                    return self._reply_error(n_head, op, scratch)
+                if isinstance(n_data, RespReplyError):
+                    return self._reply_error(n_data, op, scratch)
+                if n_head <= 0:
+                    return _Status.MISSING
+                if n_head != hlen:
+                    return corrupt(op, f"record is truncated: {n_head} bytes, header needs {hlen}")
+                if n_data != dst.nbytes:
+                    return corrupt(op, f"payload is {max(n_data, 0)} bytes, expected {dst.nbytes}")
+            try:
+                header = verify_header(head, op.key, layout, op.block_start, op.block_count)
+                verify_layers(header, dst, op.first, op.count)
+            except CorruptRecordError as e:
+                return corrupt(op, e)
+            if staged:
+                copy_bytes_into(out, dst, 0)
+            return _Status.HIT
+
         status = [_Status.HIT] * len(page_hashes)
-        self._run(ops, status, issue, finish)
+        self._execute(ops, status, issue, finish, pack, read)
         if corrupt_keys and self.config.evict_corrupt:
             self._delete_keys(corrupt_keys)
         ok = [s == _Status.HIT for s in status]
