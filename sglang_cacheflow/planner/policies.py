@@ -77,6 +77,34 @@ def _isolated_estimate(s: Shaper) -> float:
     return both + s.prefill_s
 
 
+def _request_splits(shapers: Sequence[Shaper]) -> list[Schedule]:
+    """Schedules where the k requests most worth loading load (or take their best split) and
+    the others recompute, recomputing ones served first: I/O of some requests overlaps the
+    compute of others even when no request can overlap its own I/O and compute (SGLang's
+    storage prefetch). Requests are ranked by recompute time over load time."""
+    if len(shapers) < 2:
+        return []
+
+    def worth(s: Shaper) -> float:
+        tio = max((s.cost.load_s(t, b - a) for t, a, b in s.ranges), default=0.0)
+        return s.cost.recompute_s(s.d, s.evicted) / max(tio, 1e-12)
+
+    ranked = sorted(shapers, key=worth, reverse=True)
+    out: list[Schedule] = []
+    for k in range(1, len(ranked)):
+        loaders = {id(s) for s in ranked[:k]}
+        rest = sorted(ranked[k:], key=_isolated_estimate)
+        order = rest + sorted(ranked[:k], key=_isolated_estimate)
+
+        def choose(
+            s: Shaper, tc: float, io: dict[str, float], loaders: set[int] = loaders
+        ) -> tuple[Shape, Outcome]:
+            return _best(s, tc, io) if id(s) in loaders else _recompute_all(s, tc, io)
+
+        out.append(_schedule(order, choose))
+    return out
+
+
 def plan(
     requests: Sequence[Request],
     cost: CostModel,
@@ -120,6 +148,7 @@ def plan(
         ]
         if capabilities.token_split:
             candidates.append(_schedule(shapers, _cake))
+        candidates += _request_splits(shapers)
         best = min(candidates, key=lambda c: (c[0], c[1]))
     served = _emit(best[2], cost.shape.num_layers)
     elapsed_ms = (time.perf_counter() - t0) * 1e3

@@ -1,0 +1,123 @@
+"""--enable-cacheflow's options: validation with errors that say what to change, and the
+SGLang flags they imply on the plugin route."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sglang_cacheflow.sglang.flags import (
+    ENV_CONFIG,
+    CacheFlowConfig,
+    ConfigError,
+    check_page_size,
+    parse_config,
+    rewrite_argv,
+)
+
+
+def test_defaults_and_round_trip() -> None:
+    cfg = parse_config(None, None)
+    assert cfg.policy == "cacheflow" and cfg.redis_url is None and cfg.calibrate
+    full = parse_config(
+        "load",
+        json.dumps(
+            {
+                "redis_url": "redis://127.0.0.1:6379/0",
+                "link": "10gbps+0.2ms",
+                "redis": {"streams": 4},
+                "chunk_tokens": 32,
+                "prior": {"redis_GBps": 1.25},
+            }
+        ),
+    )
+    assert CacheFlowConfig.from_json(full.to_json()) == full
+    assert full.prior["redis_GBps"] == 1.25
+    extra = full.storage_extra_config()
+    assert extra["module_path"] == "sglang_cacheflow.sglang.l3"
+    assert extra["link"] == "10gbps+0.2ms" and extra["streams"] == 4
+    assert extra["prefetch_threshold"] == 32
+
+
+@pytest.mark.parametrize(
+    ("policy", "config", "needle"),
+    [
+        ("fastest", None, "choose one of cacheflow, cake, load, recompute"),
+        ("cake", None, "use one of cacheflow, load, recompute"),
+        ("cacheflow", "{not json", "is not valid JSON"),
+        ("cacheflow", "[1, 2]", "must be a JSON object"),
+        ("cacheflow", '{"redis_uri": "redis://h:1"}', "unknown key(s) redis_uri; known keys"),
+        ("cacheflow", '{"chunk_tokens": "64"}', "chunk_tokens must be int"),
+        ("cacheflow", '{"chunk_tokens": true}', "chunk_tokens must be a number"),
+        ("cacheflow", '{"chunk_tokens": 0}', "chunk_tokens must be >= 1"),
+        ("cacheflow", '{"redis_url": "http://h:1"}', "must start with one of redis://"),
+        ("cacheflow", '{"link": "10gbps"}', "set redis_url too"),
+        ("cacheflow", '{"redis_url": "redis://h:1", "link": "fast"}', "cannot read link"),
+        ("cacheflow", '{"redis_url": "redis://h:1", "redis": {"streams": 0}}', "streams"),
+        ("cacheflow", '{"prior": {"gpu_tflops": 1}}', "unknown prior key 'gpu_tflops'"),
+        ("cacheflow", '{"prior": {"redis_GBps": 0}}', "redis_GBps must be > 0"),
+    ],
+)
+def test_bad_input_is_explained(policy: str, config: str | None, needle: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        parse_config(policy, config)
+    assert needle in str(info.value)
+
+
+def test_chunk_must_be_page_aligned() -> None:
+    check_page_size(parse_config(None, '{"chunk_tokens": 64}'), 16)
+    with pytest.raises(ConfigError, match="multiple of --page-size 16"):
+        check_page_size(parse_config(None, '{"chunk_tokens": 40}'), 16)
+
+
+def test_rewrite_argv_implies_hicache_radix_backend_and_redis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(ENV_CONFIG, raising=False)
+    cfg = {"redis_url": "redis://127.0.0.1:7000/0", "chunk_tokens": 16, "link": "1gbps"}
+    argv = [
+        "launch_server", "--model-path", "m", "--page-size", "16", "--enable-cacheflow",
+        "--cacheflow-policy=recompute", "--cacheflow-config", json.dumps(cfg),
+    ]  # fmt: skip
+    out = rewrite_argv(argv)
+    assert out is not None and out.policy == "recompute"
+    assert not any("cacheflow-" in a for a in argv if a.startswith("--"))
+    assert "--enable-hierarchical-cache" in argv
+    assert argv[argv.index("--radix-cache-backend") + 1] == "cacheflow"
+    assert argv[argv.index("--hicache-storage-backend") + 1] == "dynamic"
+    extra = json.loads(argv[argv.index("--hicache-storage-backend-extra-config") + 1])
+    assert extra["class_name"] == "CacheFlowRedisStorage" and extra["link"] == "1gbps"
+    assert argv[argv.index("--hicache-storage-prefetch-policy") + 1] == "wait_complete"
+    import os
+
+    assert CacheFlowConfig.from_json(os.environ[ENV_CONFIG]) == out
+    # idempotent: nothing left to rewrite
+    again = list(argv)
+    assert rewrite_argv(again) is None and again == argv
+
+
+def test_rewrite_argv_conflicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_CONFIG, raising=False)
+    url = '{"redis_url": "redis://h:1/0"}'
+    cases = [
+        (["--enable-cacheflow", "--disable-radix-cache"], "drop --disable-radix-cache"),
+        (["--enable-cacheflow", "--radix-cache-backend", "x"], "drop --radix-cache-backend x"),
+        (
+            ["--enable-cacheflow", "--cacheflow-config", url, "--hicache-storage-backend", "file"],
+            "drop --hicache-storage-backend file",
+        ),
+        (["--cacheflow-policy", "load"], "need --enable-cacheflow"),
+        (["--enable-cacheflow", "--cacheflow-config"], "--cacheflow-config needs a value"),
+        (["--enable-cacheflow", "--page-size", "16", "--cacheflow-config", '{"chunk_tokens": 8}'],
+         "multiple of --page-size 16"),
+    ]  # fmt: skip
+    for argv, needle in cases:
+        with pytest.raises(ConfigError) as info:
+            rewrite_argv(["launch_server", *argv])
+        assert needle in str(info.value), argv
+    # a prefetch policy the user chose is kept
+    argv = ["x", "--enable-cacheflow", "--cacheflow-config", url]
+    argv += ["--hicache-storage-prefetch-policy", "timeout"]
+    rewrite_argv(argv)
+    assert argv.count("--hicache-storage-prefetch-policy") == 1

@@ -1,0 +1,111 @@
+"""Tensor parallelism: every rank takes the identical restore decision.
+
+SGLang's CPU engine cannot run ``--tp 2`` here, so this drives the decision path itself in two
+gloo processes: each rank's controller is fed different local measurements (compute and L3
+timings) and different local L3 hit lengths, plans a round of arrivals, and records the
+prefetches it would issue. With the TP CPU group the decisions are identical and cost one
+collective for the whole round; planning on each rank's own view gives different decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sglang_cacheflow.planner import ModelShape
+from sglang_cacheflow.sglang.controller import CacheFlowController
+from sglang_cacheflow.sglang.flags import parse_config
+
+SHAPE = ModelShape(num_layers=4, num_kv_heads=2, head_dim=32, dtype_bytes=4, tp=2)
+
+
+class _Handle:
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+
+
+class _RankCache:
+    """What the controller asks of the radix cache: this rank's L3 hit, and the prefetch."""
+
+    def __init__(self, hits: dict[str, int]) -> None:
+        self.hits = hits
+        self.issued: list[tuple[str, int]] = []
+
+    def cacheflow_storage_hit(self, call: dict[str, Any]) -> int:
+        return self.hits[call["request"].rid]
+
+    def cacheflow_issue_prefetch(self, call: dict[str, Any]) -> None:
+        self.issued.append((call["request"].rid, len(call["new_input_tokens"])))
+
+
+def _calls(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "request": _Handle(f"r{i}"),
+            "new_input_tokens": list(range(512 + 64 * i)),
+            "matched_prefix_tokens": [],
+            "storage_hit_end": None,
+        }
+        for i in range(n)
+    ]
+
+
+def _decide(rank: int, group: Any) -> dict[str, Any]:
+    cfg = parse_config("cacheflow", json.dumps({"redis_url": "redis://h:1/0", "chunk_tokens": 16}))
+    # rank-local measurements: rank 0 sees fast compute and a faster link than rank 1
+    hits = {f"r{i}": 512 + 64 * i - (64 if rank == 1 and i == 3 else 0) for i in range(6)}
+    cache = _RankCache(hits)
+    ctl = CacheFlowController(cfg, cache, SHAPE, 16, tp_group=group, tp_rank=rank)
+    for p in range(8):
+        n = 64 + 32 * p
+        seconds = n / (40_000.0 if rank == 0 else 8_000.0)
+        ctl.observe_compute([p * 16], [n], seconds)
+    for k in range(1, 6):
+        nbytes = k * 1 << 20
+        ctl.observe_transfer("redis", nbytes, nbytes / (0.02e9 if rank == 0 else 0.01e9) + 1e-4)
+    ctl.plan_prefetches(_calls(6))
+    return {
+        "issued": cache.issued,
+        "plans": {rid: d.planned_load for rid, d in ctl.storage_plans.items()},
+        "collectives": ctl.collectives,
+        "rounds": ctl.rounds,
+    }
+
+
+def _worker(rank: int, store: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        reduced = _decide(rank, dist.group.WORLD)
+        local = _decide(rank, None)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"tp": reduced, "local": local}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_take_identical_decisions(tmp_path: Path) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    mp.start_processes(
+        _worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    # identical decisions, prefetches issued in the same order, one collective per round
+    assert r0["tp"]["issued"] == r1["tp"]["issued"]
+    assert r0["tp"]["plans"] == r1["tp"]["plans"]
+    assert r0["tp"]["collectives"] == r1["tp"]["collectives"] == 1
+    # the round mixes loading and recomputing, and uses the hit every rank has (MIN)
+    plans = r0["tp"]["plans"]
+    assert any(v > 0 for v in plans.values()) and any(v < 512 for v in plans.values())
+    assert plans["r3"] <= 512 + 3 * 64 - 64
+    # fed only their own measurements, the ranks would disagree
+    assert r0["local"]["plans"] != r1["local"]["plans"]
+    assert r0["local"]["collectives"] == 0
