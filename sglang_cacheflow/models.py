@@ -177,6 +177,8 @@ def _save_dequantized(model: object, folder: Path, torch_dtype: object) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch_dtype
+    # GGUF-loaded configs carry no architectures; SGLang picks the model class from them.
+    config.architectures = [type(model).__name__]  # type: ignore[attr-defined]
     config.save_pretrained(folder)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
@@ -202,6 +204,7 @@ def convert_smollm2(out_dir: str | Path | None = None, *, dtype: str = "bfloat16
         "source": gguf.name,
         "source_bytes": gguf.stat().st_size,
         "dtype": dtype,
+        "format": 2,  # 2: config names its architectures
     }
 
     def build(tmp: Path) -> None:
