@@ -1,0 +1,152 @@
+"""Benchmark: time to first token of restored turns on a real SGLang server with --enable-cacheflow.
+
+For every emulated L3 link and every policy (``recompute``, ``load``, ``cacheflow``) the same
+server build starts once with a fresh Redis, warms up (calibration), and runs ``N``
+conversations of ``prefix`` tokens. Between phases ``/flush_cache`` drops device and host
+memory, so the conversations' prefixes come back from Redis only (written there by HiCache's
+write-through). Phases:
+
+- (a) ``single``: one returning conversation at a time;
+- (b) ``together``: all ``N`` conversations return at once.
+
+TTFT is the latency of a one-token generation. Results are emulation results: the Redis tier
+is seen through :class:`~sglang_cacheflow.tiers.shaping.ShapedTier` at the given link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+POLICIES = ("recompute", "load", "cacheflow")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2 or a model folder")
+    parser.add_argument("--links", default="8mbps+1ms,48mbps+1ms,1gbps+1ms")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--conversations", type=int, default=8)
+    parser.add_argument("--prefix", type=int, default=768, help="tokens of each conversation")
+    parser.add_argument("--new", type=int, default=16, help="new tokens of a returning turn")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of each phase")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+
+
+def _model(name: str) -> Path:
+    from sglang_cacheflow.models import build_tiny_llama, convert_smollm2
+
+    if name == "tiny":
+        return build_tiny_llama()
+    if name == "smollm2":
+        return convert_smollm2()
+    return Path(name)
+
+
+def _ttft(server: Any, ids: list[int]) -> tuple[float, dict[str, Any]]:
+    start = time.perf_counter()
+    reply = server.generate(input_ids=ids, max_new_tokens=1, return_logprob=False)
+    return time.perf_counter() - start, reply["meta_info"].get("cached_tokens_details") or {}
+
+
+def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[str, Any]:
+    from sglang_cacheflow.testing.redis import RedisServer
+    from sglang_cacheflow.testing.server import SGLangServer
+
+    rng = random.Random(0)
+    n, p = args.conversations, args.prefix
+    convs = [[rng.randrange(256) for _ in range(p)] for _ in range(n)]
+    total = n * (p + args.new) + 1024
+    with RedisServer() as redis_server:
+        cfg = {
+            "redis_url": f"redis://127.0.0.1:{redis_server.port}/0",
+            "link": link,
+            "chunk_tokens": 16,
+            "log_decisions": True,
+        }
+        server = SGLangServer(
+            model,
+            args=[
+                "--dtype", "float32", "--page-size", "16", "--max-total-tokens", str(total),
+                "--hicache-ratio", "1", "--enable-cacheflow", "--cacheflow-policy", policy,
+                "--cacheflow-config", json.dumps(cfg),
+            ],  # fmt: skip
+            env={"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"},
+        )
+        with server:
+            # warm-up: forwards of several lengths calibrate the compute cost
+            for k in (64, 128, 256, 512, p):
+                server.generate(input_ids=[rng.randrange(256) for _ in range(k)], max_new_tokens=1)
+            # the conversations' first turns, hit twice so HiCache writes them through to L3
+            for ids in convs:
+                server.generate(input_ids=ids, max_new_tokens=1)
+                server.generate(input_ids=ids, max_new_tokens=1)
+            time.sleep(1.0)  # let the backups to Redis finish
+            single: list[float] = []
+            together: list[float] = []
+            details: list[dict[str, Any]] = []
+            for r in range(args.repeats):
+                server.flush_cache()
+                # a calibration round trip through L3 before timing (not measured)
+                for ids in convs:
+                    tail = [rng.randrange(256) for _ in range(args.new)]
+                    t, d = _ttft(server, ids + tail)
+                    single.append(t)
+                    details.append(d)
+                    server.flush_cache()
+                tails = [[rng.randrange(256) for _ in range(args.new)] for _ in convs]
+                with ThreadPoolExecutor(n) as pool:
+                    out = list(pool.map(lambda x: _ttft(server, x[0] + x[1]), zip(convs, tails)))
+                together += [t for t, _ in out]
+                details += [d for _, d in out]
+                del r
+            log = server.log_text()
+    return {
+        "link": link,
+        "policy": policy,
+        "single_mean_s": statistics.mean(single),
+        "together_mean_s": statistics.mean(together),
+        "storage_tokens": sum(int(d.get("storage", 0)) for d in details),
+        "decisions": log.count("cacheflow restore rid="),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    model = _model(args.model)
+    links = [x for x in args.links.split(",") if x]
+    policies = [x for x in args.policies.split(",") if x]
+    rows = []
+    for link in links:
+        for policy in policies:
+            row = _one(model, link, policy, args)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print("| L3 link | policy | (a) one at a time: mean TTFT | (b) 8 together: mean TTFT |")
+    print("| --- | --- | --- | --- |")
+    for row in rows:
+        print(
+            f"| {row['link']} | {row['policy']} | {row['single_mean_s'] * 1e3:.0f} ms "
+            f"| {row['together_mean_s'] * 1e3:.0f} ms |"
+        )
+    if args.out is not None:
+        args.out.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sglang-cacheflow sglang-restore-bench")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
