@@ -12,13 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from sglang_cacheflow.bench import workloads as wl
-from sglang_cacheflow.bench.serving import Run, ServerSpec, check_answers, report, run_one
+from sglang_cacheflow.bench.serving import (
+    Run,
+    ServerSpec,
+    check_answers,
+    report,
+    run_against,
+    run_one,
+)
 
 POLICIES = ("recompute", "load", "cacheflow")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", choices=wl.WORKLOADS, default="sharegpt")
+    parser.add_argument(
+        "--url", help="replay against this running server (as it is configured) instead"
+    )
     parser.add_argument(
         "--model", type=Path, help="model folder (default: SmolLM2-135M-Instruct, converted once)"
     )
@@ -175,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sglang_cacheflow.models import convert_smollm2
 
-    model = args.model or convert_smollm2()
+    model = args.model or convert_smollm2()  # the tokenizer, also for --url
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bandwidths = parse_gbps(args.l3_gbps)
     sessions, described = build_sessions(args, model)
@@ -184,6 +194,28 @@ def run(args: argparse.Namespace) -> int:
     by_arrival = args.workload.startswith("mooncake")
     runs: list[Run] = []
     print(f"workload: {args.workload}: {described}")
+    if args.url:
+        with Progress() as progress:
+            task = progress.add_task(f"replay against {args.url}", total=total)
+            runs.append(
+                run_against(
+                    args.url.rstrip("/"),
+                    sessions,
+                    args.concurrency,
+                    by_arrival,
+                    lambda _r: progress.advance(task),
+                )
+            )
+        return _finish(
+            args,
+            runs,
+            {
+                "workload": args.workload,
+                "described": described,
+                "url": args.url,
+                "concurrency": args.concurrency,
+            },
+        )
     with redis_for(args) as redis_url, Progress() as progress:
         for gbps in bandwidths if redis_url else [None]:
             for policy in policies:
@@ -216,7 +248,11 @@ def run(args: argparse.Namespace) -> int:
         },
         "concurrency": args.concurrency,
     }
-    summary_table(runs, f"{args.workload}: {described}")
+    return _finish(args, runs, meta)
+
+
+def _finish(args: argparse.Namespace, runs: list[Run], meta: dict[str, Any]) -> int:
+    summary_table(runs, f"{args.workload}: {meta['described']}")
     for p in write_outputs(runs, meta, args.out):
         print(f"wrote {p}")
     failed = sum(r.summary()["failed_requests"] for r in runs)

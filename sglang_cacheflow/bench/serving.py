@@ -155,6 +155,31 @@ def run_one(
     return run
 
 
+def run_against(
+    base_url: str,
+    sessions: Sequence[Session],
+    concurrency: int,
+    by_arrival: bool,
+    progress: Callable[[Result], None] | None = None,
+) -> Run:
+    """Replay ``sessions`` against a server that is already running, as it is configured."""
+    try:
+        before = scrape_restores(base_url)
+    except OSError:  # no /metrics (started without --enable-metrics)
+        before = {}
+    t0 = time.perf_counter()
+    results = replay(base_url, sessions, concurrency, by_arrival, progress)
+    wall = time.perf_counter() - t0
+    try:
+        after = scrape_restores(base_url)
+    except OSError:
+        after = {}
+    restores = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    run = Run("as configured", None, results, restores, 0.0, wall)
+    run.errors = [r.error for r in results if r.error]
+    return run
+
+
 def check_answers(runs: Sequence[Run]) -> None:
     """Set each run's ``answers_match`` against the first run with the same sessions."""
     if not runs:
