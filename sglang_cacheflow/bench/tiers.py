@@ -5,7 +5,9 @@ Writes ``--pages`` pages of ``--shape`` (``--page-tokens`` tokens each) to the R
 whole and by layer range, and reports GB/s for batches and the median latency of
 single-page calls. With ``--redis-benchmark`` it also runs ``redis-benchmark`` GET/SET on
 the same server, with values of the tier's record size and the same number of
-connections, and reports the tier's share of it. ``--emulate 10gbps`` measures through the
+connections, and reports the tier's share of it. The whole measurement runs ``--repeat``
+rounds, the tier and ``redis-benchmark`` alternating, and keeps the best round of each
+(other jobs on the machine then disturb both alike). ``--emulate 10gbps`` measures through the
 link emulation wrapper instead (labelled as emulated). The benchmark's pages are deleted
 at the end; ``redis-benchmark`` writes keys ``key:<12 digits>``, which are deleted too.
 
@@ -65,11 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bytes of values per pipelined round trip (default 1 MiB)")
     parser.add_argument("--layer-range", action="append", default=None, metavar="A:B",
                         help="layer range to read (repeatable); default: top half and one layer")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; median kept")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds (tier, then redis-benchmark); best of each kept")
     parser.add_argument("--redis-benchmark", action="store_true",
                         help="also run redis-benchmark GET/SET with the same value size")
     parser.add_argument("--emulate", default=None, metavar="LINK",
                         help="measure through an emulated link, e.g. 10gbps or 25gbps+0.2ms")
+    parser.add_argument("--no-direct-io", action="store_true",
+                        help="use redis-py pipelines for data (the tier's fallback path)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -88,19 +93,20 @@ def _ranges(specs: list[str] | None, layers: int) -> list[tuple[int, int]]:
     return out
 
 
-def _median_time(fn: Any, repeat: int) -> float:
+def _best_time(fn: Any, repeat: int) -> float:
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times)
 
 
 def run_bench(
     tier: KVTier, layout: PageLayout, pages: int, ranges: list[tuple[int, int]], repeat: int
 ) -> list[BenchResult]:
-    """Measure set, get and ranged get of ``pages`` pages on ``tier``."""
+    """Measure set, get and ranged get of ``pages`` pages on ``tier``: GB/s of the best of
+    ``repeat`` batch calls, and the median latency of 8 single-page calls."""
     ns = Namespace(f"tier-bench-{uuid.uuid4().hex[:8]}", layout)
     g = torch.Generator().manual_seed(0)
     distinct = [torch.randn(layout.shape(), generator=g).to(layout.dtype) for _ in range(4)]
@@ -108,21 +114,22 @@ def run_bench(
     hashes = [f"{uuid.uuid4().hex}" for _ in range(pages)]
     results = []
     try:
-        t_set = _median_time(lambda: _check(tier.batch_put(ns, hashes, data)), repeat)
+        t_set = _best_time(lambda: _check(tier.batch_put(ns, hashes, data)), repeat)
         single = [
-            _median_time(lambda h=h, p=p: tier.put(ns, h, p), 1)
+            _best_time(lambda h=h, p=p: tier.put(ns, h, p), 1)
             for h, p in zip(hashes[:8], data[:8], strict=True)
         ]
         results.append(BenchResult("set", pages * layout.page_bytes / t_set / 1e9,
                                    statistics.median(single) * 1e3, layout.page_bytes))
         for rng in [None, *ranges]:
             l0, l1 = layout.check_layers(rng)
-            outs = [layout.empty(rng) for _ in range(pages)]
-            t_get = _median_time(lambda rng=rng, outs=outs: _check(
+            # Touched before timing, as a host pool is: page faults are not the tier's.
+            outs = [torch.zeros(layout.shape(rng), dtype=layout.dtype) for _ in range(pages)]
+            t_get = _best_time(lambda rng=rng, outs=outs: _check(
                 tier.batch_get_into(ns, hashes, outs, rng)), repeat)
             one = layout.empty(rng)
             single = [
-                _median_time(lambda h=h, rng=rng, one=one: tier.get_into(ns, h, one, rng), 1)
+                _best_time(lambda h=h, rng=rng, one=one: tier.get_into(ns, h, one, rng), 1)
                 for h in hashes[:8]
             ]
             nbytes = (l1 - l0) * layout.layer_bytes
@@ -135,6 +142,19 @@ def run_bench(
     finally:
         tier.delete(ns, hashes)
     return results
+
+
+def _best_of(rounds: list[list[BenchResult]]) -> list[BenchResult]:
+    """Per op, the highest GB/s and the lowest single-page latency over the rounds."""
+    return [
+        BenchResult(
+            same[0].op,
+            max(r.gbps for r in same),
+            min(r.page_ms for r in same),
+            same[0].bytes_per_page,
+        )
+        for same in zip(*rounds, strict=True)
+    ]
 
 
 def _check(flags: list[bool]) -> None:
@@ -200,20 +220,30 @@ def run(args: argparse.Namespace) -> int:
         cfg = RedisTierConfig(
             url=url, streams=args.streams, layers_per_block=args.layers_per_block,
             block_bytes=args.block_bytes, pipeline_bytes=args.pipeline_bytes,
+            direct_io=not args.no_direct_io,
         )  # fmt: skip
         with RedisTier(cfg) as rtier:
             tier: KVTier = rtier
             link = LinkShape.parse(args.emulate) if args.emulate else None
             if link is not None:
                 tier = ShapedTier(rtier, link)
-            results = run_bench(tier, layout, args.pages, ranges, args.repeat)
             lpb = cfg.layers_per_block_for(layout)
             record = BlockHeader.size_for(lpb) + lpb * layout.layer_bytes
-            ref: dict[str, float] = {}
-            if args.redis_benchmark:
-                count = max(args.pages * -(-layout.num_layers // lpb), 500)
-                ref = redis_benchmark(url, record, count, args.streams)
-                _cleanup_redis_benchmark_keys(rtier, count)
+            count = max(args.pages * -(-layout.num_layers // lpb), 500)
+            rounds: list[list[BenchResult]] = []
+            ref_rounds: list[dict[str, float]] = []
+            for _ in range(max(1, args.repeat)):
+                # Two calls per figure in a round: the first warms the connections.
+                rounds.append(run_bench(tier, layout, args.pages, ranges, 2))
+                if args.redis_benchmark:
+                    ref_rounds.append(redis_benchmark(url, record, count, args.streams))
+                    _cleanup_redis_benchmark_keys(rtier, count)
+            results = _best_of(rounds)
+            ref = {
+                op: max(r[op] for r in ref_rounds)
+                for op in ("set", "get")
+                if ref_rounds and all(op in r for r in ref_rounds)
+            }
             report = {
                 "tier": tier.name,
                 "emulated": link is not None,
@@ -226,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
                 "layers_per_block": lpb,
                 "record_bytes": record,
                 "pipeline_bytes": args.pipeline_bytes,
+                "direct_io": rtier.direct_io,
+                "rounds": max(1, args.repeat),
                 "results": [asdict(r) for r in results],
                 "redis_benchmark_gbps": ref,
             }
@@ -249,7 +281,8 @@ def _print_table(report: dict[str, Any]) -> None:
     print(f"{kind}{report['tier']} at {report['url']}  cluster={report['cluster']}")
     print(f"pages: {report['pages']} x {report['layout']} ({report['page_bytes'] / 2**20:.2f} "
           f"MiB), streams {report['streams']}, {report['layers_per_block']} layers "
-          f"({report['record_bytes'] / 2**20:.2f} MiB) per Redis value")
+          f"({report['record_bytes'] / 2**20:.2f} MiB) per Redis value, "
+          f"direct_io={report['direct_io']}, best of {report['rounds']} rounds")
     print(f"{'op':<22}{'GB/s':>8}{'ms/page':>10}{'MiB/page':>10}")
     for r in report["results"]:
         print(f"{r['op']:<22}{r['gbps']:>8.2f}{r['page_ms']:>10.2f}"

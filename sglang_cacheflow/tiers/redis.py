@@ -323,6 +323,10 @@ class RedisTier(KVTier):
             socket_connect_timeout=cfg.connect_timeout_s,
             socket_read_size=cfg.socket_read_size,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+            # RESP2 (redis-py 8 defaults to RESP3): the direct path reads RESP2 replies, and
+            # a RESP2 connection carries no push messages. ``?protocol=3`` in the URL wins
+            # (and turns the direct path off).
+            protocol=2,
             # redis-py's Python packer sends large values as they are; hiredis's packer
             # copies each value into the command first (measured: 2 ms per MiB here).
             command_packer=PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode),

@@ -39,6 +39,8 @@ __all__ = [
 _CRLF = b"\r\n"
 # Pieces up to this size are joined into one send; larger ones (values) go as they are.
 _JOIN_BELOW = 16 << 10
+# Longest reply line accepted (error messages); a longer one means the stream is garbage.
+_MAX_LINE = 1 << 20
 
 
 class RespReplyError(Exception):
@@ -128,8 +130,11 @@ class ReplyReader:
         if self._pos == self._end:
             self._pos = self._end = 0
         elif self._end == len(self._buf):
-            if self._pos == 0:
-                raise RespProtocolError(f"reply line longer than {len(self._buf)} bytes")
+            if self._pos == 0:  # one reply line fills the buffer: grow it, within reason
+                if len(self._buf) >= _MAX_LINE:
+                    raise RespProtocolError(f"reply line longer than {_MAX_LINE} bytes")
+                self._buf = self._buf + bytes(len(self._buf))
+                self._view = memoryview(self._buf)
             rest = self._end - self._pos
             self._view[:rest] = self._view[self._pos : self._end]
             self._pos, self._end = 0, rest
@@ -187,6 +192,8 @@ class ReplyReader:
         tensor); otherwise the value is read and dropped and ``parts`` hold garbage. Returns
         the value's length, -1 for nil. Raises :class:`RespReplyError` for an error reply."""
         kind, rest = self._header()
+        if kind == b"_":  # RESP3 null, should a RESP3 connection get here
+            return -1
         if kind != b"$":
             raise RespProtocolError(f"expected a bulk string, got {(kind + rest)[:64]!r}")
         try:

@@ -1,4 +1,8 @@
-"""Redis tier against a real redis-server (and a real 3-node Redis Cluster)."""
+"""Redis tier against a real redis-server (and a real 3-node Redis Cluster).
+
+Data tests run twice: on the direct path (the tier's own RESP reader, values received
+straight into the destination tensors; the default) and on redis-py pipelines (the
+fallback), see the ``direct_io`` fixture."""
 
 from __future__ import annotations
 
@@ -28,9 +32,15 @@ LAYOUTS = [
 ]
 
 
+@pytest.fixture(params=[True, False], ids=["direct", "pipelines"])
+def direct_io(request: pytest.FixtureRequest) -> bool:
+    return request.param
+
+
 @pytest.fixture
-def tier(redis_server: RedisServer):
-    with RedisTier(redis_server.url, block_bytes=64 << 10) as t:
+def tier(redis_server: RedisServer, direct_io: bool):
+    with RedisTier(redis_server.url, block_bytes=64 << 10, direct_io=direct_io) as t:
+        assert t.direct_io is direct_io
         yield t
 
 
@@ -56,14 +66,14 @@ def test_round_trip(tier: RedisTier, layout: PageLayout) -> None:
 
 @pytest.mark.parametrize("layers_per_block", [1, 3, 7])
 def test_every_layer_range_equals_slice_of_full_read(
-    redis_server: RedisServer, layers_per_block: int
+    redis_server: RedisServer, layers_per_block: int, direct_io: bool
 ) -> None:
     """Whole blocks (GET), parts of blocks (GETRANGE) and block-spanning ranges."""
     layout = PageLayout(7, 4, 2, 8, torch.bfloat16)
     ns = unique_ns(layout)
     pages = random_pages(layout, 2)
     hashes = page_hashes(2)
-    with RedisTier(redis_server.url, layers_per_block=layers_per_block) as t:
+    with RedisTier(redis_server.url, layers_per_block=layers_per_block, direct_io=direct_io) as t:
         t.batch_put(ns, hashes, pages)
         full = t.batch_get(ns, hashes)
         for l0 in range(7):
@@ -76,10 +86,10 @@ def test_every_layer_range_equals_slice_of_full_read(
         assert_same(dst.permute(1, 0, 2, 3, 4), pages[1][2:5])
 
 
-def test_ranged_read_fetches_only_its_blocks(redis_server: RedisServer) -> None:
+def test_ranged_read_fetches_only_its_blocks(redis_server: RedisServer, direct_io: bool) -> None:
     layout = PageLayout(8, 16, 2, 16, torch.bfloat16)  # 2 KiB per layer
     ns = unique_ns(layout)
-    with RedisTier(redis_server.url, layers_per_block=2) as t:
+    with RedisTier(redis_server.url, layers_per_block=2, direct_io=direct_io) as t:
         h = page_hashes(1)[0]
         t.put(ns, h, random_pages(layout, 1)[0])
         keys = t.block_keys(ns, h)
@@ -179,7 +189,7 @@ def test_corrupted_and_truncated_values_are_counted_misses(tier: RedisTier) -> N
 def test_ranged_read_detects_damage_in_its_layers_only(tier: RedisTier) -> None:
     layout = PageLayout(4, 16, 2, 16, torch.bfloat16)
     ns = unique_ns(layout)
-    with RedisTier(tier.config.url, layers_per_block=4) as t:
+    with RedisTier(tier.config.url, layers_per_block=4, direct_io=tier.direct_io) as t:
         h = page_hashes(1)[0]
         page = random_pages(layout, 1)[0]
         t.put(ns, h, page)
@@ -193,14 +203,16 @@ def test_ranged_read_detects_damage_in_its_layers_only(tier: RedisTier) -> None:
 
 
 def test_server_killed_mid_batch_then_recovers(
-    fresh_redis: RedisServer, caplog: pytest.LogCaptureFixture
+    fresh_redis: RedisServer, caplog: pytest.LogCaptureFixture, direct_io: bool
 ) -> None:
     layout = PageLayout(8, 64, 2, 64, torch.bfloat16)  # 32 KiB per layer, 256 KiB per page
     ns = unique_ns(layout)
     n = 96
     pages = random_pages(layout, 4)
     hashes = page_hashes(n)
-    with RedisTier(fresh_redis.url, streams=2, layers_per_block=1, pipeline_bytes=32 << 10) as t:
+    with RedisTier(
+        fresh_redis.url, streams=2, layers_per_block=1, pipeline_bytes=32 << 10, direct_io=direct_io
+    ) as t:
         assert all(t.batch_put(ns, hashes, [pages[i % 4] for i in range(n)]))
         result: list[list[torch.Tensor | None]] = []
         worker = threading.Thread(target=lambda: result.append(t.batch_get(ns, hashes)))
@@ -227,6 +239,9 @@ def test_server_killed_mid_batch_then_recovers(
                 assert_same(g, pages[i % 4])
         assert t.stats.errors >= 1
         assert any("Redis tier" in r.getMessage() for r in caplog.records)
+        # No connection that saw the failure is kept open for reuse.
+        pool = t.client.connection_pool
+        assert all(c._sock is None for c in pool._connections)
         # Every call while the server is down is a miss, not an exception.
         assert t.batch_put(ns, hashes[:2], pages[:2]) == [False, False]
         assert t.batch_exists(ns, hashes[:2]) == [False, False]
@@ -241,7 +256,9 @@ def test_unreachable_server_and_bad_urls_name_the_url() -> None:
     with RedisServer() as s:
         port = s.port
     url = f"redis://user:secret@127.0.0.1:{port}/0"
-    with pytest.raises(RedisTierError, match=rf"cannot reach Redis at redis://user:\*\*\*@127\.0\.0\.1:{port}/0") as e:  # noqa: E501
+    with pytest.raises(
+        RedisTierError, match=rf"cannot reach Redis at redis://user:\*\*\*@127\.0\.0\.1:{port}/0"
+    ) as e:
         RedisTier(url, connect_timeout_s=0.5)
     assert "secret" not in str(e.value)
     with pytest.raises(RedisTierError, match=r"memcached://h:1.*use one of redis://"):
@@ -276,14 +293,14 @@ def test_url_forms_password_db_unix_and_ttl() -> None:
     assert redact_url("rediss://u:pw@h:1/0") == "rediss://u:***@h:1/0"
 
 
-def test_cluster_round_trip_spreads_pages(redis_cluster: RedisCluster) -> None:
+def test_cluster_round_trip_spreads_pages(redis_cluster: RedisCluster, direct_io: bool) -> None:
     layout = PageLayout(6, 16, 2, 16, torch.bfloat16)
     ns = unique_ns(layout)
     n = 24
     pages = random_pages(layout, n)
     hashes = page_hashes(n)
-    with RedisTier(redis_cluster.url, layers_per_block=2, streams=3) as t:
-        assert t.is_cluster
+    with RedisTier(redis_cluster.url, layers_per_block=2, streams=3, direct_io=direct_io) as t:
+        assert t.is_cluster and t.direct_io is direct_io
         assert t.batch_put(ns, hashes, pages) == [True] * n
         assert t.batch_exists(ns, hashes) == [True] * n
         for got, want in zip(t.batch_get(ns, hashes, (1, 4)), pages, strict=True):
