@@ -1,0 +1,171 @@
+"""--enable-cacheflow on a real SGLang server (CPU engine, tiny fp32 Llama, real redis-server).
+
+Two servers for the module: a reference with the radix cache disabled, and a CacheFlow server
+(plugin route) with small device and host pools and a Redis L3 seen through an emulated link
+where neither pure mode wins. Eight multi-turn conversations return together, so their
+prefixes come back from host memory and from Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from sglang_cacheflow.testing.redis import RedisServer
+from sglang_cacheflow.testing.server import CPU_ENV, SGLangServer
+from tests.fixtures.sglang import StartServer
+
+pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow]
+
+ENV = {"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"}
+COMMON = ("--dtype", "float32", "--page-size", "16", "--max-total-tokens", "1024")
+# KV of one token (4 layers, 2 KV heads of 32, fp32) is 2 KiB; at 24 Mbit/s a 256-token span
+# takes about 0.17 s to load, the order of its recompute on this class of machine.
+LINK = "24mbps+1ms"
+N_CONV, TURNS, FIRST, GROW, NEW = 8, 3, 240, 16, 4
+
+
+def _metrics(server: SGLangServer) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in str(server.request("GET", "/metrics")).splitlines():
+        if line.startswith("sglang:cacheflow") and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def _m(metrics: dict[str, float], name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return sum(v for k, v in metrics.items() if k.startswith(name) and want in k)
+
+
+@pytest.fixture(scope="module")
+def l3() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def servers(
+    sglang_servers: StartServer, tiny_llama_path: Path, l3: RedisServer
+) -> tuple[SGLangServer, SGLangServer]:
+    reference = sglang_servers(tiny_llama_path, *COMMON, "--disable-radix-cache", env=ENV)
+    cfg = {
+        "redis_url": f"redis://127.0.0.1:{l3.port}/0",
+        "link": LINK,
+        "chunk_tokens": 16,
+        "log_decisions": True,
+        "prior": {"redis_GBps": 0.003, "redis_latency_ms": 1.0},
+    }
+    cacheflow = sglang_servers(
+        tiny_llama_path, *COMMON, "--hicache-ratio", "1", "--enable-metrics",
+        "--enable-cacheflow", "--cacheflow-config", json.dumps(cfg), env=ENV,
+    )  # fmt: skip
+    return reference, cacheflow
+
+
+def _ask(server: SGLangServer, ids: list[int]) -> dict[str, Any]:
+    return server.generate(input_ids=ids, max_new_tokens=NEW)
+
+
+def _conversations(servers: list[SGLangServer], seed: int) -> list[list[dict[str, Any]]]:
+    """Run the same conversations on every server: turn by turn, all conversations of a turn
+    together. Returns, per server, every reply."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(256) for _ in range(FIRST)] for _ in range(N_CONV)]
+    grows = [
+        [[rng.randrange(256) for _ in range(GROW)] for _ in range(N_CONV)] for _ in range(TURNS)
+    ]
+    results: list[list[dict[str, Any]]] = [[] for _ in servers]
+    for si, server in enumerate(servers):
+        convs = [list(p) for p in prompts]
+        for turn in range(TURNS):
+            with ThreadPoolExecutor(N_CONV) as pool:
+                replies = list(pool.map(partial(_ask, server), convs))
+            for i, r in enumerate(replies):
+                results[si].append(r)
+                convs[i] = convs[i] + r["output_ids"] + grows[turn][i]
+    return results
+
+
+def _assert_same(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> None:
+    for a, b in zip(ref, got, strict=True):
+        assert a["output_ids"] == b["output_ids"]
+        la = [t[0] for t in a["meta_info"]["output_token_logprobs"]]
+        lb = [t[0] for t in b["meta_info"]["output_token_logprobs"]]
+        assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-4
+
+
+def test_restores_from_host_and_redis_match_no_cache(
+    servers: tuple[SGLangServer, SGLangServer],
+) -> None:
+    reference, cacheflow = servers
+    ref, got = _conversations([reference, cacheflow], seed=1)
+    _assert_same(ref, got)
+    cached = [r["meta_info"].get("cached_tokens_details") or {} for r in got]
+    assert any(c.get("host", 0) > 0 for c in cached), cached
+    assert any(c.get("storage", 0) > 0 for c in cached), cached
+    m = _metrics(cacheflow)
+    restored = "sglang:cacheflow_restored_tokens_total"
+    assert _m(m, restored, action="load", tier="host") > 0, m
+    assert _m(m, restored, action="load", tier="redis") > 0, m
+    # balanced link: the same rounds of returning conversations load some tokens from Redis
+    # and recompute others
+    assert _m(m, restored, action="recompute", tier="redis") > 0, m
+    assert _m(m, "sglang:cacheflow_restore_seconds_count", kind="measured") > 0
+    log = cacheflow.log_text()
+    pattern = r"evicted on redis, \d+ new -> load (\d+) from redis, recompute (\d+)"
+    decisions = re.findall(pattern, log)
+    assert any(int(a) > 0 for a, _ in decisions) and any(int(b) > 0 for _, b in decisions)
+
+
+def test_corrupted_and_missing_l3_pages_fall_back_to_recompute(
+    servers: tuple[SGLangServer, SGLangServer], l3: RedisServer
+) -> None:
+    reference, cacheflow = servers
+    before = _metrics(cacheflow)
+    client = redis.Redis(host="127.0.0.1", port=l3.port)
+    keys = list(client.scan_iter(count=1000))
+    assert keys
+    for k in keys[::2]:  # corrupt every other stored record in place (same length)
+        value = bytearray(client.get(k) or b"")
+        for i in range(len(value) // 2, len(value)):
+            value[i] ^= 0x5A
+        client.set(k, bytes(value))
+    ref, got = _conversations([reference, cacheflow], seed=1)
+    _assert_same(ref, got)
+    after = _metrics(cacheflow)
+    fallbacks = _m(after, "sglang:cacheflow_fallbacks_total") - _m(
+        before, "sglang:cacheflow_fallbacks_total"
+    )
+    assert fallbacks > 0, after
+    # Redis down: lookups fail, everything missing is recomputed, nothing hangs
+    l3.stop()
+    ref, got = _conversations([reference, cacheflow], seed=2)
+    _assert_same(ref, got)
+
+
+def test_bad_config_is_refused_at_start_up(tiny_llama_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_llama_path),
+        "--device", "cpu", "--max-total-tokens", "512", "--enable-cacheflow",
+        "--cacheflow-config", '{"chunk_token": 64}',
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env={**os.environ, **CPU_ENV}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "unknown key(s) chunk_token; known keys" in proc.stderr
