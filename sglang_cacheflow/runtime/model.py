@@ -52,7 +52,10 @@ class _KVWriter:
         end = self.start + n
         if self.store is None or self.store(layer_idx):
             self.kv.write(layer_idx, self.start, key_states, value_states)
-            return self.kv.keys(layer_idx, end), self.kv.values(layer_idx, end)
+            # attention kernels are many times slower on token-major strided K/V than on a
+            # contiguous copy of it
+            k = self.kv.keys(layer_idx, end).contiguous()
+            return k, self.kv.values(layer_idx, end).contiguous()
         k = torch.cat([self.kv.keys(layer_idx, self.start), key_states], dim=2)
         v = torch.cat([self.kv.values(layer_idx, self.start), value_states], dim=2)
         return k, v
@@ -140,8 +143,10 @@ class ModelAdapter:
         device = hidden.device
         positions = torch.arange(start, start + n, device=device).unsqueeze(0)
         cos_sin = self.rotary_emb(hidden, positions)
-        mask = None  # causal: SDPA's is_causal when there is no prefix
-        if start > 0:
+        # No mask when there is no prefix (SDPA's is_causal) or one query (it sees every
+        # key); a mask would make attention expand the grouped KV heads into a copy.
+        mask = None
+        if start > 0 and n > 1:
             q = torch.arange(start, start + n, device=device)[:, None]
             k = torch.arange(start + n, device=device)[None, :]
             mask = (k <= q).view(1, 1, n, start + n)
