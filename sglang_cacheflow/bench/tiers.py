@@ -47,34 +47,74 @@ class BenchResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=None,
-                        help="Redis URL (redis://, rediss://, unix://, redis+cluster://); "
-                             "default: start a private redis-server on a free loopback port")
-    parser.add_argument("--private-cluster", action="store_true",
-                        help="without --url: start a private 3-node Redis Cluster instead")
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="Redis URL (redis://, rediss://, unix://, redis+cluster://); "
+        "default: start a private redis-server on a free loopback port",
+    )
+    parser.add_argument(
+        "--private-cluster",
+        action="store_true",
+        help="without --url: start a private 3-node Redis Cluster instead",
+    )
     parser.add_argument("--pages", type=int, default=32, help="pages per run (default 32)")
     parser.add_argument("--page-tokens", type=int, default=256, help="tokens per page")
-    parser.add_argument("--shape", default="llama-8b",
-                        help=f"model shape: {', '.join(sorted(SHAPES))} or LAYERSxHEADSxDIM")
+    parser.add_argument(
+        "--shape",
+        default="llama-8b",
+        help=f"model shape: {', '.join(sorted(SHAPES))} or LAYERSxHEADSxDIM",
+    )
     parser.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     parser.add_argument("--tp-size", type=int, default=1, help="KV heads split over this TP")
     parser.add_argument("--streams", type=int, default=2, help="threads/connections per call")
-    parser.add_argument("--layers-per-block", type=int, default=None,
-                        help="layers per Redis value (default: about --block-bytes)")
-    parser.add_argument("--block-bytes", type=int, default=1 << 20,
-                        help="target bytes per Redis value (default 1 MiB)")
-    parser.add_argument("--pipeline-bytes", type=int, default=1 << 20,
-                        help="bytes of values per pipelined round trip (default 1 MiB)")
-    parser.add_argument("--layer-range", action="append", default=None, metavar="A:B",
-                        help="layer range to read (repeatable); default: top half and one layer")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds (tier, then redis-benchmark); best of each kept")
-    parser.add_argument("--redis-benchmark", action="store_true",
-                        help="also run redis-benchmark GET/SET with the same value size")
-    parser.add_argument("--emulate", default=None, metavar="LINK",
-                        help="measure through an emulated link, e.g. 10gbps or 25gbps+0.2ms")
-    parser.add_argument("--no-direct-io", action="store_true",
-                        help="use redis-py pipelines for data (the tier's fallback path)")
+    parser.add_argument(
+        "--layers-per-block",
+        type=int,
+        default=None,
+        help="layers per Redis value (default: about --block-bytes)",
+    )
+    parser.add_argument(
+        "--block-bytes",
+        type=int,
+        default=1 << 20,
+        help="target bytes per Redis value (default 1 MiB)",
+    )
+    parser.add_argument(
+        "--pipeline-bytes",
+        type=int,
+        default=1 << 20,
+        help="bytes of values per pipelined round trip (default 1 MiB)",
+    )
+    parser.add_argument(
+        "--layer-range",
+        action="append",
+        default=None,
+        metavar="A:B",
+        help="layer range to read (repeatable); default: top half and one layer",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds (tier, then redis-benchmark); best of each kept",
+    )
+    parser.add_argument(
+        "--redis-benchmark",
+        action="store_true",
+        help="also run redis-benchmark GET/SET with the same value size",
+    )
+    parser.add_argument(
+        "--emulate",
+        default=None,
+        metavar="LINK",
+        help="measure through an emulated link, e.g. 10gbps or 25gbps+0.2ms",
+    )
+    parser.add_argument(
+        "--no-direct-io",
+        action="store_true",
+        help="use redis-py pipelines for data (the tier's fallback path)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -119,14 +159,22 @@ def run_bench(
             _best_time(lambda h=h, p=p: tier.put(ns, h, p), 1)
             for h, p in zip(hashes[:8], data[:8], strict=True)
         ]
-        results.append(BenchResult("set", pages * layout.page_bytes / t_set / 1e9,
-                                   statistics.median(single) * 1e3, layout.page_bytes))
+        results.append(
+            BenchResult(
+                "set",
+                pages * layout.page_bytes / t_set / 1e9,
+                statistics.median(single) * 1e3,
+                layout.page_bytes,
+            )
+        )
         for rng in [None, *ranges]:
             l0, l1 = layout.check_layers(rng)
             # Touched before timing, as a host pool is: page faults are not the tier's.
             outs = [torch.zeros(layout.shape(rng), dtype=layout.dtype) for _ in range(pages)]
-            t_get = _best_time(lambda rng=rng, outs=outs: _check(
-                tier.batch_get_into(ns, hashes, outs, rng)), repeat)
+            t_get = _best_time(
+                lambda rng=rng, outs=outs: _check(tier.batch_get_into(ns, hashes, outs, rng)),
+                repeat,
+            )
             one = layout.empty(rng)
             single = [
                 _best_time(lambda h=h, rng=rng, one=one: tier.get_into(ns, h, one, rng), 1)
@@ -134,8 +182,11 @@ def run_bench(
             ]
             nbytes = (l1 - l0) * layout.layer_bytes
             name = "get" if rng is None else f"get layers {l0}:{l1}"
-            results.append(BenchResult(name, pages * nbytes / t_get / 1e9,
-                                       statistics.median(single) * 1e3, nbytes))
+            results.append(
+                BenchResult(
+                    name, pages * nbytes / t_get / 1e9, statistics.median(single) * 1e3, nbytes
+                )
+            )
             for i in range(min(pages, 4)):
                 if not torch.equal(outs[i], data[i][l0:l1]):
                     raise RuntimeError(f"{name}: page {i} read back different bytes")
@@ -230,13 +281,17 @@ def run(args: argparse.Namespace) -> int:
             lpb = cfg.layers_per_block_for(layout)
             record = BlockHeader.size_for(lpb) + lpb * layout.layer_bytes
             count = max(args.pages * -(-layout.num_layers // lpb), 500)
+            # The tier runs ``streams`` connections to each master: give redis-benchmark
+            # as many (it spreads its clients over the masters).
+            masters = len(rtier.client.get_primaries()) if rtier.is_cluster else 1
+            clients = args.streams * masters
             rounds: list[list[BenchResult]] = []
             ref_rounds: list[dict[str, float]] = []
             for _ in range(max(1, args.repeat)):
                 # Two calls per figure in a round: the first warms the connections.
                 rounds.append(run_bench(tier, layout, args.pages, ranges, 2))
                 if args.redis_benchmark:
-                    ref_rounds.append(redis_benchmark(url, record, count, args.streams))
+                    ref_rounds.append(redis_benchmark(url, record, count, clients))
                     _cleanup_redis_benchmark_keys(rtier, count)
             results = _best_of(rounds)
             ref = {
@@ -253,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
                 "page_bytes": layout.page_bytes,
                 "pages": args.pages,
                 "streams": args.streams,
+                "connections": clients,
                 "layers_per_block": lpb,
                 "record_bytes": record,
                 "pipeline_bytes": args.pipeline_bytes,
@@ -279,21 +335,27 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(report: dict[str, Any]) -> None:
     kind = "EMULATED link " if report["emulated"] else ""
     print(f"{kind}{report['tier']} at {report['url']}  cluster={report['cluster']}")
-    print(f"pages: {report['pages']} x {report['layout']} ({report['page_bytes'] / 2**20:.2f} "
-          f"MiB), streams {report['streams']}, {report['layers_per_block']} layers "
-          f"({report['record_bytes'] / 2**20:.2f} MiB) per Redis value, "
-          f"direct_io={report['direct_io']}, best of {report['rounds']} rounds")
+    print(
+        f"pages: {report['pages']} x {report['layout']} ({report['page_bytes'] / 2**20:.2f} "
+        f"MiB), streams {report['streams']}, {report['layers_per_block']} layers "
+        f"({report['record_bytes'] / 2**20:.2f} MiB) per Redis value, "
+        f"direct_io={report['direct_io']}, best of {report['rounds']} rounds"
+    )
     print(f"{'op':<22}{'GB/s':>8}{'ms/page':>10}{'MiB/page':>10}")
     for r in report["results"]:
-        print(f"{r['op']:<22}{r['gbps']:>8.2f}{r['page_ms']:>10.2f}"
-              f"{r['bytes_per_page'] / 2**20:>10.2f}")
+        print(
+            f"{r['op']:<22}{r['gbps']:>8.2f}{r['page_ms']:>10.2f}"
+            f"{r['bytes_per_page'] / 2**20:>10.2f}"
+        )
     ref = report.get("redis_benchmark_gbps")
     if ref:
         share = report["share_of_redis_benchmark"]
         for op in ("set", "get"):
             if op in ref:
-                print(f"redis-benchmark {op.upper()} {ref[op]:.2f} GB/s "
-                      f"(same value size and connections): tier at {share[op]:.0%}")
+                print(
+                    f"redis-benchmark {op.upper()} {ref[op]:.2f} GB/s (same value size, "
+                    f"{report['connections']} connections): tier at {share[op]:.0%}"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:

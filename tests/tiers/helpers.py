@@ -15,9 +15,7 @@ _counter = itertools.count()
 def random_pages(layout: PageLayout, n: int, seed: int = 0) -> list[torch.Tensor]:
     """Pages of random values (every byte pattern of the dtype is fair game for fp32/16)."""
     g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(layout.shape(), generator=g) * 3).to(layout.dtype) for _ in range(n)
-    ]
+    return [(torch.randn(layout.shape(), generator=g) * 3).to(layout.dtype) for _ in range(n)]
 
 
 def page_hashes(n: int) -> list[str]:

@@ -22,6 +22,7 @@ def test_json_report_with_redis_benchmark(
     assert bench.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["layout"] == "L4-kv-t32-h2-d16-bf16" and report["emulated"] is False
+    assert report["direct_io"] is True and report["rounds"] == 1 and report["connections"] == 2
     ops = {r["op"]: r for r in report["results"]}
     assert set(ops) == {"set", "get", "get layers 1:3"}
     assert all(r["gbps"] > 0 and r["page_ms"] > 0 for r in ops.values())
