@@ -187,4 +187,3 @@ def check_batch(
     for t in tensors:
         ns.layout.check_page(t, layers)
     return ns.layout.check_layers(layers)
-

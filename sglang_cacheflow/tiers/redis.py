@@ -13,12 +13,15 @@ part of a block it needs. The braces are a Redis Cluster hash tag: every block o
 lives on one node (one multi-key ``EXISTS`` or ``DEL`` per page), and pages spread over the
 nodes.
 
-Batch calls split their commands over ``streams`` threads, each with its own pooled
-connection, and send them in pipelines of about ``pipeline_bytes``; deep pipelines of large
-values are slower than short ones (the server buffers every reply before the client drains
-them). Every failure of a page (missing block, bad record, server error or disconnect) is a
-miss for that page, counted in :attr:`RedisTier.stats` and logged; no exception from Redis
-reaches the caller after construction.
+Batch calls split their commands over ``streams`` threads (per master on a cluster), each
+with its own pooled connection, and send them in groups of about ``pipeline_bytes``; deep
+pipelines of large values are slower than short ones (the server buffers every reply before
+the client drains them). By default the tier packs its commands and reads the replies itself
+(:mod:`~sglang_cacheflow.tiers.resp`), receiving each value straight into the destination
+tensor; redis-py pipelines are the fallback (``direct_io=False``, RESP3). Every failure of
+a page (missing block, bad record, server error or disconnect) is a miss for that page,
+counted in :attr:`RedisTier.stats` and logged; no exception from Redis reaches the caller
+after construction.
 """
 
 from __future__ import annotations
