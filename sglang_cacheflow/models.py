@@ -80,15 +80,21 @@ def _build_atomically(
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    stale = out_dir.parent / f".{out_dir.name}.stale-{os.getpid()}"
     try:
         build(tmp)
         (tmp / _COMPLETE).write_text(json.dumps(stamp, sort_keys=True))
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+            out_dir.rename(stale)  # swap in two renames: no window without a folder
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if not _is_complete(out_dir, stamp):  # not a concurrent build of the same
+                raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, stale):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return out_dir
 
 
