@@ -57,6 +57,21 @@ def _ttft(server: Any, ids: list[int]) -> tuple[float, dict[str, Any]]:
     return time.perf_counter() - start, reply["meta_info"].get("cached_tokens_details") or {}
 
 
+def _flush(server: Any) -> None:
+    """``/flush_cache`` is refused while requests or HiCache transfers are in flight: retry."""
+    from sglang_cacheflow.testing.server import SGLangServerError
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            server.flush_cache()
+            return
+        except SGLangServerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[str, Any]:
     from sglang_cacheflow.testing.redis import RedisServer
     from sglang_cacheflow.testing.server import SGLangServer
@@ -92,13 +107,13 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             together: list[float] = []
             details: list[dict[str, Any]] = []
             for r in range(args.repeats):
-                server.flush_cache()
+                _flush(server)
                 for ids in convs:
                     tail = [rng.randrange(256) for _ in range(args.new)]
                     t, d = _ttft(server, ids + tail)
                     single.append(t)
                     details.append(d)
-                    server.flush_cache()
+                    _flush(server)
                 tails = [[rng.randrange(256) for _ in range(args.new)] for _ in convs]
                 with ThreadPoolExecutor(n) as pool:
                     out = list(
