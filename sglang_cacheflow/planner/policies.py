@@ -91,7 +91,9 @@ def _request_splits(shapers: Sequence[Shaper]) -> list[Schedule]:
 
     ranked = sorted(shapers, key=worth, reverse=True)
     out: list[Schedule] = []
-    for k in range(1, len(ranked)):
+    # k on a geometric grid (1, 2, 3, 4, 6, 8, 12, ...): a big round stays cheap to plan
+    ks = sorted({k for e in range(len(ranked).bit_length()) for k in (1 << e, 3 << e >> 1)})
+    for k in (k for k in ks if 1 <= k < len(ranked)):
         loaders = {id(s) for s in ranked[:k]}
         rest = sorted(ranked[k:], key=_isolated_estimate)
         order = rest + sorted(ranked[:k], key=_isolated_estimate)
@@ -148,7 +150,10 @@ def plan(
         ]
         if capabilities.token_split:
             candidates.append(_schedule(shapers, _cake))
-        candidates += _request_splits(shapers)
+        if not (capabilities.token_split or capabilities.layer_split):
+            # A request cannot overlap its own load with its own recompute, so the overlap
+            # must come from different requests doing different things.
+            candidates += _request_splits(shapers)
         best = min(candidates, key=lambda c: (c[0], c[1]))
     served = _emit(best[2], cost.shape.num_layers)
     elapsed_ms = (time.perf_counter() - t0) * 1e3
