@@ -114,6 +114,8 @@ class RedisTierConfig:
     and SET commands on redis-py's pooled connections and read the replies with
     :mod:`~sglang_cacheflow.tiers.resp`, values straight into the destination tensors (one
     copy); False uses redis-py pipelines (and their reply copies) for everything.
+    ``pipeline_depth``: groups of ``pipeline_bytes`` in flight per connection on the direct
+    path (sent before the replies of the previous ones are read).
     """
 
     url: str
@@ -128,6 +130,7 @@ class RedisTierConfig:
     socket_read_size: int = 1 << 16
     evict_corrupt: bool = True
     direct_io: bool = True
+    pipeline_depth: int = 1
 
     def __post_init__(self) -> None:
         if self.streams < 1:
@@ -136,6 +139,8 @@ class RedisTierConfig:
             raise ValueError(f"ttl_s must be positive or None, got {self.ttl_s}")
         if self.layers_per_block is not None and self.layers_per_block < 1:
             raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
+        if self.pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth must be >= 1, got {self.pipeline_depth}")
         if self.block_bytes < 1 or self.pipeline_bytes < 1:
             raise ValueError("block_bytes and pipeline_bytes must be positive")
 
@@ -523,42 +528,50 @@ class RedisTier(KVTier):
 
         def stream(pool: ConnectionPool, chunk: list[_Op]) -> None:
             groups = self._groups(chunk)
+            depth = self.config.pipeline_depth
             scratch = _Scratch(redirected, lock)
             conn: Connection | None = None
             reader: ReplyReader | None = None
             retried = False
-            i = 0
+            # Groups [r, w) are sent and not read yet; up to ``depth`` of them, so the
+            # server prepares the next replies while this thread receives the current ones.
+            # ``sent[g]`` is False for a group skipped because all its pages had failed.
+            r = w = 0
+            sent = [False] * len(groups)
             try:
-                while i < len(groups):
-                    group = groups[i]
-                    if all(status[op.page] != _Status.HIT for op in group):
-                        i += 1
-                        continue  # every page of this group already failed
+                while r < len(groups):
                     try:
                         if conn is None:
                             conn = pool.get_connection()
                             reader = ReplyReader(_socket_of(conn))
+                            w = r  # (re)send from the first group not read
                         assert reader is not None
-                        sock = _socket_of(conn)
-                        send_pieces(sock, [piece for op in group for piece in pack(op)])
-                        for op in group:
-                            mark(op.page, read(reader, op, scratch))
-                        i += 1
+                        while w < len(groups) and w - r < depth:
+                            group = groups[w]
+                            sent[w] = any(status[op.page] == _Status.HIT for op in group)
+                            if sent[w]:
+                                pieces = [piece for op in group for piece in pack(op)]
+                                send_pieces(_socket_of(conn), pieces)
+                            w += 1
+                        if sent[r]:
+                            for op in groups[r]:
+                                mark(op.page, read(reader, op, scratch))
+                        r += 1
                     except _REDIS_ERRORS as e:
                         # The stream is out of step or gone: close the socket (the pool
                         # opens a new one on next use) and never read from it again.
                         if conn is not None:
                             _discard(pool, conn)
                             conn = None
-                        if not retried and not isinstance(e, TimeoutError):
+                        if not retried and not isinstance(e, (TimeoutError, redis.TimeoutError)):
                             retried = True  # once, on a fresh connection (server restart)
                             continue
                         self._log.error(
                             "Redis tier %s: %d commands failed: %r",
-                            self.url, sum(len(g) for g in groups[i:]), e,
+                            self.url, sum(len(g) for g in groups[r:]), e,
                         )  # fmt: skip
                         self._stats.add(errors=1)
-                        for g in groups[i:]:
+                        for g in groups[r:]:
                             for op in g:
                                 mark(op.page, _Status.ERROR)
                         return

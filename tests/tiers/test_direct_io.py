@@ -125,13 +125,14 @@ def test_direct_and_pipeline_paths_agree(
     redis_server: RedisServer, layout: PageLayout, layers_per_block: int | None
 ) -> None:
     """Pages written by either path read back bit-identical through the other, whole, by
-    layer range, and into strided destinations (staged, then copied)."""
+    layer range, and into strided destinations (staged, then copied); the direct tier keeps
+    three groups of commands in flight."""
     ns = unique_ns(layout)
     pages = random_pages(layout, 6, seed=layout.num_layers)
     hashes = page_hashes(6)
     opts = dict(layers_per_block=layers_per_block, block_bytes=16 << 10, pipeline_bytes=24 << 10)
     with (
-        RedisTier(redis_server.url, direct_io=True, **opts) as direct,
+        RedisTier(redis_server.url, direct_io=True, pipeline_depth=3, **opts) as direct,
         RedisTier(redis_server.url, direct_io=False, **opts) as piped,
     ):
         assert direct.direct_io and not piped.direct_io
@@ -163,7 +164,10 @@ def test_bad_values_in_one_batch_are_misses_and_the_connection_stays(
     ns = unique_ns(layout)
     pages = random_pages(layout, 12)
     h = page_hashes(12)
-    with RedisTier(fresh_redis.url, streams=1, layers_per_block=2, evict_corrupt=False) as t:
+    with RedisTier(
+        fresh_redis.url, streams=1, layers_per_block=2, evict_corrupt=False,
+        pipeline_bytes=8 << 10, pipeline_depth=2,
+    ) as t:  # fmt: skip
         assert t.batch_put(ns, h, pages) == [True] * 12
         r = t.client
         keys = [t.block_keys(ns, x) for x in h]

@@ -211,7 +211,12 @@ def test_server_killed_mid_batch_then_recovers(
     pages = random_pages(layout, 4)
     hashes = page_hashes(n)
     with RedisTier(
-        fresh_redis.url, streams=2, layers_per_block=1, pipeline_bytes=32 << 10, direct_io=direct_io
+        fresh_redis.url,
+        streams=2,
+        layers_per_block=1,
+        pipeline_bytes=32 << 10,
+        pipeline_depth=2,  # direct path: two groups in flight when the server dies
+        direct_io=direct_io,
     ) as t:
         assert all(t.batch_put(ns, hashes, [pages[i % 4] for i in range(n)]))
         result: list[list[torch.Tensor | None]] = []
