@@ -7,7 +7,9 @@ whole process group by the PID it started (SIGTERM, then SIGKILL). Every
 server must be given ``--max-total-tokens``: without it SGLang sizes the KV
 pool from free memory (many GB on CPU). On a machine without a GPU the server
 runs SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``, ``--device cpu``) with
-this package's attention backend unless the caller picks another.
+this package's attention backend unless the caller picks another, and with
+``--sleep-on-idle``: an idle SGLang scheduler otherwise busy-polls a core, which
+on a 2-core machine slows down everything else running there.
 """
 
 from __future__ import annotations
@@ -58,13 +60,15 @@ class SGLangServer:
 
     ``args`` are extra ``launch_server`` arguments and must contain
     ``--max-total-tokens``. ``cpu`` adds :data:`CPU_ENV` and, unless ``args``
-    already set them, ``--device cpu --attention-backend cacheflow_cpu``.
+    already set them, ``--device cpu --attention-backend cacheflow_cpu``;
+    ``sleep_on_idle`` adds ``--sleep-on-idle``.
     """
 
     model_path: str | Path
     args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     cpu: bool = True
+    sleep_on_idle: bool = True
     host: str = "127.0.0.1"
     port: int | None = None
     log_path: Path | None = None
@@ -99,6 +103,8 @@ class SGLangServer:
             for flag, value in zip(DEFAULT_CPU_ARGS[::2], DEFAULT_CPU_ARGS[1::2], strict=True):
                 if not _has_flag(args, flag):
                     args += [flag, value]
+        if self.sleep_on_idle and not _has_flag(args, "--sleep-on-idle"):
+            args.append("--sleep-on-idle")
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(self.model_path)]
         cmd += ["--host", self.host, "--port", str(self.port), *args]
         return cmd
