@@ -15,6 +15,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("sglang_cacheflow.cli", "print each policy's restore plan for a scenario file"),
     "planner-bench": ("sglang_cacheflow.bench.planner", "planner speed and plan quality"),
     "tier-bench": ("sglang_cacheflow.bench.tiers", "KV tier throughput and latency"),
+    "restore-bench": (
+        "sglang_cacheflow.bench.restore",
+        "restore time per policy on the reference runtime (context x emulated bandwidth)",
+    ),
+    "sglang-bench": (
+        "sglang_cacheflow.bench.sglang_restore",
+        "TTFT of restored turns in SGLang: policies x emulated L3 bandwidth, alone and batched",
+    ),
+    "patch-sglang": (
+        "sglang_cacheflow.sglang.patch",
+        "give the installed SGLang 0.5.23 a native --enable-cacheflow (--check, --revert)",
+    ),
     "prepare-model": ("sglang_cacheflow.cli", "build or convert a local model folder"),
 }
 

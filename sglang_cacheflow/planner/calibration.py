@@ -109,8 +109,8 @@ class Calibrator:
                 best = (err, full)
         if best is None or best[1][1] <= 0:
             return self.prior.compute
-        step, per_token, pair = best[1]
-        return ComputeCost(1.0 / per_token, float(pair), float(step))
+        step, per_token, pair = (float(x) for x in best[1])  # plain floats, JSON-ready
+        return ComputeCost(1.0 / per_token, pair, step)
 
     def model(self) -> CostModel:
         """The prior with every measured part replaced by its fit."""
