@@ -3,7 +3,9 @@
 Compute: ``seconds = step_s + n / tokens_per_s + attention * (n*p + n*(n-1)/2)`` is linear in
 its three coefficients, so a least-squares fit over (prefix, tokens, layers, seconds) samples
 recovers them; a coefficient that comes out negative is dropped and the rest refitted
-(non-negative least squares over three unknowns by enumeration).
+(non-negative least squares over three unknowns by enumeration). Forwards measured while
+loads were in flight are fitted apart: their mean excess over the fitted model is the
+``overlap_slowdown``.
 
 Tiers: ``seconds = latency + bytes / bandwidth`` per transfer, tracked with exponentially
 weighted sums, so recent transfers count most and each update is O(1): a weighted linear
@@ -14,6 +16,7 @@ the latency keeps its prior and the bandwidth follows the average.
 from __future__ import annotations
 
 import itertools
+import statistics
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -62,18 +65,26 @@ class Calibrator:
     decay: float = 0.9  # weight kept by older tier samples at each new one
     max_compute_samples: int = 512
     _compute: list[tuple[float, float, float, float]] = field(default_factory=list)
+    _overlapped: list[tuple[float, float, float, float]] = field(default_factory=list)
     _tiers: dict[str, _TierStats] = field(default_factory=dict)
 
     def add_compute(
-        self, prefix: int, tokens: int, seconds: float, layers: int | None = None
+        self,
+        prefix: int,
+        tokens: int,
+        seconds: float,
+        layers: int | None = None,
+        overlapped: bool = False,
     ) -> None:
-        """A forward of ``tokens`` after ``prefix`` cached tokens over ``layers`` layers."""
+        """A forward of ``tokens`` after ``prefix`` cached tokens over ``layers`` layers;
+        ``overlapped`` when loads were in flight while it ran."""
         if tokens <= 0 or seconds <= 0:
             return
         frac = 1.0 if layers is None else layers / self.prior.shape.num_layers
-        self._compute.append((float(prefix), float(tokens), frac, float(seconds)))
-        if len(self._compute) > self.max_compute_samples:
-            del self._compute[0]
+        samples = self._overlapped if overlapped else self._compute
+        samples.append((float(prefix), float(tokens), frac, float(seconds)))
+        if len(samples) > self.max_compute_samples:
+            del samples[0]
 
     def add_transfer(self, tier: str, nbytes: float, seconds: float) -> None:
         if nbytes <= 0 or seconds <= 0:
@@ -85,9 +96,18 @@ class Calibrator:
         stats.add(nbytes, seconds)
 
     def compute_cost(self) -> ComputeCost:
-        if len(self._compute) < 3:
+        if len(self._compute) < 3:  # nothing measured alone yet: fit what there is
+            return self._fit(self._overlapped)
+        alone = self._fit(self._compute)
+        if not self._overlapped:
+            return alone
+        excess = [t / (frac * alone.seconds(p, n)) - 1.0 for p, n, frac, t in self._overlapped]
+        return replace(alone, overlap_slowdown=min(max(statistics.fmean(excess), 0.0), 3.0))
+
+    def _fit(self, samples: list[tuple[float, float, float, float]]) -> ComputeCost:
+        if len(samples) < 3:
             return self.prior.compute
-        s = np.asarray(self._compute)
+        s = np.asarray(samples)
         p, n, frac, y = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
         # columns: step, per-token, per-token-pair, each scaled by the layer fraction
         cols = np.stack([frac, frac * n, frac * (n * p + n * (n - 1) / 2)], axis=1)
@@ -110,7 +130,7 @@ class Calibrator:
         if best is None or best[1][1] <= 0:
             return self.prior.compute
         step, per_token, pair = (float(x) for x in best[1])  # plain floats, JSON-ready
-        return ComputeCost(1.0 / per_token, pair, step)
+        return ComputeCost(1.0 / per_token, pair, step, self.prior.compute.overlap_slowdown)
 
     def model(self) -> CostModel:
         """The prior with every measured part replaced by its fit."""

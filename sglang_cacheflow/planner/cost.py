@@ -42,12 +42,17 @@ class ComputeCost:
     tokens_per_s: float
     attention_s_per_token_pair: float = 0.0
     step_s: float = 0.0  # fixed cost of one forward (launches, scheduling); fitted by calibration
+    # A forward that runs while loads are in flight is this much slower (the copies compete
+    # for memory bandwidth and, on a CPU, for cores); fitted by calibration.
+    overlap_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tokens_per_s <= 0:
             raise ValueError(f"compute.tokens_per_s must be > 0, got {self.tokens_per_s}")
-        if self.attention_s_per_token_pair < 0 or self.step_s < 0:
-            raise ValueError("compute.attention_s_per_token_pair and step_s must be >= 0")
+        if min(self.attention_s_per_token_pair, self.step_s, self.overlap_slowdown) < 0:
+            raise ValueError(
+                "compute.attention_s_per_token_pair, step_s and overlap_slowdown must be >= 0"
+            )
 
     def seconds(self, prefix: float, n: float) -> float:
         """All-layer time to compute n tokens that follow ``prefix`` tokens of KV."""

@@ -156,21 +156,27 @@ class Shaper:
         return ready, free
 
     def _compute(
-        self, lo: int, hi: int, l0: int, l1: int, at: float, steps: list[Step] | None
+        self,
+        lo: int,
+        hi: int,
+        l0: int,
+        l1: int,
+        at: float,
+        steps: list[Step] | None,
+        overlapped: bool = False,
     ) -> float:
         n = hi - lo
         if n <= 0 or l1 <= l0:
             return at
         c = self.cost.compute
+        pairs = n * lo + n * (n - 1) / 2
         dur = (
             (l1 - l0)
             / self.L
-            * (
-                c.step_s
-                + n / c.tokens_per_s
-                + c.attention_s_per_token_pair * (n * lo + n * (n - 1) / 2)
-            )
+            * (c.step_s + n / c.tokens_per_s + c.attention_s_per_token_pair * pairs)
         )
+        if overlapped:
+            dur *= 1.0 + c.overlap_slowdown
         if steps is not None:
             steps.append(Step(lo, hi, l0, l1, Action.RECOMPUTE, None, at, at + dur))
         return at + dur
@@ -183,17 +189,19 @@ class Shaper:
         cper = self.prefill_s / L
         if kind == TOKEN:
             mid = d + split
-            a = self._compute(d, mid, 0, L, tc, steps)
+            a = self._compute(d, mid, 0, L, tc, steps, overlapped=mid < end)
             b, free = self._loads(mid, end, 0, io, cper, steps)
         elif kind == LAYER:
-            a = self._compute(d, end, 0, split, tc, steps)
+            a = self._compute(d, end, 0, split, tc, steps, overlapped=split < L)
             b, free = self._loads(d, end, split, io, cper, steps)
         else:  # LOAD_FRONT: the back's recompute is the forward that waits for the loads
             mid = d + split
             rc = self.cost.recompute_s(mid, end - mid)
             if rc > 0:
+                if mid > d:
+                    rc *= 1.0 + self.cost.compute.overlap_slowdown
                 b, free = self._loads(d, mid, 0, io, rc / L, steps)
-                a = self._compute(mid, end, 0, L, max(tc, b), steps)
+                a = self._compute(mid, end, 0, L, max(tc, b), steps, overlapped=mid > d)
                 b = NEG
             else:
                 a = tc
@@ -310,7 +318,9 @@ class Shaper:
         L = self.L
         if len({t[0] for t in self.tiers}) < len(self.tiers):  # a tier's loads queue up
             return self._crossing(LAYER, list(range(L + 1)), tc, io)
+        # for 0 < l < L the bottom layers run while the top ones stream in
         c_layer = self.cost.recompute_s(self.d, self.evicted) / L
+        c_layer *= 1.0 + self.cost.compute.overlap_slowdown
         cper = self.prefill_s / L
         cross = 0.0
         for tier, a, b, lat, per_tok, streamed in self.tiers:
@@ -342,8 +352,11 @@ class Shaper:
         step = self.cost.compute.step_s
         t0 = max((io.get(t[0], 0.0) for t in self.tiers), default=0.0)
 
+        slow = 1.0 + self.cost.compute.overlap_slowdown  # the I/O worker runs alongside
+
         def compute_reaches(k: int) -> float:
-            return tc + self.cost.recompute_s(d, g[k]) - (step if g[k] else 0.0) + k * step
+            front = self.cost.recompute_s(d, g[k]) - (step if g[k] else 0.0) + k * step
+            return tc + slow * front
 
         def io_reaches(k: int) -> float:
             # I/O has loaded chunks k+1..n-1 (tokens [d + g[k+1], d + e)) before chunk k.

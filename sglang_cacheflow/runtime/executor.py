@@ -243,7 +243,7 @@ class Executor:
             for _, _, rid, _idx, step in seq:
                 if step.action is Action.LOAD:
                     continue
-                timings.append(self._compute(live[rid], step, stats))
+                timings.append(self._compute(live[rid], step, stats, io))
         finally:
             io.join()
         self._sync()
@@ -283,7 +283,7 @@ class Executor:
         if self.model.info.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def _compute(self, lv: _Live, step: Step, stats: RestoreStats) -> StepTiming:
+    def _compute(self, lv: _Live, step: Step, stats: RestoreStats, io: IOEngine) -> StepTiming:
         r, board = lv.req, lv.board
         d, e, L = r.device_tokens, r.evicted_end, self.model.num_layers
         a, b, l0, l1 = step.start, step.end, step.layer_start, step.layer_end
@@ -302,6 +302,7 @@ class Executor:
             if step.action is Action.RECOMPUTE:
                 board.mark(a, b, layer, layer + 1, READY)
 
+        overlapped = io.busy()  # loads in flight slow a forward down (calibrated apart)
         t0 = time.perf_counter()
         if l0 == 0:
             hidden = self.model.embed(r.input_ids[a:b])
@@ -335,7 +336,7 @@ class Executor:
             lv.done_s = t1
         busy = t1 - t0 - waited
         if self.calibrate and stats.repairs == repairs_before:
-            self.calibrator.add_compute(a, b - a, busy, layers=l1 - l0)
+            self.calibrator.add_compute(a, b - a, busy, layers=l1 - l0, overlapped=overlapped)
         return StepTiming(
             r.id, str(step.action), None, a, b, l0, l1, step.finish_s - step.start_s, busy, waited
         )

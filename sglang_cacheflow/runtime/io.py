@@ -136,6 +136,11 @@ class IOEngine:
         for th in self._threads:
             th.join()
 
+    def busy(self) -> bool:
+        """Whether any submitted load is still running or queued."""
+        with self._lock:
+            return any(tr.tasks_left > 0 for tr in self.transfers.values())
+
     def _worker(self, tier_name: str, q: queue.Queue[LoadTask | None]) -> None:
         tier = self.tiers[tier_name]
         stream = None

@@ -19,6 +19,7 @@ def cost_models(draw: st.DrawFn) -> CostModel:
         tokens_per_s=draw(st.floats(1e3, 1e5)),
         attention_s_per_token_pair=draw(st.sampled_from([0.0, 1e-10, 1e-9, 1e-8])),
         step_s=draw(st.sampled_from([0.0, 1e-3])),
+        overlap_slowdown=draw(st.sampled_from([0.0, 0.3])),
     )
     tiers = {
         t: TierCost(draw(st.floats(1e8, 5e10)), draw(st.sampled_from([0.0, 1e-4, 2e-3])))

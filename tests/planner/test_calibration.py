@@ -70,3 +70,16 @@ def test_too_few_samples_keep_the_prior():
     cal = Calibrator(PRIOR)
     cal.add_compute(0, 100, 0.1)
     assert cal.model().compute == PRIOR.compute
+
+
+def test_forwards_overlapped_by_loads_give_the_slowdown():
+    truth = ComputeCost(tokens_per_s=8000, attention_s_per_token_pair=4e-8, step_s=0.004)
+    cal = Calibrator(PRIOR)
+    rng = random.Random(2)
+    for _ in range(100):
+        p, n = rng.randrange(0, 4096), rng.randrange(1, 2048)
+        cal.add_compute(p, n, truth.seconds(p, n))
+        cal.add_compute(p, n, 1.4 * truth.seconds(p, n), overlapped=True)
+    fitted = cal.model().compute
+    assert fitted.overlap_slowdown == pytest.approx(0.4, rel=0.05)
+    assert fitted.tokens_per_s == pytest.approx(8000, rel=0.05)
