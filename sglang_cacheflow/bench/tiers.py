@@ -5,9 +5,12 @@ Writes ``--pages`` pages of ``--shape`` (``--page-tokens`` tokens each) to the R
 whole and by layer range, and reports GB/s for batches and the median latency of
 single-page calls. With ``--redis-benchmark`` it also runs ``redis-benchmark`` GET/SET on
 the same server, with values of the tier's record size and the same number of
-connections, and reports the tier's share of it. The whole measurement runs ``--repeat``
-rounds, the tier and ``redis-benchmark`` alternating, and keeps the best round of each
-(other jobs on the machine then disturb both alike). ``--emulate 10gbps`` measures through the
+connections, and reports the tier's share of it. Its SET test writes random keys (about
+63% of its key space), so before its GET test the benchmark writes the keys it left out:
+every GET then moves a value, as the tier's do (otherwise a third of them read nil, which
+moves nothing and inflates GB/s). The whole measurement runs ``--repeat`` rounds, the tier
+and ``redis-benchmark`` alternating, and keeps the best round of each (other jobs on the
+machine then disturb both alike). ``--emulate 10gbps`` measures through the
 link emulation wrapper instead (labelled as emulated). The benchmark's pages are deleted
 at the end; ``redis-benchmark`` writes keys ``key:<12 digits>``, which are deleted too.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -213,15 +217,18 @@ def _check(flags: list[bool]) -> None:
         raise RuntimeError(f"{flags.count(False)} of {len(flags)} pages failed; see the log")
 
 
-def redis_benchmark(url: str, value_bytes: int, count: int, clients: int) -> dict[str, float]:
-    """GB/s of ``redis-benchmark -t set,get`` with ``value_bytes`` values over ``count``
-    distinct keys (``-r``), on the server of ``url`` (single node, or cluster mode)."""
+def redis_benchmark(
+    url: str, value_bytes: int, count: int, clients: int, tests: str = "set,get"
+) -> dict[str, float]:
+    """GB/s of ``redis-benchmark -t <tests>`` (requests/s x ``value_bytes``) with
+    ``value_bytes`` values over ``count`` keys (``-r``), on the server of ``url`` (single
+    node, or cluster mode)."""
     exe = shutil.which("redis-benchmark")
     if exe is None:
         raise SystemExit("redis-benchmark is not installed (apt-get install -y redis-tools)")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    cmd = [exe, "-t", "set,get", "-d", str(value_bytes), "-n", str(count), "-r", str(count),
+    cmd = [exe, "-t", tests, "-d", str(value_bytes), "-n", str(count), "-r", str(count),
            "-c", str(clients), "--csv"]  # fmt: skip
     if scheme == "unix":
         cmd += ["-s", parts.path]
@@ -249,9 +256,42 @@ def redis_benchmark(url: str, value_bytes: int, count: int, clients: int) -> dic
     return rates
 
 
-def _cleanup_redis_benchmark_keys(tier: RedisTier, count: int) -> None:
-    for lo in range(0, count, 500):
-        tier._delete_keys([f"key:{i:012d}" for i in range(lo, min(count, lo + 500))])
+# redis-benchmark's keys: key:<12 digits>, in cluster mode key:{<tag>}:<12 digits>.
+_RB_KEY = re.compile(rb"^key:(\{[^:]*\}+:)?[0-9]{12}$")
+
+
+def _redis_benchmark_keys(tier: RedisTier) -> list[bytes]:
+    return [k for k in tier.client.scan_iter(match="key:*", count=1000) if _RB_KEY.match(k)]
+
+
+def _fill_redis_benchmark_keys(tier: RedisTier, keys: list[bytes], count: int, size: int) -> None:
+    """Write every key of redis-benchmark's key space that its SET test left out (it picks
+    random keys), so that its GET test reads a value every time, as the tier does."""
+    present = set(keys)
+    value = bytes(size)
+    missing = [
+        name
+        for prefix in {k.rsplit(b":", 1)[0] for k in keys} or {b"key"}
+        for i in range(count)
+        if (name := prefix + b":%012d" % i) not in present
+    ]
+    for lo in range(0, len(missing), 32):
+        pipe = tier.client.pipeline(transaction=False)
+        for name in missing[lo : lo + 32]:
+            pipe.set(name, value)
+        pipe.execute()
+
+
+def _get_hit_fraction(keys: list[bytes], count: int) -> float:
+    """Share of redis-benchmark's GETs that can find a value: the keys present over its key
+    space (``count`` keys per cluster hash tag in use)."""
+    tags = {k.rsplit(b":", 1)[0] for k in keys}
+    return min(1.0, len(keys) / (count * max(1, len(tags))))
+
+
+def _cleanup_redis_benchmark_keys(tier: RedisTier, keys: list[bytes]) -> None:
+    for lo in range(0, len(keys), 500):
+        tier._delete_keys(keys[lo : lo + 500])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -280,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
                 tier = ShapedTier(rtier, link)
             lpb = cfg.layers_per_block_for(layout)
             record = BlockHeader.size_for(lpb) + lpb * layout.layer_bytes
-            count = max(args.pages * -(-layout.num_layers // lpb), 500)
+            # redis-benchmark keys: as many values as the tier moves, and at least 512 MiB.
+            count = max(args.pages * -(-layout.num_layers // lpb), (512 << 20) // record)
             # The tier runs ``streams`` connections to each master: give redis-benchmark
             # as many (it spreads its clients over the masters).
             masters = len(rtier.client.get_primaries()) if rtier.is_cluster else 1
@@ -291,8 +332,16 @@ def run(args: argparse.Namespace) -> int:
                 # Two calls per figure in a round: the first warms the connections.
                 rounds.append(run_bench(tier, layout, args.pages, ranges, 2))
                 if args.redis_benchmark:
-                    ref_rounds.append(redis_benchmark(url, record, count, clients))
-                    _cleanup_redis_benchmark_keys(rtier, count)
+                    rates = redis_benchmark(url, record, count, clients, "set")
+                    _fill_redis_benchmark_keys(rtier, _redis_benchmark_keys(rtier), count, record)
+                    rates |= redis_benchmark(url, record, count, clients, "get")
+                    keys = _redis_benchmark_keys(rtier)
+                    hit = _get_hit_fraction(keys, count)  # 1.0 after the fill
+                    if "get" in rates:  # GB/s of values delivered, as for the tier
+                        rates["get"] *= hit
+                    rates["get_hit_fraction"] = hit
+                    ref_rounds.append(rates)
+                    _cleanup_redis_benchmark_keys(rtier, keys)
             results = _best_of(rounds)
             ref = {
                 op: max(r[op] for r in ref_rounds)
@@ -316,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
                 "rounds": max(1, args.repeat),
                 "results": [asdict(r) for r in results],
                 "redis_benchmark_gbps": ref,
+                "redis_benchmark_get_hit_fraction": [r["get_hit_fraction"] for r in ref_rounds],
             }
             if ref:
                 by_op = {r.op: r.gbps for r in results}
@@ -356,6 +406,9 @@ def _print_table(report: dict[str, Any]) -> None:
                     f"redis-benchmark {op.upper()} {ref[op]:.2f} GB/s (same value size, "
                     f"{report['connections']} connections): tier at {share[op]:.0%}"
                 )
+        hits = report["redis_benchmark_get_hit_fraction"]
+        if min(hits) < 1:
+            print(f"(redis-benchmark GET: only {min(hits):.0%} of its keys held a value)")
 
 
 def main(argv: list[str] | None = None) -> int:

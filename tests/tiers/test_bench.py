@@ -28,6 +28,7 @@ def test_json_report_with_redis_benchmark(
     assert all(r["gbps"] > 0 and r["page_ms"] > 0 for r in ops.values())
     assert ops["get layers 1:3"]["bytes_per_page"] * 2 == ops["get"]["bytes_per_page"]
     assert report["redis_benchmark_gbps"]["get"] > 0
+    assert report["redis_benchmark_get_hit_fraction"] == [1.0]  # every GET found a value
     assert set(report["share_of_redis_benchmark"]) == {"set", "get"}
     # Neither the benchmark's pages nor redis-benchmark's keys are left behind.
     assert redis_server.cli("--scan", "--pattern", "key:*").strip() == ""
