@@ -38,7 +38,12 @@ class Hunk:
 
 
 def default_patch_file() -> Path:
-    return Path(__file__).resolve().parents[2] / "patches" / PATCH_NAME
+    """``patches/`` of a source checkout, else the copy a wheel installs under
+    ``<prefix>/share/sglang-cacheflow/patches``."""
+    checkout = Path(__file__).resolve().parents[2] / "patches" / PATCH_NAME
+    if checkout.exists():
+        return checkout
+    return Path(sys.prefix) / "share" / "sglang-cacheflow" / "patches" / PATCH_NAME
 
 
 def parse_patch(text: str) -> list[Hunk]:
