@@ -30,6 +30,7 @@ def test_json_report_with_redis_benchmark(
     assert report["redis_benchmark_gbps"]["get"] > 0
     assert report["redis_benchmark_get_hit_fraction"] == [1.0]  # every GET found a value
     assert set(report["share_of_redis_benchmark"]) == {"set", "get"}
+    assert set(report["share_of_redis_benchmark_median_round"]) == {"set", "get"}
     # Neither the benchmark's pages nor redis-benchmark's keys are left behind.
     assert redis_server.cli("--scan", "--pattern", "key:*").strip() == ""
     assert "tier-bench" not in redis_server.cli("--scan", "--pattern", "cf1:tier-bench*")
