@@ -132,7 +132,6 @@ class CacheFlowController:
         self.pending: OrderedDict[str, Decision] = OrderedDict()
         self.collecting = False
         self.deferred: list[dict[str, Any]] = []
-        self.deferred_since = 0.0  # when the oldest deferred L3 hit arrived
         self.rounds = 0
         self.collectives = 0
         self._log = logger.info if cfg.log_decisions else logger.debug
@@ -314,32 +313,18 @@ class CacheFlowController:
 
     def begin_arrivals(self) -> None:
         self.collecting = True
+        self.deferred = []
 
     def end_arrivals(self) -> None:
         self.collecting = False
-        if not self.deferred:
-            return
-        # Requests that return together reach the scheduler a few at a time: collect them for
-        # the arrival window so that one plan sees the whole group.
-        waited = time.perf_counter() - self.deferred_since
-        if (
-            waited * 1e3 >= self.cfg.arrival_window_ms
-            or len(self.deferred) >= self.cfg.max_round_requests
-        ):
-            calls, self.deferred = self.deferred, []
+        calls, self.deferred = self.deferred, []
+        if calls:
             self.plan_prefetches(calls)
-
-    def awaiting_plan(self, rid: str) -> bool:
-        """Whether ``rid``'s L3 hit is still being collected (its prefetch is not issued yet,
-        so the scheduler must not admit it)."""
-        return any(call["request"].rid == rid for call in self.deferred)
 
     def on_prefetch(self, call: dict[str, Any]) -> None:
         """SGLang asks to prefetch one request's L3 hit: defer it to the round's plan (or
         plan it alone outside a batch of arrivals, e.g. a retry)."""
         if self.collecting:
-            if not self.deferred:
-                self.deferred_since = time.perf_counter()
             self.deferred.append(call)
         else:
             self.plan_prefetches([call])

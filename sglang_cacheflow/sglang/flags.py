@@ -79,8 +79,6 @@ class CacheFlowConfig:
     ``calibrate``: refit the cost model from measured forwards and transfers.
     ``max_round_requests``: waiting requests considered per scheduling round.
     ``log_decisions``: log each restore decision at INFO instead of DEBUG.
-    ``arrival_window_ms``: how long L3 hits that arrive one after another are collected
-    before they are planned together (their requests wait that long at most).
     """
 
     policy: str = "cacheflow"
@@ -92,7 +90,6 @@ class CacheFlowConfig:
     calibrate: bool = True
     max_round_requests: int = 64
     log_decisions: bool = False
-    arrival_window_ms: float = 10.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -128,7 +125,6 @@ _CONFIG_KEYS = {
     "calibrate": (bool,),
     "max_round_requests": (int,),
     "log_decisions": (bool,),
-    "arrival_window_ms": (int, float),
 }
 
 
@@ -199,10 +195,6 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
             raise ConfigError(f"{FLAG_CONFIG}: redis options: {e}") from None
     if data.get("chunk_tokens", 64) < 1:
         raise ConfigError(f"{FLAG_CONFIG}: chunk_tokens must be >= 1, got {data['chunk_tokens']}")
-    if data.get("arrival_window_ms", 10.0) < 0:
-        raise ConfigError(
-            f"{FLAG_CONFIG}: arrival_window_ms must be >= 0, got {data['arrival_window_ms']}"
-        )
     if data.get("max_round_requests", 64) < 1:
         raise ConfigError(
             f"{FLAG_CONFIG}: max_round_requests must be >= 1, got {data['max_round_requests']}"
@@ -229,7 +221,6 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
         calibrate=bool(data.get("calibrate", True)),
         max_round_requests=int(data.get("max_round_requests", 64)),
         log_decisions=bool(data.get("log_decisions", False)),
-        arrival_window_ms=float(data.get("arrival_window_ms", 10.0)),
     )
 
 

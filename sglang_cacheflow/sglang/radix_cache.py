@@ -87,12 +87,6 @@ class CacheFlowRadixCache(UnifiedRadixCache):
         ctl.on_prefetch(call)
         return None
 
-    def check_prefetch_progress(self, request: Any) -> bool:
-        ctl = self.cacheflow
-        if ctl is not None and ctl.deferred and ctl.awaiting_plan(request.rid):
-            return False  # its prefetch is decided at the end of the arrival window
-        return super().check_prefetch_progress(request)
-
     def cacheflow_issue_prefetch(self, call: dict[str, Any]) -> bool | None:
         """SGLang's own prefetch of ``call`` (possibly capped by the controller)."""
         return UnifiedRadixCache.prefetch_from_storage(self, **call)
