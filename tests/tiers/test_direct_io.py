@@ -337,3 +337,17 @@ def test_cluster_slot_moved_under_the_tier(redis_cluster: RedisCluster) -> None:
         for got, want in zip(t.batch_get(ns, h, (2, 4)), pages, strict=True):
             assert_same(got, want[2:4])
         t.delete(ns, h)
+
+
+def test_resp3_url_falls_back_to_pipelines(redis_server: RedisServer) -> None:
+    """A URL that asks for RESP3 gets redis-py's pipelines (the reader speaks RESP2)."""
+    layout = PageLayout(4, 8, 2, 16, torch.bfloat16)
+    ns = unique_ns(layout)
+    pages = random_pages(layout, 2)
+    h = page_hashes(2)
+    with RedisTier(f"{redis_server.url}?protocol=3", layers_per_block=3) as t:
+        assert not t.direct_io
+        assert t.client.connection_pool.connection_kwargs["protocol"] == 3
+        assert t.batch_put(ns, h, pages) == [True, True]
+        for got, want in zip(t.batch_get(ns, h, (1, 4)), pages, strict=True):
+            assert_same(got, want[1:4])
