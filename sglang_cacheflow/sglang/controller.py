@@ -221,7 +221,11 @@ class CacheFlowController:
         cache = self.cache
         cands = []
         for req in list(scheduler.waiting_queue)[: self.cfg.max_round_requests]:
-            if req.rid in self.storage_plans or req.finished():
+            if req.finished():
+                continue
+            if req.rid in self.storage_plans:
+                if self.cfg.policy == "recompute":  # no reuse of evicted KV, on host either
+                    self.host_caps[req.rid] = 0
                 continue
             if cache.enable_storage and cache.has_ongoing_prefetch(req.cache_request_handle):
                 continue
