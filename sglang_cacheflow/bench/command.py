@@ -124,8 +124,11 @@ def summary_table(runs: Sequence[Run], title: str) -> None:
 
     console = Console() if Console().is_terminal else Console(width=140)
     t = Table(title=title)
-    for col in ("policy", "L3 link (emulated)", "returning turns", "mean TTFT ms",
-                "p90 TTFT ms", "loaded tok", "recomputed tok", "answers = ref"):  # fmt: skip
+    columns = (
+        "policy", "L3 link (emulated)", "returning turns", "mean TTFT ms", "p90 TTFT ms",
+        "loaded tok", "recomputed tok", "answers = ref", "wall s",
+    )  # fmt: skip
+    for col in columns:
         t.add_column(col, justify="left" if col == "policy" else "right")
     for r in runs:
         s = r.summary()
@@ -142,6 +145,7 @@ def summary_table(runs: Sequence[Run], title: str) -> None:
             f"{s['tokens_loaded']:.0f}",
             f"{s['tokens_recomputed']:.0f}",
             "-" if match is None else f"{match:.0%}",
+            f"{s['wall_s']:.0f}",
         )
     console.print(t)
 

@@ -71,10 +71,14 @@ def run(args: argparse.Namespace) -> int:
     }
     if {"recompute", "load", "cacheflow"} <= set(means):
         cf = means["cacheflow"]
+
+        def versus(other: float) -> str:
+            ratio = other / cf
+            return f"{ratio:.2f}x sooner" if ratio >= 1 else f"{1 / ratio:.2f}x later"
+
         print(
-            f"\nReturning turns got their first token {means['recompute'] / cf:.2f}x sooner "
-            f"with CacheFlow than with no reuse, and {means['load'] / cf:.2f}x sooner than "
-            "with HiCache's load-all."
+            f"\nMean TTFT of returning turns with CacheFlow: {versus(means['recompute'])} than "
+            f"with no reuse, {versus(means['load'])} than with HiCache's load-all."
         )
     from sglang_cacheflow.bench import plots
 
