@@ -10,6 +10,7 @@ policy's (greedy decoding, so a restore that changes the KV changes the ids).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -21,6 +22,8 @@ from typing import Any
 
 from sglang_cacheflow.bench.client import Result, replay
 from sglang_cacheflow.bench.workloads import Session
+
+RESERVE = "SGLANG_CACHEFLOW_HICACHE_RESERVE_GB"
 
 
 @dataclass
@@ -142,8 +145,11 @@ def run_one(
 
     if redis_url:
         _flush_redis(redis_url)
+    env = {}
+    if spec.cpu:  # SGLang keeps 10 GiB free before sizing a host pool; a small box has less
+        env = {"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": os.environ.get(RESERVE, "1")}
     server = SGLangServer(
-        spec.model, spec.launch_args(policy, redis_url, link_for(gbps)), cpu=spec.cpu
+        spec.model, spec.launch_args(policy, redis_url, link_for(gbps)), env=env, cpu=spec.cpu
     )
     with server:
         t0 = time.perf_counter()
