@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -82,15 +83,19 @@ async def _replay(
     concurrency: int,
     by_arrival: bool,
     progress: Callable[[Result], None] | None,
+    request_rate: float = 0.0,
 ) -> list[Result]:
     timeout = aiohttp.ClientTimeout(total=3600)
+    gaps = random.Random(0)
     sem = asyncio.Semaphore(concurrency)
     results: list[Result] = []
     async with aiohttp.ClientSession(timeout=timeout) as http:
 
-        async def one(sid: str, k: int, turn: Turn, t0: float) -> None:
+        async def one(sid: str, k: int, turn: Turn, t0: float, at: float = 0.0) -> None:
             if by_arrival:
                 await asyncio.sleep(max(0.0, t0 + turn.arrival_s - time.perf_counter()))
+            elif at:
+                await asyncio.sleep(at)
             async with sem:
                 r = await generate(http, base_url, sid, k, turn)
             results.append(r)
@@ -107,8 +112,13 @@ async def _replay(
             # other sessions' turns have pushed its prefix down the cache hierarchy.
             rounds = max((len(s.turns) for s in sessions), default=0)
             for k in range(rounds):
+                group = [s for s in sessions if k < len(s.turns)]
+                # with a request rate, the round's turns arrive as a Poisson process
+                at = [0.0] * len(group)
+                for i in range(1, len(group) if request_rate > 0 else 0):
+                    at[i] = at[i - 1] + gaps.expovariate(request_rate)
                 await asyncio.gather(
-                    *(one(s.id, k, s.turns[k], 0.0) for s in sessions if k < len(s.turns))
+                    *(one(s.id, k, s.turns[k], 0.0, a) for s, a in zip(group, at, strict=True))
                 )
     return results
 
@@ -119,10 +129,13 @@ def replay(
     concurrency: int = 1,
     by_arrival: bool = False,
     progress: Callable[[Result], None] | None = None,
+    request_rate: float = 0.0,
 ) -> list[Result]:
     """Send every turn of every session; ``concurrency`` requests at most in flight.
 
     Without ``by_arrival``, round k sends turn k of all sessions (the next round starts when
-    the previous one is done); with it, each turn is sent at its ``arrival_s``.
+    the previous one is done; ``request_rate`` > 0 spaces a round's turns as a Poisson
+    process of that many requests per second); with it, each turn is sent at its
+    ``arrival_s``.
     """
-    return asyncio.run(_replay(base_url, sessions, concurrency, by_arrival, progress))
+    return asyncio.run(_replay(base_url, sessions, concurrency, by_arrival, progress, request_rate))

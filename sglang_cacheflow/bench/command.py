@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=1536)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=0.0,
+        help="requests/s within a round (Poisson); 0 sends a round at once",
+    )
     parser.add_argument("--trace-token-scale", type=int, default=16, help="divide lengths by")
     parser.add_argument("--trace-time-scale", type=float, default=0.002, help="replay s/trace s")
     parser.add_argument("--max-total-tokens", type=int, default=4096, help="device KV pool")
@@ -208,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
                     args.concurrency,
                     by_arrival,
                     lambda _r: progress.advance(task),
+                    args.request_rate,
                 )
             )
         return _finish(
@@ -218,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
                 "described": described,
                 "url": args.url,
                 "concurrency": args.concurrency,
+                "request_rate": args.request_rate,
             },
         )
     with redis_for(args) as redis_url, Progress() as progress:
@@ -235,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
                         args.concurrency,
                         by_arrival,
                         lambda _r, task=task: progress.advance(task),
+                        args.request_rate,
                     )
                 )
     check_answers(runs)
@@ -251,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
             "chunk_tokens": args.chunk_tokens,
         },
         "concurrency": args.concurrency,
+        "request_rate": args.request_rate,
     }
     return _finish(args, runs, meta)
 

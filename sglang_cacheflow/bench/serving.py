@@ -139,6 +139,7 @@ def run_one(
     concurrency: int,
     by_arrival: bool,
     progress: Callable[[Result], None] | None = None,
+    request_rate: float = 0.0,
 ) -> Run:
     """Start a server for ``policy``, replay ``sessions``, read its counters, stop it."""
     from sglang_cacheflow.testing.server import SGLangServer
@@ -153,7 +154,7 @@ def run_one(
     )
     with server:
         t0 = time.perf_counter()
-        results = replay(server.base_url, sessions, concurrency, by_arrival, progress)
+        results = replay(server.base_url, sessions, concurrency, by_arrival, progress, request_rate)
         wall = time.perf_counter() - t0
         restores = scrape_restores(server.base_url)
     run = Run(policy, gbps, results, restores, server.startup_seconds or 0.0, wall)
@@ -167,6 +168,7 @@ def run_against(
     concurrency: int,
     by_arrival: bool,
     progress: Callable[[Result], None] | None = None,
+    request_rate: float = 0.0,
 ) -> Run:
     """Replay ``sessions`` against a server that is already running, as it is configured."""
     try:
@@ -174,7 +176,7 @@ def run_against(
     except OSError:  # no /metrics (started without --enable-metrics)
         before = {}
     t0 = time.perf_counter()
-    results = replay(base_url, sessions, concurrency, by_arrival, progress)
+    results = replay(base_url, sessions, concurrency, by_arrival, progress, request_rate)
     wall = time.perf_counter() - t0
     try:
         after = scrape_restores(base_url)

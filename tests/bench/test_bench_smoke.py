@@ -15,7 +15,7 @@ from sglang_cacheflow.cli import main
 pytestmark = [pytest.mark.sglang, pytest.mark.redis]
 
 SMALL = ["--sessions", "2", "--turns", "2", "--requests", "6", "--max-prompt-tokens", "384",
-         "--max-new-tokens", "2", "--concurrency", "2"]  # fmt: skip
+         "--max-new-tokens", "2", "--concurrency", "2", "--request-rate", "20"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
