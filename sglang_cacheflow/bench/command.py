@@ -95,7 +95,10 @@ def build_sessions(args: argparse.Namespace, model: Path) -> tuple[list[wl.Sessi
     scale = wl.TraceScale(args.trace_token_scale, args.trace_time_scale)
     path = wl.traces_dir() / f"mooncake_{name}.jsonl"
     if not path.exists():
-        raise SystemExit(f"error: trace {path} not found (it ships in ../shared/traces)")
+        raise SystemExit(
+            f"error: trace {path} not found; it ships in ../shared/traces beside the "
+            "repository, or set SGLANG_CACHEFLOW_TRACES to its folder"
+        )
     s = wl.mooncake_sessions(path, args.requests, scale, vocab, args.max_new_tokens)
     return s, f"{args.requests} rows of {path.name}, scaled: {scale.describe()}"
 

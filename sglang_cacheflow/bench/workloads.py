@@ -16,6 +16,7 @@ KV that turn k left behind. ``returning`` marks the turns whose TTFT the benchma
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -211,5 +212,8 @@ def mooncake_sessions(
 
 
 def traces_dir() -> Path:
-    """``../shared/traces`` beside the repository."""
+    """``$SGLANG_CACHEFLOW_TRACES``, else ``../shared/traces`` beside the repository."""
+    explicit = os.environ.get("SGLANG_CACHEFLOW_TRACES")
+    if explicit:
+        return Path(explicit)
     return Path(__file__).resolve().parents[2].parent / "shared" / "traces"

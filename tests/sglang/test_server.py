@@ -14,6 +14,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -97,6 +98,9 @@ def _conversations(servers: list[SGLangServer], seed: int) -> list[list[dict[str
             for i, r in enumerate(replies):
                 results[si].append(r)
                 convs[i] = convs[i] + r["output_ids"] + grows[turn][i]
+            # HiCache backs the turn up to Redis in the background, through the emulated link
+            # (~2 s for this much KV): let it land so the next turn can find it there.
+            time.sleep(4.0)
     return results
 
 
