@@ -38,7 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", type=int, default=768, help="tokens of each conversation")
     parser.add_argument("--new", type=int, default=16, help="new tokens of a returning turn")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of each phase")
+    parser.add_argument(
+        "--hicache-ratio",
+        type=float,
+        default=4.0,
+        help="host pool / device pool; large enough that SGLang's prefetch rate limit lets "
+        "all the returning conversations prefetch at once (so 'load' loads everything)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument(
+        "--log-dir", type=Path, default=None, help="keep each server's log (decisions) here"
+    )
 
 
 def _model(name: str) -> Path:
@@ -91,7 +101,13 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             "prior": {"redis_GBps": LinkShape.parse(link).bandwidth_bytes_per_s / 1e9},
         }
         flags = ["--dtype", "float32", "--page-size", "16", "--max-total-tokens", str(total)]
-        flags += ["--hicache-ratio", "1", "--enable-cacheflow", "--cacheflow-policy", policy]
+        flags += [
+            "--hicache-ratio",
+            str(args.hicache_ratio),
+            "--enable-cacheflow",
+            "--cacheflow-policy",
+            policy,
+        ]
         flags += ["--cacheflow-config", json.dumps(cfg)]
         server = SGLangServer(model, args=flags, env={"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"})
         with server:
@@ -125,6 +141,9 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
                 details += [d for _, d in out]
                 del r
             log = server.log_text()
+    if args.log_dir is not None:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+        (args.log_dir / f"{link}-{policy}.log").write_text(log)
     return {
         "link": link,
         "policy": policy,

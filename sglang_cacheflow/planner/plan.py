@@ -102,6 +102,10 @@ class Plan:
     requests: dict[str, RequestPlan]
     planner_time_ms: float = 0.0
     order: tuple[str, ...] = field(default=())  # request ids in the order they are served
+    # Seconds of work each resource ("compute", tier names) owes once this plan is issued,
+    # the round's ``busy`` included. Work, not the clock of the last step: a compute step that
+    # waits for a load leaves a gap the next round's recomputes can fill.
+    owed_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean_ttft_s(self) -> float:

@@ -16,11 +16,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from sglang_cacheflow.planner.capabilities import RUNTIME, Capabilities
 from sglang_cacheflow.planner.cost import CostModel
-from sglang_cacheflow.planner.plan import Plan, RequestPlan, Step
+from sglang_cacheflow.planner.plan import COMPUTE, Plan, RequestPlan, Step
 from sglang_cacheflow.planner.request import Request
 from sglang_cacheflow.planner.shapes import LOAD_FRONT, TOKEN, Outcome, Shape, Shaper
 
@@ -53,10 +53,17 @@ def _best(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
 Schedule = tuple[float, float, list[tuple[Shaper, Shape]]]  # (sum TTFT, makespan, shapes)
 
 
-def _schedule(order: Sequence[Shaper], choose: Chooser) -> Schedule:
+def _clocks(busy: Mapping[str, float] | None) -> tuple[float, dict[str, float]]:
+    """Initial clocks of the compute resource and the tiers: what they still owe earlier work."""
+    io = {k: max(0.0, v) for k, v in (busy or {}).items() if k != COMPUTE}
+    return max(0.0, (busy or {}).get(COMPUTE, 0.0)), io
+
+
+def _schedule(
+    order: Sequence[Shaper], choose: Chooser, busy: Mapping[str, float] | None = None
+) -> Schedule:
     """Serve ``order`` one request after another on the shared resources."""
-    tc = 0.0
-    io: dict[str, float] = {}
+    tc, io = _clocks(busy)
     total = makespan = 0.0
     chosen: list[tuple[Shaper, Shape]] = []
     for s in order:
@@ -77,7 +84,9 @@ def _isolated_estimate(s: Shaper) -> float:
     return both + s.prefill_s
 
 
-def _request_splits(shapers: Sequence[Shaper]) -> list[Schedule]:
+def _request_splits(
+    shapers: Sequence[Shaper], busy: Mapping[str, float] | None = None
+) -> list[Schedule]:
     """Schedules where the k requests most worth loading load (or take their best split) and
     the others recompute, recomputing ones served first: I/O of some requests overlaps the
     compute of others even when no request can overlap its own I/O and compute (SGLang's
@@ -103,7 +112,7 @@ def _request_splits(shapers: Sequence[Shaper]) -> list[Schedule]:
         ) -> tuple[Shape, Outcome]:
             return _best(s, tc, io) if id(s) in loaders else _recompute_all(s, tc, io)
 
-        out.append(_schedule(order, choose))
+        out.append(_schedule(order, choose, busy))
     return out
 
 
@@ -113,10 +122,15 @@ def plan(
     policy: str = "cacheflow",
     capabilities: Capabilities = RUNTIME,
     chunk_tokens: int = 256,
+    busy: Mapping[str, float] | None = None,
 ) -> Plan:
     """Plan one scheduling round: which evicted tokens and layers to recompute or load, when.
 
-    ``requests`` are in arrival order. Raises ``ValueError`` for an unknown policy, a policy
+    ``requests`` are in arrival order. ``busy`` maps resources (``"compute"`` or a tier name)
+    to the seconds of work they still owe earlier rounds: an executor that plans arrivals as
+    they come passes the previous plan's :attr:`~Plan.owed_s` (less the time gone by), so that
+    a request arriving behind a queue of recomputes can load instead. Times in the plan count
+    from now, waits included. Raises ``ValueError`` for an unknown policy, a policy
     the executor cannot run, or requests naming a tier the cost model does not know.
     """
     if policy not in POLICIES:
@@ -136,39 +150,43 @@ def plan(
     t0 = time.perf_counter()
     shapers = [Shaper(r, cost, capabilities, chunk_tokens) for r in requests]
     if policy == "recompute":
-        best = _schedule(shapers, _recompute_all)
+        best = _schedule(shapers, _recompute_all, busy)
     elif policy == "load":
-        best = _schedule(shapers, _load_all)
+        best = _schedule(shapers, _load_all, busy)
     elif policy == "cake":
-        best = _schedule(shapers, _cake)
+        best = _schedule(shapers, _cake, busy)
     else:
         shortest_first = sorted(shapers, key=_isolated_estimate)
         candidates = [
-            _schedule(shortest_first, _best),
-            _schedule(shapers, _recompute_all),
-            _schedule(shapers, _load_all),
+            _schedule(shortest_first, _best, busy),
+            _schedule(shapers, _recompute_all, busy),
+            _schedule(shapers, _load_all, busy),
         ]
         if capabilities.token_split:
-            candidates.append(_schedule(shapers, _cake))
+            candidates.append(_schedule(shapers, _cake, busy))
         if not (capabilities.token_split or capabilities.layer_split):
             # A request cannot overlap its own load with its own recompute, so the overlap
             # must come from different requests doing different things.
-            candidates += _request_splits(shapers)
+            candidates += _request_splits(shapers, busy)
         best = min(candidates, key=lambda c: (c[0], c[1]))
-    served = _emit(best[2], cost.shape.num_layers)
+    served, owed = _emit(best[2], cost.shape.num_layers, busy)
     elapsed_ms = (time.perf_counter() - t0) * 1e3
     return Plan(
         policy,
         {r.id: served[r.id] for r in requests},  # report in arrival order
         planner_time_ms=elapsed_ms,
         order=tuple(served),
+        owed_s=owed,
     )
 
 
-def _emit(chosen: list[tuple[Shaper, Shape]], num_layers: int) -> dict[str, RequestPlan]:
-    """Replay the chosen schedule, this time recording the timed steps."""
-    tc = 0.0
-    io: dict[str, float] = {}
+def _emit(
+    chosen: list[tuple[Shaper, Shape]], num_layers: int, busy: Mapping[str, float] | None
+) -> tuple[dict[str, RequestPlan], dict[str, float]]:
+    """Replay the chosen schedule, this time recording the timed steps; also return the
+    seconds of work each resource owes once the plan is issued (``busy`` included)."""
+    tc, io = _clocks(busy)
+    owed = {COMPUTE: tc, **io}
     plans: dict[str, RequestPlan] = {}
     for s, shape in chosen:
         steps: list[Step] = []
@@ -177,4 +195,6 @@ def _emit(chosen: list[tuple[Shaper, Shape]], num_layers: int) -> dict[str, Requ
         io.update(out.io_free)
         desc = shape.describe(s.evicted, num_layers)
         plans[s.req.id] = RequestPlan(s.req.id, desc, tuple(steps), out.ttft)
-    return plans
+        for step in steps:
+            owed[step.resource] = owed.get(step.resource, 0.0) + step.finish_s - step.start_s
+    return plans, owed

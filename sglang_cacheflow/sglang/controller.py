@@ -18,8 +18,15 @@ thread, under a lock). Per scheduling round it does two kinds of planning, both 
   (``load_back`` loads that front layer by layer; the extend recomputes the rest with the
   new tokens).
 
+Requests that return together reach the scheduler one or two per round, so each plan also
+takes what the shared resources still owe earlier rounds (``busy``: planned seconds of
+compute and of each tier, less the time gone by, cleared when every planned restore has run
+its first forward). A request arriving behind a queue of recomputes then loads, and one
+arriving behind a busy link recomputes: the I/O of some requests overlaps the compute of
+others, as in a plan of the whole group.
+
 Decisions are identical on every TP rank: the inputs that differ between ranks (calibrated
-cost model, L3 hit lengths) are reduced with one collective per planning round
+cost model, L3 hit lengths, busy seconds) are reduced with one collective per planning round
 (:mod:`sglang_cacheflow.sglang.tp`).
 """
 
@@ -30,7 +37,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sglang_cacheflow.planner import (
@@ -82,6 +89,8 @@ class Decision:
     evicted: int
     planned_load: int
     shape: str
+    work: dict[str, float]  # planned seconds per resource, owed until it has run
+    alone: bool = False  # planned with nothing else owed: its restore time is its own
 
 
 def prior_cost(cfg: CacheFlowConfig, shape: ModelShape) -> CostModel:
@@ -99,6 +108,13 @@ def prior_cost(cfg: CacheFlowConfig, shape: ModelShape) -> CostModel:
 def _loaded_tokens(plan_: Plan, rid: str) -> int:
     steps = plan_.requests[rid].steps
     return sum(s.tokens for s in steps if s.action is Action.LOAD)
+
+
+def _work(plan_: Plan, rid: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in plan_.requests[rid].steps:
+        out[s.resource] = out.get(s.resource, 0.0) + s.finish_s - s.start_s
+    return out
 
 
 class CacheFlowController:
@@ -134,6 +150,12 @@ class CacheFlowController:
         self.deferred: list[dict[str, Any]] = []
         self.rounds = 0
         self.collectives = 0
+        # What an L3 load costs beyond its transfer: SGLang's hit query, the hand-offs
+        # between its prefetch threads and the scheduler, admission. Learnt from restores
+        # that had the machine to themselves; it starts at 0 so that loads get tried.
+        self.l3_overhead_s = 0.0
+        self._owed: dict[str, float] = {}  # seconds of planned work per resource ...
+        self._owed_at = 0.0  # ... as of this perf_counter time
         self._log = logger.info if cfg.log_decisions else logger.debug
 
     # -- cost model ----------------------------------------------------------------------
@@ -142,14 +164,32 @@ class CacheFlowController:
         if not self.cfg.calibrate:
             return self.prior
         with self._lock:
-            return self.calibrator.model()
+            cost = self.calibrator.model()
+        if self.l3_overhead_s > 0 and L3_TIER in cost.tiers:
+            t = cost.tiers[L3_TIER]
+            tiers = {**cost.tiers, L3_TIER: replace(t, latency_s=t.latency_s + self.l3_overhead_s)}
+            cost = replace(cost, tiers=tiers)
+        return cost
 
-    def _round_inputs(self, hits: Sequence[int]) -> tuple[CostModel, list[int]]:
-        """The cost model and hit lengths of this round, identical on every TP rank."""
+    def busy(self, now: float) -> dict[str, float]:
+        """Seconds of planned work each resource still owes at ``now``."""
+        gone = now - self._owed_at
+        return {k: v - gone for k, v in self._owed.items() if v > gone}
+
+    def _owe(self, work: dict[str, float], now: float) -> None:
+        owed = self.busy(now)
+        for k, v in work.items():
+            owed[k] = owed.get(k, 0.0) + v
+        self._owed, self._owed_at = owed, now
+
+    def _round_inputs(
+        self, hits: Sequence[int], now: float
+    ) -> tuple[CostModel, list[int], dict[str, float]]:
+        """Cost model, hit lengths and busy seconds of this round, identical on every rank."""
         self.rounds += 1
         if self.tp_group is not None:
             self.collectives += 1
-        return reduce_round(self.cost_model(), hits, self.tp_group)
+        return reduce_round(self.cost_model(), hits, self.tp_group, self.busy(now))
 
     def observe_compute(
         self, prefix_lens: Sequence[int], extend_lens: Sequence[int], s: float
@@ -206,8 +246,8 @@ class CacheFlowController:
         )  # fmt: skip
         self.metrics.planned(plan_.policy, rp.shape)
 
-    def _plan(self, reqs: list[Request], cost: CostModel) -> Plan:
-        return plan(reqs, cost, self.cfg.policy, SGLANG, self.cfg.chunk_tokens)
+    def _plan(self, reqs: list[Request], cost: CostModel, busy: dict[str, float]) -> Plan:
+        return plan(reqs, cost, self.cfg.policy, SGLANG, self.cfg.chunk_tokens, busy)
 
     def _align(self, tokens: int) -> int:
         return tokens - tokens % self.page_size
@@ -234,7 +274,8 @@ class CacheFlowController:
                 cands.append(req)
         if not cands:
             return
-        cost, hits = self._round_inputs([r.host_hit_length for r in cands])
+        now = time.perf_counter()
+        cost, hits, busy = self._round_inputs([r.host_hit_length for r in cands], now)
         reqs = []
         for r, hit in zip(cands, hits, strict=True):
             hit = self._align(min(hit, r.host_hit_length))
@@ -245,14 +286,20 @@ class CacheFlowController:
             reqs.append(Request(r.rid, r.prefix_len, (Span(HOST_TIER, hit),), new))
         if not reqs:
             return
-        now = time.perf_counter()
-        plan_ = self._plan(reqs, cost)
+        plan_ = self._plan(reqs, cost, busy)
         for req in reqs:
             load = min(self._align(_loaded_tokens(plan_, req.id)), req.evicted_tokens)
             self.host_caps[req.id] = load
             rp = plan_.requests[req.id]
             self._round[req.id] = Decision(
-                req.id, HOST_TIER, now, rp.predicted_ttft_s, req.evicted_tokens, load, rp.shape
+                req.id,
+                HOST_TIER,
+                now,
+                rp.predicted_ttft_s,
+                req.evicted_tokens,
+                load,
+                rp.shape,
+                _work(plan_, req.id),
             )
             self._describe(plan_, req, HOST_TIER, cost, load, len(reqs))
 
@@ -262,9 +309,11 @@ class CacheFlowController:
         round_, self._round = self._round, {}
         if new_batch is None:
             return
+        now = time.perf_counter()
         for req in new_batch.reqs:
             d = round_.get(req.rid)
-            if d is not None:
+            if d is not None:  # admitted: its planned work is now owed (not re-planned)
+                self._owe(d.work, now)
                 loaded = min(req.host_loaded_length, d.evicted)
                 self.metrics.restored("load", HOST_TIER, loaded)
                 self.metrics.restored("recompute", HOST_TIER, d.evicted - loaded)
@@ -287,6 +336,13 @@ class CacheFlowController:
                 )  # fmt: skip
             self._track(d)
 
+    def lookup_failed(self, rid: str, tokens: int) -> None:
+        """The L3 lookup of ``rid``'s span failed (tier down): its ``tokens`` are recomputed."""
+        self.metrics.fallback("l3_unavailable", L3_TIER, tokens)
+        logger.warning(
+            "cacheflow: rid=%s: %s lookup failed; recomputing its %d tokens", rid, L3_TIER, tokens
+        )
+
     def _track(self, d: Decision) -> None:
         self.pending[d.rid] = d
         while len(self.pending) > _MAX_TRACKED:
@@ -308,10 +364,16 @@ class CacheFlowController:
                 continue
             measured = now - d.t0
             self.metrics.restore_time(d.predicted_s, measured)
+            if self.cfg.calibrate and d.alone and d.tier == L3_TIER and d.planned_load > 0:
+                residual = max(0.0, self.l3_overhead_s + measured - d.predicted_s)
+                self.l3_overhead_s += 0.3 * (residual - self.l3_overhead_s)
             self._log(
                 "cacheflow restore rid=%s done: measured %.2f ms, predicted %.2f ms (%s)",
                 d.rid, measured * 1e3, d.predicted_s * 1e3, d.shape,
             )  # fmt: skip
+        if not self.pending and not self.storage_plans:
+            # every planned restore has run: nothing is owed, whatever the predictions said
+            self._owed = {}
 
     # -- arrivals (L3 hits) --------------------------------------------------------------
 
@@ -344,7 +406,8 @@ class CacheFlowController:
                 probed.append((call, hit))
         if not probed:
             return
-        cost, hits = self._round_inputs([h for _, h in probed])
+        now = time.perf_counter()
+        cost, hits, busy = self._round_inputs([h for _, h in probed], now)
         reqs: list[Request] = []
         by_id: dict[str, dict[str, Any]] = {}
         for (call, _), hit in zip(probed, hits, strict=True):
@@ -359,14 +422,23 @@ class CacheFlowController:
             by_id[rid] = call
         if not reqs:
             return
-        now = time.perf_counter()
-        plan_ = self._plan(reqs, cost)
+        plan_ = self._plan(reqs, cost, busy)
+        # prefetches are issued now, so the whole round's work is owed from now on
+        self._owed, self._owed_at = dict(plan_.owed_s), now
         for rid in plan_.order:
             req = next(r for r in reqs if r.id == rid)
             load = min(self._align(_loaded_tokens(plan_, rid)), req.evicted_tokens)
             rp = plan_.requests[rid]
             self.storage_plans[rid] = Decision(
-                rid, L3_TIER, now, rp.predicted_ttft_s, req.evicted_tokens, load, rp.shape
+                rid,
+                L3_TIER,
+                now,
+                rp.predicted_ttft_s,
+                req.evicted_tokens,
+                load,
+                rp.shape,
+                _work(plan_, rid),
+                alone=not busy and len(reqs) == 1,
             )
             while len(self.storage_plans) > _MAX_TRACKED:
                 self.storage_plans.popitem(last=False)

@@ -8,7 +8,12 @@ changes two things, and only while the restore controller asks for them:
   node there; SGLang's ``load_back`` then loads only that front (layer by layer, overlapped
   with the extend through ``LayerDoneCounter``) and the extend recomputes the rest;
 - :meth:`prefetch_from_storage` hands L3 prefetches to the controller, which plans the
-  requests that arrived together and issues each prefetch capped at the front it loads.
+  requests that arrived together and issues each prefetch capped at the front it loads;
+- :meth:`check_hicache_events` (once per scheduler step, before the next batch is chosen)
+  first waits, a few milliseconds at most, for SGLang's prefetch thread to answer the hit
+  queries of the prefetches just issued. SGLang starts a transfer only when this step drains
+  its hit; drained a step late, it would wait for the whole next forward (the requests that
+  recompute) while the link idles, which is exactly the overlap the plan counts on.
 
 Everything else (eviction, write-through, backup to L3, load-back, prefetch threads) is
 SGLang's own code, so the policies ``load`` and ``recompute`` run exactly HiCache's paths
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from array import array
 from typing import Any
 
@@ -37,6 +43,18 @@ class CacheFlowRadixCache(UnifiedRadixCache):
     """See the module doc; :attr:`cacheflow` is set by the backend factory."""
 
     cacheflow: CacheFlowController | None = None
+    hit_query_wait_s = 0.02  # longest wait for the prefetch thread's hit queries
+    _issued_hits = 0  # prefetches issued since the last drain
+
+    def check_hicache_events(self) -> None:
+        cc = self.cache_controller
+        queue = getattr(cc, "prefetch_hit_queue", None)
+        if self._issued_hits and queue is not None:
+            deadline = time.perf_counter() + self.hit_query_wait_s
+            while queue.qsize() < self._issued_hits and time.perf_counter() < deadline:
+                time.sleep(0.0002)
+        self._issued_hits = 0
+        super().check_hicache_events()
 
     # -- host hits -----------------------------------------------------------------------
 
@@ -89,7 +107,11 @@ class CacheFlowRadixCache(UnifiedRadixCache):
 
     def cacheflow_issue_prefetch(self, call: dict[str, Any]) -> bool | None:
         """SGLang's own prefetch of ``call`` (possibly capped by the controller)."""
-        return UnifiedRadixCache.prefetch_from_storage(self, **call)
+        known = call["request"] in self.ongoing_prefetch
+        out = UnifiedRadixCache.prefetch_from_storage(self, **call)
+        if not known and call["request"] in self.ongoing_prefetch:  # a hit query is under way
+            self._issued_hits += 1
+        return out
 
     def cacheflow_storage_hit(self, call: dict[str, Any]) -> int | None:
         """Tokens of ``call``'s span this rank's L3 holds (a prefix of whole pages), or None
@@ -119,9 +141,17 @@ class CacheFlowRadixCache(UnifiedRadixCache):
 
         handle = CacheRequestHandle("__cacheflow_query__", 0)
         op = PrefetchOperation(handle, key, call["last_hash"], call["prefix_keys"])
+        # The Redis tier answers "not there" when it cannot be reached and counts an error:
+        # that is a fallback to recompute, not a plain miss.
+        tier = getattr(getattr(controller, "storage_backend", None), "redis_tier", None)
+        errors = tier.stats.errors if tier is not None else 0
         try:
             _, hit = controller._storage_hit_query(op)
-        except Exception:  # a tier that is down: nothing to load, recompute
+            failed = tier is not None and tier.stats.errors > errors
+        except Exception:
             logger.exception("cacheflow: L3 lookup failed for rid=%s", request.rid)
-            return 0
-        return int(hit) - int(hit) % self.page_size
+            hit, failed = 0, True
+        hit = int(hit) - int(hit) % self.page_size
+        if failed and self.cacheflow is not None:
+            self.cacheflow.lookup_failed(request.rid, len(key) - hit)
+        return hit

@@ -6,18 +6,21 @@ its own storage lookup found. :func:`reduce_round` makes those identical with **
 ``all_reduce(MIN)`` over the TP CPU (gloo) group per planning round, whatever the number of
 requests in it: compute throughput and tier bandwidths take the minimum, per-token-pair,
 per-forward and latency costs the maximum (so every rank plans with the most conservative
-view), and hit lengths the minimum (a page counts only if every rank has it).
+view), hit lengths the minimum (a page counts only if every rank has it), and the work the
+resources still owe earlier rounds the maximum (ranks read their clocks at slightly
+different times).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 
 from sglang_cacheflow.planner import ComputeCost, CostModel, TierCost
+from sglang_cacheflow.planner.plan import COMPUTE
 
 __all__ = ["cost_from_vector", "cost_vector", "reduce_round"]
 
@@ -41,19 +44,29 @@ def cost_from_vector(cost: CostModel, tiers: Sequence[str], vec: Sequence[float]
 
 
 def reduce_round(
-    cost: CostModel, hits: Sequence[int], group: Any | None
-) -> tuple[CostModel, list[int]]:
-    """The cost model and hit lengths every rank of ``group`` agrees on (one collective).
+    cost: CostModel,
+    hits: Sequence[int],
+    group: Any | None,
+    busy: Mapping[str, float] | None = None,
+) -> tuple[CostModel, list[int], dict[str, float]]:
+    """The cost model, hit lengths and busy seconds per resource (the planner's ``busy``)
+    every rank of ``group`` agrees on, in one collective.
 
     ``group`` is a ``torch.distributed`` process group (SGLang's TP ``cpu_group``); None or a
     group of one rank returns the inputs unchanged.
     """
+    busy = dict(busy or {})
     if group is None or torch.distributed.get_world_size(group) <= 1:
-        return cost, list(hits)
+        return cost, list(hits), busy
     tiers = sorted(cost.tiers)
+    resources = [COMPUTE, *tiers]
     vec = cost_vector(cost, tiers)
-    t = torch.tensor([*vec, *(float(h) for h in hits)], dtype=torch.float64)
+    t = torch.tensor(
+        [*vec, *(-busy.get(r, 0.0) for r in resources), *(float(h) for h in hits)],
+        dtype=torch.float64,
+    )
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
     values = t.tolist()
-    n = len(vec)
-    return cost_from_vector(cost, tiers, values[:n]), [int(v) for v in values[n:]]
+    n, m = len(vec), len(vec) + len(resources)
+    agreed = {r: -v for r, v in zip(resources, values[n:m], strict=True) if v < 0}
+    return cost_from_vector(cost, tiers, values[:n]), [int(v) for v in values[m:]], agreed

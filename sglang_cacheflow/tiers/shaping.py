@@ -2,9 +2,12 @@
 
 :class:`ShapedTier` wraps a tier and holds every call back until an *emulated* link with
 the given bandwidth and per-call latency would have finished it, the way the Cake and
-CacheFlow papers emulated 10-100 Gbps networks and SSDs. The link is shared: concurrent
-calls queue for its bandwidth and overlap their latencies. The wrapper can only slow a
-tier down; when the inner tier is slower than the emulated link, the inner time shows.
+CacheFlow papers emulated 10-100 Gbps networks and SSDs. The link is full duplex and shared:
+concurrent reads queue for the read direction's bandwidth, concurrent writes for the write
+direction's, and latencies overlap. Calls that move no page bytes (lookups, deletes) pay
+the latency only: a small request is not stuck behind a bulk transfer on a real network.
+The wrapper can only slow a tier down; when the inner tier is slower than the emulated link,
+the inner time shows.
 Results measured through it are emulation results and are labelled so
 (:attr:`ShapedTier.name`).
 """
@@ -70,7 +73,7 @@ class ShapedTier(KVTier):
         self.link = link
         self.name = f"emulated[{link.describe()}]({inner.name})"
         self._lock = threading.Lock()
-        self._link_free_at = 0.0
+        self._free_at = {"read": 0.0, "write": 0.0}  # when each direction has carried its queue
 
     @property
     def stats(self) -> TierStats:
@@ -79,13 +82,15 @@ class ShapedTier(KVTier):
     def close(self) -> None:
         self.inner.close()
 
-    def _hold(self, start: float, nbytes: int) -> None:
-        """Sleep until the emulated link has carried ``nbytes`` for a call begun at
-        ``start`` (after the bytes of calls queued before it)."""
-        with self._lock:
-            begin = max(start + self.link.latency_s, self._link_free_at)
-            self._link_free_at = begin + nbytes / self.link.bandwidth_bytes_per_s
-            deadline = self._link_free_at
+    def _hold(self, start: float, nbytes: int, direction: str) -> None:
+        """Sleep until the emulated link has carried ``nbytes`` in ``direction`` for a call
+        begun at ``start`` (after the bytes of calls queued before it)."""
+        deadline = start + self.link.latency_s
+        if nbytes > 0:
+            with self._lock:
+                begin = max(deadline, self._free_at[direction])
+                deadline = begin + nbytes / self.link.bandwidth_bytes_per_s
+                self._free_at[direction] = deadline
         delay = deadline - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
@@ -95,7 +100,7 @@ class ShapedTier(KVTier):
     ) -> list[bool]:
         start = time.perf_counter()
         ok = self.inner.batch_put(ns, page_hashes, pages)
-        self._hold(start, len(pages) * ns.layout.page_bytes)
+        self._hold(start, len(pages) * ns.layout.page_bytes, "write")
         return ok
 
     def batch_get_into(
@@ -108,17 +113,17 @@ class ShapedTier(KVTier):
         start = time.perf_counter()
         ok = self.inner.batch_get_into(ns, page_hashes, outs, layers)
         l0, l1 = ns.layout.check_layers(layers)
-        self._hold(start, sum(ok) * (l1 - l0) * ns.layout.layer_bytes)
+        self._hold(start, sum(ok) * (l1 - l0) * ns.layout.layer_bytes, "read")
         return ok
 
     def batch_exists(self, ns: Namespace, page_hashes: Sequence[str]) -> list[bool]:
         start = time.perf_counter()
         out = self.inner.batch_exists(ns, page_hashes)
-        self._hold(start, 0)
+        self._hold(start, 0, "read")
         return out
 
     def delete(self, ns: Namespace, page_hashes: Sequence[str]) -> int:
         start = time.perf_counter()
         n = self.inner.delete(ns, page_hashes)
-        self._hold(start, 0)
+        self._hold(start, 0, "read")
         return n

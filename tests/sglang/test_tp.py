@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 from sglang_cacheflow.planner import ModelShape
 from sglang_cacheflow.sglang.controller import CacheFlowController
 from sglang_cacheflow.sglang.flags import parse_config
+from sglang_cacheflow.sglang.tp import reduce_round
 
 SHAPE = ModelShape(num_layers=4, num_kv_heads=2, head_dim=32, dtype_bytes=4, tp=2)
 
@@ -60,7 +62,7 @@ def _calls(n: int) -> list[dict[str, Any]]:
 def _decide(rank: int, group: Any) -> dict[str, Any]:
     cfg = parse_config("cacheflow", json.dumps({"redis_url": "redis://h:1/0", "chunk_tokens": 16}))
     # rank-local measurements: rank 0 sees fast compute and a faster link than rank 1
-    hits = {f"r{i}": 512 + 64 * i - (64 if rank == 1 and i == 3 else 0) for i in range(6)}
+    hits = {f"r{i}": 512 + 64 * i - (64 if rank == 1 and i == 3 else 0) for i in range(8)}
     cache = _RankCache(hits)
     ctl = CacheFlowController(cfg, cache, SHAPE, 16, tp_group=group, tp_rank=rank)
     for p in range(8):
@@ -71,11 +73,17 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
         nbytes = k * 1 << 20
         ctl.observe_transfer("redis", nbytes, nbytes / (0.02e9 if rank == 0 else 0.01e9) + 1e-4)
     ctl.plan_prefetches(_calls(6))
+    # two late arrivals, planned behind the first round's work; the ranks read their clocks
+    # at different times, so what that work still owes differs unless reduced
+    time.sleep(0.05 * rank)
+    ctl.plan_prefetches(_calls(8)[6:])
+    busy = {"compute": 0.1 * (rank + 1), "redis": 0.3 - 0.1 * rank}
     return {
         "issued": cache.issued,
         "plans": {rid: d.planned_load for rid, d in ctl.storage_plans.items()},
         "collectives": ctl.collectives,
         "rounds": ctl.rounds,
+        "busy": reduce_round(ctl.cost_model(), [], group, busy)[2],
     }
 
 
@@ -101,7 +109,9 @@ def test_two_gloo_ranks_take_identical_decisions(tmp_path: Path) -> None:
     # identical decisions, prefetches issued in the same order, one collective per round
     assert r0["tp"]["issued"] == r1["tp"]["issued"]
     assert r0["tp"]["plans"] == r1["tp"]["plans"]
-    assert r0["tp"]["collectives"] == r1["tp"]["collectives"] == 1
+    assert r0["tp"]["collectives"] == r1["tp"]["collectives"] == 2
+    # the work resources owe is agreed as the MAX over ranks
+    assert r0["tp"]["busy"] == r1["tp"]["busy"] == pytest.approx({"compute": 0.2, "redis": 0.3})
     # the round mixes loading and recomputing, and uses the hit every rank has (MIN)
     plans = r0["tp"]["plans"]
     assert any(v > 0 for v in plans.values()) and any(v < 512 for v in plans.values())

@@ -1,4 +1,5 @@
-"""Link emulation: calls take at least latency + bytes / bandwidth on a shared link."""
+"""Link emulation: calls take at least latency + bytes / bandwidth on a shared, full-duplex
+link."""
 
 from __future__ import annotations
 
@@ -62,3 +63,24 @@ def test_concurrent_calls_share_the_bandwidth() -> None:
     for th in threads:
         th.join()
     assert time.perf_counter() - t >= 8 * LAYOUT.page_bytes / 20e6  # not 4 pages' time
+
+
+def test_reads_and_lookups_do_not_queue_behind_writes() -> None:
+    link = LinkShape(bandwidth_bytes_per_s=10e6, latency_s=0.005)
+    tier = ShapedTier(HostTier(1 << 24), link)
+    ns = unique_ns(LAYOUT)
+    pages = random_pages(LAYOUT, 8)
+    h = page_hashes(8)
+    tier.batch_put(ns, h[:1], pages[:1])
+    write = threading.Thread(target=tier.batch_put, args=(ns, h[1:], pages[1:]))  # ~92 ms
+    write.start()
+    time.sleep(0.01)
+    t = time.perf_counter()
+    assert tier.batch_exists(ns, h[:1]) == [True]
+    lookup_s = time.perf_counter() - t
+    t = time.perf_counter()
+    assert tier.batch_get(ns, h[:1])[0] is not None
+    read_s = time.perf_counter() - t
+    write.join()
+    assert lookup_s < 0.04  # latency, not the write's 92 ms
+    assert 0.005 + LAYOUT.page_bytes / 10e6 <= read_s < 0.06
