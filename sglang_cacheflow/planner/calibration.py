@@ -51,10 +51,10 @@ class _TierStats:
             slope = (self.xy / self.w - mx * my) / var
             latency = my - slope * mx
             if slope > 0 and latency >= 0:
-                return TierCost(1.0 / slope, latency)
+                return TierCost(1.0 / slope, latency, self.prior.setup_s)
         # One transfer size (or a noisy fit): keep the latency, fit the bandwidth.
         latency = self.prior.latency_s if self.prior.latency_s < my else 0.5 * my
-        return TierCost(mx / max(my - latency, 1e-12), latency)
+        return TierCost(mx / max(my - latency, 1e-12), latency, self.prior.setup_s)
 
 
 @dataclass

@@ -64,14 +64,22 @@ class ComputeCost:
 
 @dataclass(frozen=True)
 class TierCost:
+    """A tier's channel: ``latency_s + bytes / bandwidth_Bps`` per load, during which the
+    channel is busy; then ``setup_s`` before the loaded KV can be used, during which the
+    channel already carries the next load (an executor's hand-offs between its I/O threads
+    and its scheduler, e.g. SGLang's prefetch acknowledgement and admission)."""
+
     bandwidth_Bps: float
     latency_s: float = 0.0
+    setup_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.bandwidth_Bps <= 0:
             raise ValueError(f"tier bandwidth must be > 0, got {self.bandwidth_Bps}")
         if self.latency_s < 0:
             raise ValueError(f"tier latency must be >= 0, got {self.latency_s}")
+        if self.setup_s < 0:
+            raise ValueError(f"tier setup time must be >= 0, got {self.setup_s}")
 
     @classmethod
     def from_gbps(cls, bandwidth_GBps: float, latency_ms: float = 0.0) -> TierCost:

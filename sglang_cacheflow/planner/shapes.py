@@ -93,7 +93,7 @@ class Shaper:
         self.evicted = req.evicted_tokens
         self.new = req.new_tokens
         self.ranges = req.tier_ranges()
-        # per range: (tier, start, end, latency, seconds per token per layer, streamed)
+        # per range: (tier, start, end, latency, seconds per token per layer, streamed, setup)
         self.tiers = [
             (
                 t,
@@ -102,6 +102,7 @@ class Shaper:
                 cost.tier(t).latency_s,
                 self.bpt / (cost.tier(t).bandwidth_Bps * self.L),
                 caps.streams(t),
+                cost.tier(t).setup_s,
             )
             for t, a, b in self.ranges
         ]
@@ -131,7 +132,7 @@ class Shaper:
         nl = L - l0
         if nl <= 0:
             return ready, free
-        for tier, a, b, lat, per_tok, streamed in self.tiers:
+        for tier, a, b, lat, per_tok, streamed, setup in self.tiers:
             x = a if a > lo else lo
             y = b if b < hi else hi
             if x >= y:
@@ -149,6 +150,7 @@ class Shaper:
                     r = last
             else:
                 r = finish - l0 * cper
+            r += setup  # usable later, but the channel is free at ``finish``
             if r > ready:
                 ready = r
             if steps is not None:
@@ -249,7 +251,7 @@ class Shaper:
         and loading everything drops the back's forward. Between jumps the TTFT is convex
         (a max of convex pieces: pipelined loads grow linearly, the back's recompute
         shrinks convexly)."""
-        cuts = sorted({a - self.d for _, a, _, _, _, _ in self.tiers} | {self.evicted})
+        cuts = sorted({t[1] - self.d for t in self.tiers} | {self.evicted})
         segs: list[list[int]] = []
         cur: list[int] = []
         ci = 0
@@ -323,8 +325,8 @@ class Shaper:
         c_layer *= 1.0 + self.cost.compute.overlap_slowdown
         cper = self.prefill_s / L
         cross = 0.0
-        for tier, a, b, lat, per_tok, streamed in self.tiers:
-            base = io.get(tier, 0.0) + lat
+        for tier, a, b, lat, per_tok, streamed, setup in self.tiers:
+            base = io.get(tier, 0.0) + lat + setup
             per = (b - a) * per_tok
             # B's pieces as k0 - k1 * l, l = first loaded layer (see _loads)
             if streamed:
@@ -362,7 +364,7 @@ class Shaper:
             # I/O has loaded chunks k+1..n-1 (tokens [d + g[k+1], d + e)) before chunk k.
             lo = d + g[k + 1]
             t = t0
-            for _tier, a, b, lat, per_tok, _s in self.tiers:
+            for _tier, a, b, lat, per_tok, _s, _setup in self.tiers:
                 x = max(a, lo)
                 if x < b:
                     t += (b - x) * per_tok * self.L

@@ -167,7 +167,7 @@ class CacheFlowController:
             cost = self.calibrator.model()
         if self.l3_overhead_s > 0 and L3_TIER in cost.tiers:
             t = cost.tiers[L3_TIER]
-            tiers = {**cost.tiers, L3_TIER: replace(t, latency_s=t.latency_s + self.l3_overhead_s)}
+            tiers = {**cost.tiers, L3_TIER: replace(t, setup_s=t.setup_s + self.l3_overhead_s)}
             cost = replace(cost, tiers=tiers)
         return cost
 

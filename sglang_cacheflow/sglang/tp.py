@@ -31,7 +31,7 @@ def cost_vector(cost: CostModel, tiers: Sequence[str]) -> list[float]:
     out = [c.tokens_per_s, -c.attention_s_per_token_pair, -c.step_s]
     for name in tiers:
         t = cost.tier(name)
-        out += [t.bandwidth_Bps, -t.latency_s]
+        out += [t.bandwidth_Bps, -t.latency_s, -t.setup_s]
     return out
 
 
@@ -39,7 +39,7 @@ def cost_from_vector(cost: CostModel, tiers: Sequence[str], vec: Sequence[float]
     compute = ComputeCost(vec[0], -vec[1], -vec[2])
     new_tiers = dict(cost.tiers)
     for i, name in enumerate(tiers):
-        new_tiers[name] = TierCost(vec[3 + 2 * i], -vec[4 + 2 * i])
+        new_tiers[name] = TierCost(vec[3 + 3 * i], -vec[4 + 3 * i], -vec[5 + 3 * i])
     return replace(cost, compute=compute, tiers=new_tiers)
 
 

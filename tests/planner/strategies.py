@@ -22,7 +22,11 @@ def cost_models(draw: st.DrawFn) -> CostModel:
         overlap_slowdown=draw(st.sampled_from([0.0, 0.3])),
     )
     tiers = {
-        t: TierCost(draw(st.floats(1e8, 5e10)), draw(st.sampled_from([0.0, 1e-4, 2e-3])))
+        t: TierCost(
+            draw(st.floats(1e8, 5e10)),
+            draw(st.sampled_from([0.0, 1e-4, 2e-3])),
+            draw(st.sampled_from([0.0, 0.0, 5e-3])),  # setup after a load
+        )
         for t in TIERS
     }
     return CostModel(shape, compute, tiers)

@@ -255,3 +255,24 @@ def test_arrivals_planned_one_at_a_time_with_clocks_match_the_batch_plan():
     assert online <= 1.10 * together.mean_ttft_s
     for other in ("recompute", "load"):
         assert online < 0.75 * plan(reqs, cost, other, SGLANG).mean_ttft_s
+
+
+def test_setup_time_delays_a_load_but_not_the_channel():
+    # An executor's hand-offs after a load (SGLang: acknowledgement, admission) delay that
+    # request, but the link already carries the next load meanwhile.
+    base = _balanced_redis(llama8b(2e-9), 2048)
+    t = base.tiers["redis"]
+    slow = CostModel(
+        base.shape, base.compute, {"redis": TierCost(t.bandwidth_Bps, t.latency_s, 0.05)}
+    )
+    reqs = [Request(f"r{i}", 0, (Span("redis", 2048),), 16) for i in range(4)]
+    a = plan(reqs, base, "load", SGLANG)
+    b = plan(reqs, slow, "load", SGLANG)
+    validate(b, reqs, 32)
+    assert b.owed_s["redis"] == pytest.approx(a.owed_s["redis"])  # the channel: no setup
+    first = b.order[0]
+    assert b.requests[first].predicted_ttft_s == pytest.approx(
+        a.requests[first].predicted_ttft_s + 0.05
+    )
+    # pipelined: the setups overlap later loads, so 4 loads cost far less than 4 setups more
+    assert b.makespan_s < a.makespan_s + 2 * 0.05
