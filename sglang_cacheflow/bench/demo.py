@@ -80,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
             f"\nMean TTFT of returning turns with CacheFlow: {versus(means['recompute'])} than "
             f"with no reuse, {versus(means['load'])} than with HiCache's load-all."
         )
+        restores = {r["policy"]: r["summary"].get("restores") for r in doc["runs"]}
+        if restores.get("cacheflow") and restores.get("cacheflow") == restores.get("load"):
+            print(
+                "CacheFlow restored the same tokens the same way as load-all in this run (it "
+                "chose to load every hit), so the gap between those two rows is run-to-run "
+                "noise, not a gain."
+            )
     from sglang_cacheflow.bench import plots
 
     labelled = {LABELS.get(k, k): v for k, v in means.items()}
