@@ -64,6 +64,7 @@ logger = logging.getLogger("sglang_cacheflow.sglang")
 HOST_TIER = "host"
 L3_TIER = "redis"
 _MAX_TRACKED = 4096
+_STALE_S = 60.0  # an L3 decision whose request left the queue unadmitted this long ago is dropped
 
 _CONTROLLER: CacheFlowController | None = None
 
@@ -258,6 +259,7 @@ class CacheFlowController:
         """Plan the host hits of the requests SGLang is about to consider for admission."""
         self.host_caps = {}
         self._round = {}
+        self._drop_stale(scheduler.waiting_queue)
         cache = self.cache
         cands = []
         for req in list(scheduler.waiting_queue)[: self.cfg.max_round_requests]:
@@ -302,6 +304,18 @@ class CacheFlowController:
                 _work(plan_, req.id),
             )
             self._describe(plan_, req, HOST_TIER, cost, load, len(reqs))
+
+    def _drop_stale(self, waiting: Sequence[Any]) -> None:
+        """Forget L3 decisions of requests that left the queue without being admitted (an
+        abort): they would keep the owed work from being cleared."""
+        now = time.perf_counter()
+        queued = {r.rid for r in waiting}
+        for rid in [
+            rid
+            for rid, d in self.storage_plans.items()
+            if rid not in queued and now - d.t0 > _STALE_S
+        ]:
+            del self.storage_plans[rid]
 
     def end_admission(self, new_batch: Any) -> None:
         """Count what the admitted requests restored; caps end with the round."""

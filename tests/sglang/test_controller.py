@@ -72,3 +72,22 @@ def test_owed_work_runs_down_with_time() -> None:
     ctl._owed_at -= 1.0
     ctl.plan_prefetches([_call("later")])
     assert cache.issued == {}
+
+
+def test_decisions_of_requests_that_left_the_queue_are_dropped() -> None:
+    class _Scheduler:
+        def __init__(self) -> None:
+            self.waiting_queue: list[Any] = []
+
+    ctl, _ = _controller()
+    ctl.plan_prefetches([_call("aborted"), _call("waiting")])
+    assert set(ctl.storage_plans) == {"aborted", "waiting"}
+    ctl.begin_admission(_Scheduler())  # just planned: kept, it may not be queued yet
+    assert set(ctl.storage_plans) == {"aborted", "waiting"}
+    for d in ctl.storage_plans.values():
+        d.t0 -= 120.0
+    sched = _Scheduler()
+    sched.waiting_queue = [_Handle("waiting")]
+    sched.waiting_queue[0].finished = lambda: True  # type: ignore[attr-defined]
+    ctl.begin_admission(sched)
+    assert set(ctl.storage_plans) == {"waiting"}
