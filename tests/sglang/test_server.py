@@ -122,7 +122,9 @@ def test_restores_from_host_and_redis_match_no_cache(
     _assert_same(ref, got)
     cached = [r["meta_info"].get("cached_tokens_details") or {} for r in got]
     assert any(c.get("host", 0) > 0 for c in cached), cached
-    assert any(c.get("storage", 0) > 0 for c in cached), cached
+    # Redis restores are asserted on the metrics below: SGLang's own "storage" figure in
+    # cached_tokens_details is dropped when it re-issues a lookup ("device prefix shrank
+    # before admission"), although the prefetch loaded the pages.
     m = _metrics(cacheflow)
     restored = "sglang:cacheflow_restored_tokens_total"
     assert _m(m, restored, action="load", tier="host") > 0, m
