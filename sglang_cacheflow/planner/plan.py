@@ -78,6 +78,13 @@ class RequestPlan:
     steps: tuple[Step, ...]
     predicted_ttft_s: float
 
+    def work_s(self) -> dict[str, float]:
+        """Seconds of work this request puts on each resource (``"compute"``, tier names)."""
+        out: dict[str, float] = {}
+        for s in self.steps:
+            out[s.resource] = out.get(s.resource, 0.0) + s.finish_s - s.start_s
+        return out
+
     def tokens_by_action(self, num_layers: int) -> dict[str, float]:
         """Evicted tokens restored per action; a layer range counts its share of a token."""
         out: dict[str, float] = {}

@@ -194,7 +194,7 @@ def _emit(
         tc = out.compute_free
         io.update(out.io_free)
         desc = shape.describe(s.evicted, num_layers)
-        plans[s.req.id] = RequestPlan(s.req.id, desc, tuple(steps), out.ttft)
-        for step in steps:
-            owed[step.resource] = owed.get(step.resource, 0.0) + step.finish_s - step.start_s
+        rp = plans[s.req.id] = RequestPlan(s.req.id, desc, tuple(steps), out.ttft)
+        for resource, seconds in rp.work_s().items():
+            owed[resource] = owed.get(resource, 0.0) + seconds
     return plans, owed

@@ -111,13 +111,6 @@ def _loaded_tokens(plan_: Plan, rid: str) -> int:
     return sum(s.tokens for s in steps if s.action is Action.LOAD)
 
 
-def _work(plan_: Plan, rid: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for s in plan_.requests[rid].steps:
-        out[s.resource] = out.get(s.resource, 0.0) + s.finish_s - s.start_s
-    return out
-
-
 class CacheFlowController:
     """See the module doc. ``cache`` is the process's
     :class:`~sglang_cacheflow.sglang.radix_cache.CacheFlowRadixCache`."""
@@ -301,7 +294,7 @@ class CacheFlowController:
                 req.evicted_tokens,
                 load,
                 rp.shape,
-                _work(plan_, req.id),
+                rp.work_s(),
             )
             self._describe(plan_, req, HOST_TIER, cost, load, len(reqs))
 
@@ -451,7 +444,7 @@ class CacheFlowController:
                 req.evicted_tokens,
                 load,
                 rp.shape,
-                _work(plan_, rid),
+                rp.work_s(),
                 alone=not busy and len(reqs) == 1,
             )
             while len(self.storage_plans) > _MAX_TRACKED:
