@@ -120,11 +120,9 @@ def test_restores_from_host_and_redis_match_no_cache(
     reference, cacheflow = servers
     ref, got = _conversations([reference, cacheflow], seed=1)
     _assert_same(ref, got)
-    cached = [r["meta_info"].get("cached_tokens_details") or {} for r in got]
-    assert any(c.get("host", 0) > 0 for c in cached), cached
-    # Redis restores are asserted on the metrics below: SGLang's own "storage" figure in
-    # cached_tokens_details is dropped when it re-issues a lookup ("device prefix shrank
-    # before admission"), although the prefetch loaded the pages.
+    # Restores are asserted on the project's metrics below, not on SGLang's own
+    # cached_tokens_details: SGLang drops its "host"/"storage" figures when it re-issues a
+    # lookup ("device prefix shrank before admission"), although the pages were loaded.
     m = _metrics(cacheflow)
     restored = "sglang:cacheflow_restored_tokens_total"
     assert _m(m, restored, action="load", tier="host") > 0, m
