@@ -31,13 +31,19 @@ POLICIES = ("recompute", "load", "cacheflow")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="tiny, smollm2 or a model folder")
-    parser.add_argument("--links", default="8mbps+1ms,40mbps+1ms,1gbps+1ms")
+    parser.add_argument("--model", default="smollm2", help="smollm2, tiny or a model folder")
+    parser.add_argument("--dtype", default="float32", help="SGLang --dtype of the server")
+    parser.add_argument(
+        "--links",
+        default="50mbps+1ms,100mbps+1ms,1gbps+1ms",
+        help="emulated L3 links; the defaults put SmolLM2 (fp32, 512 tokens) on either side "
+        "of, and at, the link where neither pure mode wins (b)",
+    )
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--conversations", type=int, default=8)
-    parser.add_argument("--prefix", type=int, default=768, help="tokens of each conversation")
+    parser.add_argument("--prefix", type=int, default=512, help="tokens of each conversation")
     parser.add_argument("--new", type=int, default=16, help="new tokens of a returning turn")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds of each phase")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of each phase")
     parser.add_argument(
         "--hicache-ratio",
         type=float,
@@ -82,6 +88,25 @@ def _flush(server: Any) -> None:
             time.sleep(0.2)
 
 
+def _wait_for_backups(url: str, settle_s: float = 2.0, limit_s: float = 600.0) -> None:
+    """HiCache writes through to Redis in the background, at the emulated link's rate: wait
+    until the number of stored keys has not changed for ``settle_s``, so that every phase
+    finds the whole prefixes in L3 (a slow link takes tens of seconds)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + limit_s
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        size = int(client.dbsize())
+        if size != last:
+            last, since = size, time.monotonic()
+        elif time.monotonic() - since >= settle_s:
+            break
+        time.sleep(0.25)
+    client.close()
+
+
 def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[str, Any]:
     from sglang_cacheflow.testing.redis import RedisServer
     from sglang_cacheflow.testing.server import SGLangServer
@@ -100,7 +125,7 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             # the nominal link rate as the prior; calibration refines it from the page reads
             "prior": {"redis_GBps": LinkShape.parse(link).bandwidth_bytes_per_s / 1e9},
         }
-        flags = ["--dtype", "float32", "--page-size", "16", "--max-total-tokens", str(total)]
+        flags = ["--dtype", args.dtype, "--page-size", "16", "--max-total-tokens", str(total)]
         flags += [
             "--hicache-ratio",
             str(args.hicache_ratio),
@@ -118,7 +143,7 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             for ids in convs:
                 server.generate(input_ids=ids, max_new_tokens=1)
                 server.generate(input_ids=ids, max_new_tokens=1)
-            time.sleep(1.0)  # let the backups to Redis finish
+            _wait_for_backups(redis_server.url)
             single: list[float] = []
             together: list[float] = []
             details: list[dict[str, Any]] = []
@@ -165,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| L3 link | policy | (a) one at a time: mean TTFT | (b) 8 together: mean TTFT |")
+    n = args.conversations
+    print(f"| L3 link | policy | (a) one at a time: mean TTFT | (b) {n} together: mean TTFT |")
     print("| --- | --- | --- | --- |")
     for row in rows:
         print(
