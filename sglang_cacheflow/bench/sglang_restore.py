@@ -88,10 +88,12 @@ def _flush(server: Any) -> None:
             time.sleep(0.2)
 
 
-def _wait_for_backups(url: str, settle_s: float = 2.0, limit_s: float = 600.0) -> None:
-    """HiCache writes through to Redis in the background, at the emulated link's rate: wait
-    until the number of stored keys has not changed for ``settle_s``, so that every phase
-    finds the whole prefixes in L3 (a slow link takes tens of seconds)."""
+def _wait_for_backups(url: str, settle_s: float = 5.0, limit_s: float = 600.0) -> None:
+    """HiCache writes through to Redis in the background, at the emulated link's rate (tens
+    of seconds on a slow link): wait until the number of stored keys has not changed for
+    ``settle_s``, longer than one conversation's backup takes at the default links, so that
+    every phase finds the whole prefixes in L3. The ``/flush_cache`` that starts each phase
+    also waits for HiCache transfers still in flight."""
     import redis
 
     client = redis.Redis.from_url(url)
