@@ -22,9 +22,10 @@ from sglang_cacheflow.planner.capabilities import RUNTIME, Capabilities
 from sglang_cacheflow.planner.cost import CostModel
 from sglang_cacheflow.planner.plan import COMPUTE, Plan, RequestPlan, Step
 from sglang_cacheflow.planner.request import Request
-from sglang_cacheflow.planner.shapes import LOAD_FRONT, TOKEN, Outcome, Shape, Shaper
+from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Outcome, Shape, Shaper
 
 POLICIES = ("recompute", "load", "cake", "cacheflow")
+SHAPE_KINDS = (TOKEN, LAYER, LOAD_FRONT)
 
 Chooser = Callable[[Shaper, float, dict[str, float]], tuple[Shape, Outcome]]
 
@@ -48,6 +49,22 @@ def _cake(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
 
 def _best(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
     return s.best(tc, io)
+
+
+def _forced(kind: str, recompute: float) -> Chooser:
+    """Every request takes ``kind`` with about ``recompute`` of its span recomputed (the
+    nearest split point; the fraction is of tokens, or of layers for a layer split)."""
+
+    def choose(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
+        if kind == LAYER:
+            split = round(recompute * s.L)
+        else:
+            want = recompute * s.evicted if kind == TOKEN else (1 - recompute) * s.evicted
+            split = min(s.grid, key=lambda g: (abs(g - want), g))
+        shape = Shape(kind, split)
+        return shape, s.run(shape, tc, io)
+
+    return choose
 
 
 Schedule = tuple[float, float, list[tuple[Shaper, Shape]]]  # (sum TTFT, makespan, shapes)
@@ -123,6 +140,7 @@ def plan(
     capabilities: Capabilities = RUNTIME,
     chunk_tokens: int = 256,
     busy: Mapping[str, float] | None = None,
+    force: tuple[str, float] | None = None,
 ) -> Plan:
     """Plan one scheduling round: which evicted tokens and layers to recompute or load, when.
 
@@ -130,8 +148,11 @@ def plan(
     to the seconds of work they still owe earlier rounds: an executor that plans arrivals as
     they come passes the previous plan's :attr:`~Plan.owed_s` (less the time gone by), so that
     a request arriving behind a queue of recomputes can load instead. Times in the plan count
-    from now, waits included. Raises ``ValueError`` for an unknown policy, a policy
-    the executor cannot run, or requests naming a tier the cost model does not know.
+    from now, waits included. ``force=(kind, fraction)`` overrides the policy's choice for
+    tests and experiments: every request takes shape ``kind`` (``token``, ``layer`` or
+    ``load_front``) with about ``fraction`` of its span recomputed. Raises ``ValueError`` for
+    an unknown policy, a policy or forced shape the executor cannot run, or requests naming
+    a tier the cost model does not know.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -143,13 +164,17 @@ def plan(
         )
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if force is not None:
+        check_forced_shape(*force, capabilities)
     ids = [r.id for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError(f"request ids must be unique, got {ids}")
 
     t0 = time.perf_counter()
     shapers = [Shaper(r, cost, capabilities, chunk_tokens) for r in requests]
-    if policy == "recompute":
+    if force is not None:
+        best = _schedule(shapers, _forced(*force), busy)
+    elif policy == "recompute":
         best = _schedule(shapers, _recompute_all, busy)
     elif policy == "load":
         best = _schedule(shapers, _load_all, busy)
@@ -164,9 +189,10 @@ def plan(
         ]
         if capabilities.token_split:
             candidates.append(_schedule(shapers, _cake, busy))
-        if not (capabilities.token_split or capabilities.layer_split):
-            # A request cannot overlap its own load with its own recompute, so the overlap
-            # must come from different requests doing different things.
+        if not capabilities.layer_split:
+            # Where a request can overlap its own load and recompute only in part (or not
+            # at all), overlap also comes from different requests doing different things:
+            # some load while the others recompute.
             candidates += _request_splits(shapers, busy)
         best = min(candidates, key=lambda c: (c[0], c[1]))
     served, owed = _emit(best[2], cost.shape.num_layers, busy)
@@ -178,6 +204,22 @@ def plan(
         order=tuple(served),
         owed_s=owed,
     )
+
+
+def check_forced_shape(kind: str, recompute: float, capabilities: Capabilities) -> None:
+    """Refuse a forced shape the executor cannot run, or a fraction outside [0, 1]."""
+    if kind not in SHAPE_KINDS:
+        raise ValueError(f"unknown shape {kind!r}; choose one of {', '.join(SHAPE_KINDS)}")
+    runnable = {
+        TOKEN: capabilities.token_split,
+        LAYER: capabilities.layer_split,
+        LOAD_FRONT: capabilities.load_front,
+    }
+    if not runnable[kind]:
+        able = ", ".join(k for k in SHAPE_KINDS if runnable[k])
+        raise ValueError(f"this executor cannot run a {kind} split; it runs: {able}")
+    if not 0.0 <= recompute <= 1.0:
+        raise ValueError(f"the recomputed fraction must be within [0, 1], got {recompute}")
 
 
 def _emit(

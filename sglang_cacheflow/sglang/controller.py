@@ -55,6 +55,7 @@ from sglang_cacheflow.planner import (
 from sglang_cacheflow.planner.capabilities import SGLANG
 from sglang_cacheflow.sglang.flags import CacheFlowConfig
 from sglang_cacheflow.sglang.metrics import RestoreMetrics
+from sglang_cacheflow.sglang.split import SplitReader, SplitRestore, new_staging, splice
 from sglang_cacheflow.sglang.tp import reduce_round
 
 __all__ = ["HOST_TIER", "L3_TIER", "CacheFlowController", "current_controller"]
@@ -92,6 +93,19 @@ class Decision:
     shape: str
     work: dict[str, float]  # planned seconds per resource, owed until it has run
     alone: bool = False  # planned with nothing else owed: its restore time is its own
+    split: SplitRestore | None = None  # Cake's order: the back is read while the front computes
+
+
+def token_split(plan_: Plan, req: Request) -> int | None:
+    """Tokens of ``req``'s span the plan recomputes before the loaded back (Cake's order), or
+    None when the plan does not split the span that way (load-front, all or nothing)."""
+    loads = [s for s in plan_.requests[req.id].steps if s.action is Action.LOAD]
+    if not loads:
+        return None
+    start = min(s.start for s in loads)
+    if start <= req.device_tokens or max(s.end for s in loads) < req.evicted_end:
+        return None
+    return start - req.device_tokens
 
 
 def prior_cost(cfg: CacheFlowConfig, shape: ModelShape) -> CostModel:
@@ -150,6 +164,8 @@ class CacheFlowController:
         self.l3_overhead_s = 0.0
         self._owed: dict[str, float] = {}  # seconds of planned work per resource ...
         self._owed_at = 0.0  # ... as of this perf_counter time
+        self.splits: dict[str, Decision] = {}  # split restores not yet spliced, by rid
+        self.reader = SplitReader()
         self._log = logger.info if cfg.log_decisions else logger.debug
 
     # -- cost model ----------------------------------------------------------------------
@@ -241,7 +257,9 @@ class CacheFlowController:
         self.metrics.planned(plan_.policy, rp.shape)
 
     def _plan(self, reqs: list[Request], cost: CostModel, busy: dict[str, float]) -> Plan:
-        return plan(reqs, cost, self.cfg.policy, SGLANG, self.cfg.chunk_tokens, busy)
+        return plan(
+            reqs, cost, self.cfg.policy, SGLANG, self.cfg.chunk_tokens, busy, self.cfg.force
+        )
 
     def _align(self, tokens: int) -> int:
         return tokens - tokens % self.page_size
@@ -252,11 +270,14 @@ class CacheFlowController:
         """Plan the host hits of the requests SGLang is about to consider for admission."""
         self.host_caps = {}
         self._round = {}
-        self._drop_stale(scheduler.waiting_queue)
+        self._drop_stale(scheduler.waiting_queue, getattr(scheduler, "chunked_req", None))
         cache = self.cache
         cands = []
         for req in list(scheduler.waiting_queue)[: self.cfg.max_round_requests]:
             if req.finished():
+                continue
+            if req.rid in self.splits:  # its front is recomputed first (Cake's order)
+                self.host_caps[req.rid] = 0
                 continue
             if req.rid in self.storage_plans:
                 if self.cfg.policy == "recompute":  # no reuse of evicted KV, on host either
@@ -282,11 +303,17 @@ class CacheFlowController:
         if not reqs:
             return
         plan_ = self._plan(reqs, cost, busy)
+        by_rid = {r.rid: r for r in cands}
         for req in reqs:
             load = min(self._align(_loaded_tokens(plan_, req.id)), req.evicted_tokens)
-            self.host_caps[req.id] = load
             rp = plan_.requests[req.id]
-            self._round[req.id] = Decision(
+            split = None
+            front = token_split(plan_, req)
+            if front is not None:
+                split = self._start_host_split(by_rid[req.id], req, front)
+                load = split.tokens if split is not None else 0
+            self.host_caps[req.id] = 0 if front is not None else load
+            d = Decision(
                 req.id,
                 HOST_TIER,
                 now,
@@ -295,20 +322,26 @@ class CacheFlowController:
                 load,
                 rp.shape,
                 rp.work_s(),
+                split=split,
             )
+            self._round[req.id] = d
+            if split is not None:
+                self.splits[req.id] = d
             self._describe(plan_, req, HOST_TIER, cost, load, len(reqs))
 
-    def _drop_stale(self, waiting: Sequence[Any]) -> None:
-        """Forget L3 decisions of requests that left the queue without being admitted (an
-        abort): they would keep the owed work from being cleared."""
+    def _drop_stale(self, waiting: Sequence[Any], chunked: Any = None) -> None:
+        """Forget decisions of requests that left the queue without being admitted (an
+        abort): they would keep the owed work from being cleared, and a split restore would
+        keep its staging memory and its host pages locked."""
         now = time.perf_counter()
-        queued = {r.rid for r in waiting}
-        for rid in [
-            rid
-            for rid, d in self.storage_plans.items()
-            if rid not in queued and now - d.t0 > _STALE_S
-        ]:
-            del self.storage_plans[rid]
+        live = {r.rid for r in waiting}
+        if chunked is not None:
+            live.add(chunked.rid)
+        for plans in (self.storage_plans, self.splits):
+            for rid in [r for r, d in plans.items() if r not in live and now - d.t0 > _STALE_S]:
+                d = plans.pop(rid)
+                if d.split is not None:
+                    d.split.close()
 
     def end_admission(self, new_batch: Any) -> None:
         """Count what the admitted requests restored; caps end with the round."""
@@ -319,8 +352,17 @@ class CacheFlowController:
         now = time.perf_counter()
         for req in new_batch.reqs:
             d = round_.get(req.rid)
+            if d is None and req.rid in self.splits and req.rid not in self.pending:
+                d = self.splits[req.rid]  # a split planned in an earlier round, admitted now
+                if d.tier == L3_TIER:
+                    self.storage_plans.pop(req.rid, None)
+                    self._track(d)
+                    continue
             if d is not None:  # admitted: its planned work is now owed (not re-planned)
                 self._owe(d.work, now)
+                if d.split is not None:  # counted at the splice
+                    self._track(d)
+                    continue
                 loaded = min(req.host_loaded_length, d.evicted)
                 self.metrics.restored("load", HOST_TIER, loaded)
                 self.metrics.restored("recompute", HOST_TIER, d.evicted - loaded)
@@ -330,6 +372,9 @@ class CacheFlowController:
                 continue
             d = self.storage_plans.pop(req.rid, None)
             if d is None:
+                continue
+            if d.split is not None:  # counted at the splice
+                self._track(d)
                 continue
             from_l3 = min(int(getattr(req, "storage_hit_length", 0) or 0), d.evicted)
             self.metrics.restored("load", L3_TIER, from_l3)
@@ -366,6 +411,8 @@ class CacheFlowController:
             return
         now = time.perf_counter()
         for req in batch.reqs:
+            if req.rid in self.splits:  # the first chunk of a split: the restore goes on
+                continue
             d = self.pending.pop(req.rid, None)
             if d is None:
                 continue
@@ -378,7 +425,7 @@ class CacheFlowController:
                 "cacheflow restore rid=%s done: measured %.2f ms, predicted %.2f ms (%s)",
                 d.rid, measured * 1e3, d.predicted_s * 1e3, d.shape,
             )  # fmt: skip
-        if not self.pending and not self.storage_plans:
+        if not self.pending and not self.storage_plans and not self.splits:
             # every planned restore has run: nothing is owed, whatever the predictions said
             self._owed = {}
 
@@ -405,12 +452,16 @@ class CacheFlowController:
     def plan_prefetches(self, calls: list[dict[str, Any]]) -> None:
         cache = self.cache
         probed: list[tuple[dict[str, Any], int]] = []
+        keys: dict[str, list[str]] = {}
         for call in calls:
-            hit = cache.cacheflow_storage_hit(call)
-            if hit is None:  # SGLang will decline or dedupe it: let it
+            if call["request"].rid in self.splits:  # its restore is under way already
+                continue
+            found = cache.cacheflow_storage_hit(call)
+            if found is None:  # SGLang will decline or dedupe it: let it
                 cache.cacheflow_issue_prefetch(call)
             else:
-                probed.append((call, hit))
+                probed.append((call, found[0]))
+                keys[call["request"].rid] = found[1]
         if not probed:
             return
         now = time.perf_counter()
@@ -436,7 +487,12 @@ class CacheFlowController:
             req = next(r for r in reqs if r.id == rid)
             load = min(self._align(_loaded_tokens(plan_, rid)), req.evicted_tokens)
             rp = plan_.requests[rid]
-            self.storage_plans[rid] = Decision(
+            split = None
+            front = token_split(plan_, req)
+            if front is not None:  # the reader brings the back; SGLang prefetches nothing
+                split = self._start_l3_split(req, front, keys[rid])
+                load = split.tokens if split is not None else 0
+            d = self.storage_plans[rid] = Decision(
                 rid,
                 L3_TIER,
                 now,
@@ -446,12 +502,112 @@ class CacheFlowController:
                 rp.shape,
                 rp.work_s(),
                 alone=not busy and len(reqs) == 1,
+                split=split,
             )
+            if split is not None:
+                self.splits[rid] = d
             while len(self.storage_plans) > _MAX_TRACKED:
                 self.storage_plans.popitem(last=False)
             self._describe(plan_, req, L3_TIER, cost, load, len(reqs))
-            if load > 0:
+            if load > 0 and front is None:
                 call = dict(by_id[rid])
                 call["new_input_tokens"] = call["new_input_tokens"][:load]
                 call["storage_hit_end"] = None
                 cache.cacheflow_issue_prefetch(call)
+
+    # -- split restores (Cake's order) ---------------------------------------------------
+
+    def _start_l3_split(self, req: Request, front: int, keys: list[str]) -> SplitRestore | None:
+        """Start reading the back of ``req``'s L3 span (the pages after ``front`` tokens)."""
+        storage = self.cache.cacheflow_storage()
+        page = self.page_size
+        back = keys[front // page : req.evicted_tokens // page]
+        if storage is None or len(back) * page != req.evicted_tokens - front:
+            self._split_unavailable(req, f"{len(back)} page keys, L3 backend {storage}")
+            return None
+        lay = storage.ns.layout
+        staging = new_staging(
+            len(back), lay.num_layers, page, lay.kv_heads, lay.head_dim, lay.dtype
+        )
+        sp = SplitRestore(
+            req.id, L3_TIER, req.device_tokens + front, len(back) * page, page, staging
+        )
+        self.reader.submit(sp, lambda lo, hi: storage.read_pages(back[lo:hi], staging[lo:hi]))
+        return sp
+
+    def _start_host_split(self, sreq: Any, req: Request, front: int) -> SplitRestore | None:
+        """Start copying the back of ``sreq``'s host hit (after ``front`` tokens) to staging;
+        its host pages stay locked until the splice."""
+        cache = self.cache
+        node = sreq.best_match_node
+        host = cache.cacheflow_host_pages(node)
+        page = self.page_size
+        if host is None or len(host[1]) < req.evicted_tokens:
+            self._split_unavailable(
+                req, f"host pages of the hit not found ({host and len(host[1])})"
+            )
+            return None
+        pool, indices = host
+        starts = indices[front : req.evicted_tokens : page].tolist()
+        from sglang_cacheflow.sglang.storage import canonical_page_view
+
+        first = canonical_page_view(pool, int(starts[0]))
+        staging = new_staging(len(starts), *first.shape[:1], page, *first.shape[3:], first.dtype)
+        unlock = cache.inc_host_lock_ref(node).to_dec_params()
+        sp = SplitRestore(
+            req.id, HOST_TIER, req.device_tokens + front, len(starts) * page, page, staging,
+            release=lambda: cache.dec_host_lock_ref(node, unlock),
+        )  # fmt: skip
+
+        def read(lo: int, hi: int) -> list[bool]:
+            for i in range(lo, hi):
+                staging[i].copy_(canonical_page_view(pool, int(starts[i])))
+            return [True] * (hi - lo)
+
+        self.reader.submit(sp, read)
+        return sp
+
+    def _split_unavailable(self, req: Request, why: str) -> None:
+        tier = req.spans[0].tier
+        self.metrics.fallback("split_unavailable", tier, req.evicted_tokens)
+        logger.warning(
+            "cacheflow: rid=%s: split restore from %s not possible (%s); recomputing its %d "
+            "tokens", req.id, tier, why, req.evicted_tokens,
+        )  # fmt: skip
+
+    def split_cut(self, rid: str) -> int | None:
+        """Where ``rid``'s first chunk must end (its recomputed front), if it is a split."""
+        d = self.splits.get(rid)
+        return d.split.cut if d is not None and d.split is not None else None
+
+    def after_checkpoint(self, req: Any, tree_cache: Any) -> None:
+        """SGLang checkpointed a chunk of ``req``: if it ends a split restore's front, splice
+        the loaded back in (:func:`~sglang_cacheflow.sglang.split.splice`) and count it."""
+        d = self.splits.get(req.rid)
+        if d is None or d.split is None or req.prefix_len < d.split.cut:
+            return
+        del self.splits[req.rid]
+        sp = d.split
+        try:
+            if req.prefix_len > sp.cut:  # the front ran past the cut: nothing to splice
+                got, waited, reason = 0, 0.0, "split_cut_missed"
+            else:
+                res = splice(sp, req, tree_cache, self.cfg.split_wait_s, self.tp_group)
+                got, waited, reason = res.tokens, res.waited_s, res.reason
+        finally:
+            sp.close()
+        if sp.tier == HOST_TIER and got:
+            self.observe_transfer(HOST_TIER, got * self.shape.kv_bytes_per_token, sp.read_s)
+        self.metrics.restored("load", sp.tier, got)
+        self.metrics.restored("recompute", sp.tier, d.evicted - got)
+        self._log(
+            "cacheflow split rid=%s: recomputed %d, loaded %d of %d from %s (read %.2f ms, "
+            "waited %.2f ms at the splice)", req.rid, d.evicted - sp.tokens, got, sp.tokens,
+            sp.tier, sp.read_s * 1e3, waited * 1e3,
+        )  # fmt: skip
+        if got < sp.tokens:
+            self.metrics.fallback(reason or "split_short", sp.tier, sp.tokens - got)
+            logger.warning(
+                "cacheflow: rid=%s got %d of the %d tokens planned from %s (%s: %s); "
+                "recomputing the rest", req.rid, got, sp.tokens, sp.tier, reason, sp.error,
+            )  # fmt: skip

@@ -46,7 +46,6 @@ ENV_CONFIG = "SGLANG_CACHEFLOW_CONFIG"
 """Environment variable carrying the validated configuration (JSON) to SGLang's processes."""
 
 POLICY_CHOICES = ("cacheflow", "cake", "load", "recompute")
-RUNNABLE_POLICIES = ("cacheflow", "load", "recompute")
 
 FLAG_ENABLE = "--enable-cacheflow"
 FLAG_POLICY = "--cacheflow-policy"
@@ -79,6 +78,11 @@ class CacheFlowConfig:
     ``calibrate``: refit the cost model from measured forwards and transfers.
     ``max_round_requests``: waiting requests considered per scheduling round.
     ``log_decisions``: log each restore decision at INFO instead of DEBUG.
+    ``split_wait_s``: longest wait of the scheduler, at a split restore's splice, for the back
+    still being read (what has landed by then is used, the rest recomputed).
+    ``force_shape`` / ``force_recompute``: tests and experiments: every restore takes this
+    shape (``token``: Cake's order, ``load_front``) with about this fraction of its evicted
+    span recomputed (0: load all, 1: recompute all), whatever the policy.
     """
 
     policy: str = "cacheflow"
@@ -90,6 +94,14 @@ class CacheFlowConfig:
     calibrate: bool = True
     max_round_requests: int = 64
     log_decisions: bool = False
+    split_wait_s: float = 30.0
+    force_shape: str | None = None
+    force_recompute: float = 0.5
+
+    @property
+    def force(self) -> tuple[str, float] | None:
+        """The planner's ``force`` argument."""
+        return (self.force_shape, self.force_recompute) if self.force_shape else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -125,6 +137,9 @@ _CONFIG_KEYS = {
     "calibrate": (bool,),
     "max_round_requests": (int,),
     "log_decisions": (bool,),
+    "split_wait_s": (int, float),
+    "force_shape": (str, type(None)),
+    "force_recompute": (int, float),
 }
 
 
@@ -134,12 +149,6 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
     if policy not in POLICY_CHOICES:
         raise ConfigError(
             f"{FLAG_POLICY} {policy!r} is unknown; choose one of {', '.join(POLICY_CHOICES)}"
-        )
-    if policy not in RUNNABLE_POLICIES:
-        raise ConfigError(
-            f"{FLAG_POLICY} {policy!r} recomputes the front of a span while loading its back, "
-            "which SGLang 0.5.23's extend cannot run yet (it needs the prefix on device before "
-            f"the extend); use one of {', '.join(RUNNABLE_POLICIES)}"
         )
     if config is None or config == "":
         data: dict[str, Any] = {}
@@ -199,6 +208,16 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
         raise ConfigError(
             f"{FLAG_CONFIG}: max_round_requests must be >= 1, got {data['max_round_requests']}"
         )
+    if data.get("split_wait_s", 1.0) <= 0:
+        raise ConfigError(f"{FLAG_CONFIG}: split_wait_s must be > 0, got {data['split_wait_s']}")
+    if data.get("force_shape") is not None:
+        from sglang_cacheflow.planner.capabilities import SGLANG
+        from sglang_cacheflow.planner.policies import check_forced_shape
+
+        try:
+            check_forced_shape(data["force_shape"], data.get("force_recompute", 0.5), SGLANG)
+        except ValueError as e:
+            raise ConfigError(f"{FLAG_CONFIG}: force_shape: {e}") from None
     prior = dict(_PRIOR_KEYS)
     for key, value in data.get("prior", {}).items():
         if key not in _PRIOR_KEYS:
@@ -221,6 +240,9 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
         calibrate=bool(data.get("calibrate", True)),
         max_round_requests=int(data.get("max_round_requests", 64)),
         log_decisions=bool(data.get("log_decisions", False)),
+        split_wait_s=float(data.get("split_wait_s", 30.0)),
+        force_shape=data.get("force_shape"),
+        force_recompute=float(data.get("force_recompute", 0.5)),
     )
 
 

@@ -8,8 +8,12 @@ process) does, lazily (each when SGLang imports the module concerned):
   (:func:`sglang_cacheflow.sglang.flags.handle_launcher_argv`);
 - ``sglang.srt.mem_cache.registry``: registers the radix cache backend ``cacheflow``;
 - ``sglang.srt.managers.scheduler``: wraps ``Scheduler.process_input_requests`` (arrivals:
-  batch-planned L3 prefetches) and ``Scheduler._get_new_batch_prefill_raw`` (admission:
-  batch-planned host hits);
+  batch-planned L3 prefetches), ``Scheduler._get_new_batch_prefill_raw`` (admission:
+  batch-planned host hits) and ``Scheduler.stash_chunked_request`` (a split restore's front
+  is checkpointed: splice its loaded back in);
+- ``sglang.srt.managers.schedule_policy``: wraps ``PrefillAdder._select_prefill_admission``
+  and ``PrefillAdder.add_chunked_req`` so that a split restore's first chunk ends where its
+  recomputed front ends (one chunked request at a time, as SGLang runs them);
 - ``sglang.srt.managers.tp_worker``: times ``TpModelWorker.forward_batch_generation`` (extend
   forwards calibrate the compute cost; the end of a request's first forward ends its restore);
 - ``sglang.srt.managers.cache_controller``: times ``HiCacheController.start_loading``
@@ -144,10 +148,84 @@ def _wrap_get_new_batch_prefill_raw(original: Callable[..., Any]) -> Callable[..
     return _get_new_batch_prefill_raw
 
 
+def _wrap_stash_chunked_request(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def stash_chunked_request(self: Any, req: Any) -> Any:
+        out = original(self, req)
+        ctl = _ctl()
+        if ctl is not None and ctl.splits:
+            ctl.after_checkpoint(req, self.tree_cache)
+        return out
+
+    return stash_chunked_request
+
+
+def _wrap_prefetch_after_device_hit_loss(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _prefetch_after_device_hit_loss(self: Any, req: Any) -> bool:
+        ctl = _ctl()
+        if ctl is not None and req.rid in ctl.host_caps:
+            # The match shrank because the plan capped its host hit, not because device
+            # KV was evicted: there is nothing new to look up in L3.
+            req.storage_prefetch_last_match_len = req.prefix_len + req.host_hit_length
+            return False
+        return bool(original(self, req))
+
+    return _prefetch_after_device_hit_loss
+
+
 def _patch_scheduler(module: ModuleType) -> None:
     cls = module.Scheduler
+    cls._prefetch_after_device_hit_loss = _wrap_prefetch_after_device_hit_loss(
+        cls._prefetch_after_device_hit_loss
+    )
     cls.process_input_requests = _wrap_process_input_requests(cls.process_input_requests)
     cls._get_new_batch_prefill_raw = _wrap_get_new_batch_prefill_raw(cls._get_new_batch_prefill_raw)
+    cls.stash_chunked_request = _wrap_stash_chunked_request(cls.stash_chunked_request)
+
+
+# -- split restores: the first chunk ends at the cut -------------------------------------
+
+
+def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleType) -> Any:
+    admission_cls, other = module._PrefillAdmission, module.AddReqResult.OTHER
+
+    @functools.wraps(original)
+    def _select_prefill_admission(self: Any, req: Any, **kwargs: Any) -> Any:
+        admission = original(self, req, **kwargs)
+        ctl = _ctl()
+        if ctl is None or not ctl.splits or not isinstance(admission, admission_cls):
+            return admission
+        cut = ctl.split_cut(req.rid)
+        start = admission.prefix_len
+        if cut is None or not start < cut < start + admission.extend_len:
+            return admission
+        if kwargs.get("has_chunked_req") or self.new_chunked_req is not None:
+            return other  # SGLang runs one chunked request at a time: wait for it
+        return admission_cls(start, cut - start, 0, True, admission.replay_len)
+
+    return _select_prefill_admission
+
+
+def _wrap_add_chunked_req(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def add_chunked_req(self: Any, req: Any) -> Any:
+        ctl = _ctl()
+        cut = ctl.split_cut(req.rid) if ctl is not None and ctl.splits else None
+        if cut is not None and req.prefix_len < cut:  # a long front takes several chunks
+            limit = cut - req.prefix_len
+            self.chunked_req_limit = min(self.chunked_req_limit or limit, limit)
+        return original(self, req)
+
+    return add_chunked_req
+
+
+def _patch_schedule_policy(module: ModuleType) -> None:
+    cls = module.PrefillAdder
+    cls._select_prefill_admission = _wrap_select_prefill_admission(
+        cls._select_prefill_admission, module
+    )
+    cls.add_chunked_req = _wrap_add_chunked_req(cls.add_chunked_req)
 
 
 # -- timings ----------------------------------------------------------------------------
@@ -219,5 +297,6 @@ def install() -> None:
     handle_launcher_argv()
     when_imported("sglang.srt.mem_cache.registry", _register_backend)
     when_imported("sglang.srt.managers.scheduler", _patch_scheduler)
+    when_imported("sglang.srt.managers.schedule_policy", _patch_schedule_policy)
     when_imported("sglang.srt.managers.tp_worker", _patch_tp_worker)
     when_imported("sglang.srt.managers.cache_controller", _patch_cache_controller)

@@ -50,13 +50,27 @@ class CacheFlowRedisStorage(RedisHiCacheStorage):
     ) -> list[bool]:
         start = time.perf_counter()
         ok = super().batch_get_v1(keys, host_indices, extra_info)
-        seconds = time.perf_counter() - start
+        self._report(sum(ok), time.perf_counter() - start)
+        return ok
+
+    def read_pages(self, keys: list[str], pages: torch.Tensor) -> list[bool]:
+        """Read ``keys`` into ``pages`` (pages, layers, 2, tokens, heads, dim), e.g. a split
+        restore's staging memory, through the link the tier is seen through; one bool per
+        page (a missing or corrupted page is False). Timed for calibration like prefetches."""
+        ns = self.ns
+        if ns is None:
+            raise RuntimeError("register_mem_pool_host() must be called before any I/O")
+        start = time.perf_counter()
+        ok = self.tier.batch_get_into(ns, keys, list(pages))
+        self._report(sum(ok), time.perf_counter() - start)
+        return ok
+
+    def _report(self, pages: int, seconds: float) -> None:
         from sglang_cacheflow.sglang.controller import current_controller
 
         ctl = current_controller()
         if ctl is not None and self.ns is not None:
-            ctl.observe_transfer(L3_TIER, sum(ok) * self.ns.layout.page_bytes, seconds)
-        return ok
+            ctl.observe_transfer(L3_TIER, pages * self.ns.layout.page_bytes, seconds)
 
     def clear(self) -> bool:
         if self.ns is not None:

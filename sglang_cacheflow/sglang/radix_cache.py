@@ -113,9 +113,10 @@ class CacheFlowRadixCache(UnifiedRadixCache):
             self._issued_hits += 1
         return out
 
-    def cacheflow_storage_hit(self, call: dict[str, Any]) -> int | None:
-        """Tokens of ``call``'s span this rank's L3 holds (a prefix of whole pages), or None
-        when SGLang would not look it up (too short, rate limited, already in flight)."""
+    def cacheflow_storage_hit(self, call: dict[str, Any]) -> tuple[int, list[str]] | None:
+        """Tokens of ``call``'s span this rank's L3 holds (a prefix of whole pages) and the
+        storage keys of those pages, or None when SGLang would not look it up (too short,
+        rate limited, already in flight)."""
         request = call["request"]
         controller = self.cache_controller
         if (
@@ -146,12 +147,39 @@ class CacheFlowRadixCache(UnifiedRadixCache):
         tier = getattr(getattr(controller, "storage_backend", None), "redis_tier", None)
         errors = tier.stats.errors if tier is not None else 0
         try:
-            _, hit = controller._storage_hit_query(op)
+            keys, hit = controller._storage_hit_query(op)
             failed = tier is not None and tier.stats.errors > errors
         except Exception:
             logger.exception("cacheflow: L3 lookup failed for rid=%s", request.rid)
-            hit, failed = 0, True
+            keys, hit, failed = [], 0, True
         hit = int(hit) - int(hit) % self.page_size
         if failed and self.cacheflow is not None:
             self.cacheflow.lookup_failed(request.rid, len(key) - hit)
-        return hit
+        return hit, list(keys[: hit // self.page_size])
+
+    # -- split restores ------------------------------------------------------------------
+
+    def cacheflow_storage(self) -> Any:
+        """The project's L3 backend of this process
+        (:class:`~sglang_cacheflow.sglang.l3.CacheFlowRedisStorage`), or None."""
+        backend = getattr(self.cache_controller, "storage_backend", None)
+        if backend is None or getattr(backend, "ns", None) is None:
+            return None
+        return backend if hasattr(backend, "read_pages") else None
+
+    def cacheflow_host_pages(self, node: Any) -> tuple[Any, Any] | None:
+        """(host KV pool, host token indices) of the evicted path that ends at ``node``, from
+        its device ancestor on: where a host hit's KV is."""
+        pool = getattr(self.cache_controller, "mem_pool_host", None)
+        # a group of host pools (KV and auxiliary state): the KV pool is its anchor
+        pool = getattr(getattr(pool, "anchor_entry", None), "host_pool", pool)
+        if pool is None or not hasattr(pool, "get_data_page"):
+            return None
+        try:
+            transfer = self.tree_core.build_load_back_spec(node)[0]
+        except Exception:
+            logger.exception("cacheflow: no host pages for a split restore")
+            return None
+        if transfer is None or transfer.host_indices is None:
+            return None
+        return pool, transfer.host_indices

@@ -17,7 +17,7 @@ from sglang_cacheflow.planner import (
     plan,
     validate,
 )
-from sglang_cacheflow.planner.capabilities import RUNTIME, SGLANG
+from sglang_cacheflow.planner.capabilities import LOAD_FRONT_ONLY, RUNTIME, SGLANG
 from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Shape, Shaper
 
 from .strategies import cost_models, requests
@@ -168,13 +168,13 @@ def test_tensor_parallelism_divides_what_each_rank_loads():
 def test_cake_needs_an_executor_that_loads_the_back():
     req = Request("a", 0, (Span("host", 1024),), 8)
     with pytest.raises(ValueError, match="token_split"):
-        plan([req], llama8b(), "cake", SGLANG)
+        plan([req], llama8b(), "cake", LOAD_FRONT_ONLY)
 
 
-def test_sglang_plans_only_load_front_shapes():
+def test_load_front_executors_get_only_load_front_shapes():
     cost = llama8b(2e-9)
     reqs = [Request(f"r{i}", 0, (Span("host", 2048 * (i + 1)),), 64) for i in range(4)]
-    p = plan(reqs, cost, "cacheflow", SGLANG)
+    p = plan(reqs, cost, "cacheflow", LOAD_FRONT_ONLY)
     validate(p, reqs, 32)
     for r in reqs:
         steps = p.requests[r.id].steps
@@ -206,10 +206,10 @@ def test_busy_compute_turns_a_recompute_into_a_load():
     req = Request("late", 0, (Span("redis", n),), 16)
     tc = cost.recompute_s(0, n)
     # a little cheaper to recompute alone (the load also pays the link latency) ...
-    idle = plan([req], cost, "cacheflow", SGLANG)
+    idle = plan([req], cost, "cacheflow", LOAD_FRONT_ONLY)
     assert idle.requests["late"].shape == "recompute all"
     # ... but behind a compute queue of two recomputes, loading finishes first
-    busy = plan([req], cost, "cacheflow", SGLANG, busy={"compute": 2 * tc})
+    busy = plan([req], cost, "cacheflow", LOAD_FRONT_ONLY, busy={"compute": 2 * tc})
     validate(busy, [req], 32)
     assert busy.requests["late"].shape == "load all"
     assert busy.mean_ttft_s < 2 * tc + cost.recompute_s(0, n)
@@ -222,7 +222,7 @@ def test_steps_start_after_the_busy_clocks():
     reqs = [Request(f"r{i}", 0, (Span("redis", 2048),), 16) for i in range(3)]
     wait = {"compute": 0.05, "redis": 0.07}
     for policy in ("recompute", "load", "cacheflow"):
-        p = plan(reqs, cost, policy, SGLANG, busy=wait)
+        p = plan(reqs, cost, policy, LOAD_FRONT_ONLY, busy=wait)
         validate(p, reqs, 32)
         for rp in p.requests.values():
             for step in rp.steps:
@@ -244,17 +244,17 @@ def test_arrivals_planned_one_at_a_time_with_clocks_match_the_batch_plan():
     n = 2048
     cost = _balanced_redis(llama8b(2e-9), n)
     reqs = [Request(f"c{i}", 0, (Span("redis", n),), 16) for i in range(8)]
-    together = plan(reqs, cost, "cacheflow", SGLANG)
+    together = plan(reqs, cost, "cacheflow", LOAD_FRONT_ONLY)
     busy: dict[str, float] = {}
     ttfts = []
     for r in reqs:
-        p = plan([r], cost, "cacheflow", SGLANG, busy=busy)
+        p = plan([r], cost, "cacheflow", LOAD_FRONT_ONLY, busy=busy)
         ttfts.append(p.mean_ttft_s)
         busy = p.owed_s
     online = sum(ttfts) / len(ttfts)
     assert online <= 1.10 * together.mean_ttft_s
     for other in ("recompute", "load"):
-        assert online < 0.75 * plan(reqs, cost, other, SGLANG).mean_ttft_s
+        assert online < 0.75 * plan(reqs, cost, other, LOAD_FRONT_ONLY).mean_ttft_s
 
 
 def test_setup_time_delays_a_load_but_not_the_channel():
@@ -266,8 +266,8 @@ def test_setup_time_delays_a_load_but_not_the_channel():
         base.shape, base.compute, {"redis": TierCost(t.bandwidth_Bps, t.latency_s, 0.05)}
     )
     reqs = [Request(f"r{i}", 0, (Span("redis", 2048),), 16) for i in range(4)]
-    a = plan(reqs, base, "load", SGLANG)
-    b = plan(reqs, slow, "load", SGLANG)
+    a = plan(reqs, base, "load", LOAD_FRONT_ONLY)
+    b = plan(reqs, slow, "load", LOAD_FRONT_ONLY)
     validate(b, reqs, 32)
     assert b.owed_s["redis"] == pytest.approx(a.owed_s["redis"])  # the channel: no setup
     first = b.order[0]
@@ -276,3 +276,52 @@ def test_setup_time_delays_a_load_but_not_the_channel():
     )
     # pipelined: the setups overlap later loads, so 4 loads cost far less than 4 setups more
     assert b.makespan_s < a.makespan_s + 2 * 0.05
+
+
+def test_sglang_splits_one_balanced_request_in_cakes_order():
+    # One returning request alone on a balanced link: SGLang with the project's split restores
+    # recomputes the front while the back loads, far below either pure mode (about T*).
+    n = 4096
+    cost = _balanced_redis(llama8b(2e-9), n)
+    req = Request("alone", 0, (Span("redis", n),), 16)
+    p = plan([req], cost, "cacheflow", SGLANG)
+    validate(p, [req], 32)
+    assert p.requests["alone"].shape.startswith("token split")
+    steps = p.requests["alone"].steps
+    loads = [s for s in steps if s.action == "load"]
+    recomputes = [s for s in steps if s.action == "recompute"]
+    assert min(s.start for s in loads) == max(s.end for s in recomputes)  # front | back
+    assert max(s.end for s in loads) == n
+    best_pure = min(plan([req], cost, q, SGLANG).mean_ttft_s for q in ("load", "recompute"))
+    assert p.mean_ttft_s < 0.7 * best_pure
+    cake = plan([req], cost, "cake", SGLANG)
+    assert cake.requests["alone"].shape.startswith("token split")
+
+
+@pytest.mark.parametrize(
+    ("kind", "fraction", "shape"),
+    [
+        ("token", 0.5, "token split 1024+1024"),
+        ("token", 0.0, "load all"),
+        ("load_front", 0.25, "load front 1536+512"),
+        ("load_front", 1.0, "recompute all"),
+        ("layer", 0.5, "layer split 16/32"),
+    ],
+)
+def test_a_forced_shape_is_what_every_request_gets(kind: str, fraction: float, shape: str):
+    cost = llama8b(2e-9)
+    reqs = [Request(f"r{i}", 0, (Span("redis", 2048),), 16) for i in range(3)]
+    p = plan(reqs, cost, "cacheflow", RUNTIME if kind == "layer" else SGLANG,
+             chunk_tokens=256, force=(kind, fraction))  # fmt: skip
+    validate(p, reqs, 32)
+    assert {rp.shape for rp in p.requests.values()} == {shape}
+
+
+def test_a_forced_shape_the_executor_cannot_run_is_refused():
+    req = Request("a", 0, (Span("redis", 1024),), 8)
+    with pytest.raises(ValueError, match="cannot run a layer split; it runs: token, load_front"):
+        plan([req], llama8b(), "cacheflow", SGLANG, force=("layer", 0.5))
+    with pytest.raises(ValueError, match="within"):
+        plan([req], llama8b(), "cacheflow", SGLANG, force=("token", 1.5))
+    with pytest.raises(ValueError, match="unknown shape"):
+        plan([req], llama8b(), "cacheflow", SGLANG, force=("diagonal", 0.5))

@@ -44,7 +44,9 @@ def test_defaults_and_round_trip() -> None:
     ("policy", "config", "needle"),
     [
         ("fastest", None, "choose one of cacheflow, cake, load, recompute"),
-        ("cake", None, "use one of cacheflow, load, recompute"),
+        ("cake", '{"force_shape": "layer"}', "cannot run a layer split; it runs: token"),
+        ("cacheflow", '{"force_shape": "token", "force_recompute": 2}', "within [0, 1]"),
+        ("cacheflow", '{"split_wait_s": 0}', "split_wait_s must be > 0"),
         ("cacheflow", "{not json", "is not valid JSON"),
         ("cacheflow", "[1, 2]", "must be a JSON object"),
         ("cacheflow", '{"redis_uri": "redis://h:1"}', "unknown key(s) redis_uri; known keys"),
@@ -63,6 +65,13 @@ def test_bad_input_is_explained(policy: str, config: str | None, needle: str) ->
     with pytest.raises(ConfigError, match=None) as info:
         parse_config(policy, config)
     assert needle in str(info.value)
+
+
+def test_cake_runs_and_a_forced_shape_reaches_the_planner() -> None:
+    cfg = parse_config("cake", '{"force_shape": "token", "force_recompute": 0.25}')
+    assert cfg.policy == "cake" and cfg.force == ("token", 0.25)
+    assert CacheFlowConfig.from_json(cfg.to_json()) == cfg
+    assert parse_config(None, None).force is None
 
 
 def test_chunk_must_be_page_aligned() -> None:

@@ -1,0 +1,202 @@
+"""Cake's order inside SGLang: one request recomputes the front of its evicted span while the
+back of the same span is read from its tier, then the back is spliced into its KV slots.
+
+A *split restore* of a request whose evicted span is ``[d, d+E)`` with split ``s``:
+
+1. **plan** (controller): the planner chose a token split; :class:`SplitReader` starts
+   reading the pages of ``[d+s, d+E)`` from the tier (Redis, or the host pool) into
+   *staging* memory of this restore's own, page by page in order, in the background;
+2. **admission** (hooks around SGLang's ``PrefillAdder``): the request is admitted with a
+   first chunk that ends at ``cut = d+s``, so the forward recomputes ``[d, d+s)`` while the
+   reader runs;
+3. **splice** (:func:`splice`, right after SGLang checkpoints that chunk into the radix
+   tree, before the next batch is built): wait for the reader, allocate device slots for
+   the pages that landed, copy staging into them, write them into the request's
+   ``req_to_token`` row and checkpoint again, so the span is a device node of the tree (the
+   next turn of the conversation hits device memory) and the request's next chunk extends
+   its new tokens over the whole prefix.
+
+Who owns what, when: staging belongs to the :class:`SplitRestore` until the splice; device
+slots are allocated only at the splice, in the scheduler thread, and belong to the request's
+row from the moment they are written there (SGLang frees them with the request or hands them
+to the tree). A page that does not arrive (tier down, checksum failure, time-out) ends the
+loaded front there: the splice takes the pages before it and the extend recomputes the rest,
+so a failure never produces wrong KV, and the shortfall is counted as a fallback.
+
+Under tensor parallelism every rank reads its own heads' pages; the number of pages spliced
+is the MIN over the ranks (one ``all_reduce`` per split restore), so every rank extends the
+same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["SplitReader", "SplitRestore", "agree_pages", "splice", "write_pages"]
+
+logger = logging.getLogger("sglang_cacheflow.sglang")
+
+PAGES_PER_READ = 4
+"""Pages per tier read: the granularity at which a failure or a time-out cuts the front."""
+
+ReadPages = Callable[[int, int], list[bool]]
+"""``read(lo, hi)`` fills staging pages ``[lo, hi)``; one bool per page."""
+
+
+@dataclass
+class SplitRestore:
+    """One request's split restore: the back ``[cut, cut + tokens)`` of its span, in staging."""
+
+    rid: str
+    tier: str
+    cut: int  # absolute token position where the loaded back starts (page aligned)
+    tokens: int  # tokens planned to be loaded (whole pages)
+    page_tokens: int
+    staging: torch.Tensor  # (pages, layers, 2, page_tokens, heads, head_dim)
+    release: Callable[[], None] | None = None  # undo what protects the source (host lock)
+    landed_pages: int = 0  # pages [0, landed) are in staging
+    error: str | None = None
+    read_s: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+
+    @property
+    def pages(self) -> int:
+        return self.tokens // self.page_tokens
+
+    def close(self) -> None:
+        """Stop the reader and release the source; the staging memory goes with the object."""
+        self.cancelled = True
+        if self.release is not None:
+            release, self.release = self.release, None
+            release()
+
+
+class SplitReader:
+    """A background thread that reads the backs of split restores, one after another in the
+    order the plan serves them (the tier is one I/O channel in the plan)."""
+
+    def __init__(self, pages_per_read: int = PAGES_PER_READ) -> None:
+        self.pages_per_read = max(1, pages_per_read)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cacheflow-split")
+
+    def submit(self, sp: SplitRestore, read: ReadPages) -> None:
+        self._pool.submit(self._run, sp, read)
+
+    def _run(self, sp: SplitRestore, read: ReadPages) -> None:
+        start = time.perf_counter()
+        try:
+            for lo in range(0, sp.pages, self.pages_per_read):
+                if sp.cancelled:
+                    sp.error = sp.error or "cancelled"
+                    break
+                hi = min(sp.pages, lo + self.pages_per_read)
+                ok = read(lo, hi)
+                good = ok.index(False) if False in ok else len(ok)
+                sp.landed_pages = lo + good
+                if good < hi - lo:
+                    sp.error = f"page {lo + good} of {sp.pages} missing or corrupt"
+                    break
+        except Exception as e:  # a tier fault: the pages so far stand, the rest is recomputed
+            logger.warning("cacheflow: split restore of rid=%s: read failed: %r", sp.rid, e)
+            sp.error = repr(e)
+        finally:
+            sp.read_s = time.perf_counter() - start
+            sp.done.set()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def new_staging(pages: int, layers: int, page_tokens: int, heads: int, head_dim: int,
+                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Staging memory for ``pages`` pages in the tier's page format (pinned on CUDA hosts:
+    page-locked memory is what the copy engine reads at full PCIe bandwidth)."""
+    pin = torch.cuda.is_available()
+    return torch.empty(
+        (pages, layers, 2, page_tokens, heads, head_dim), dtype=dtype, pin_memory=pin
+    )
+
+
+def write_pages(pool: Any, slots: torch.Tensor, staging: torch.Tensor) -> None:
+    """Copy staging pages (pages, layers, 2, page_tokens, heads, dim) into the device KV pool
+    ``pool`` (SGLang's ``MHATokenToKVPool``: per-layer ``k_buffer``/``v_buffer`` of
+    (slots, heads, dim)) at ``slots``, one token per slot, in order."""
+    pages, layers, _, page_tokens, heads, dim = staging.shape
+    if layers != pool.layer_num:
+        raise ValueError(f"staging has {layers} layers, the device pool {pool.layer_num}")
+    n = pages * page_tokens
+    idx = slots.to(device=pool.k_buffer[0].device, dtype=torch.int64)
+    for layer in range(layers):
+        k = staging[:, layer, 0].reshape(n, heads, dim)
+        v = staging[:, layer, 1].reshape(n, heads, dim)
+        kb, vb = pool.k_buffer[layer], pool.v_buffer[layer]
+        kb[idx] = k.to(device=kb.device, dtype=kb.dtype)
+        vb[idx] = v.to(device=vb.device, dtype=vb.dtype)
+
+
+def agree_pages(pages: int, group: Any | None) -> int:
+    """The pages every TP rank has (MIN over ``group``; the value itself without a group)."""
+    if group is None or torch.distributed.get_world_size(group) <= 1:
+        return pages
+    t = torch.tensor([pages], dtype=torch.int64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
+@dataclass(frozen=True)
+class Spliced:
+    tokens: int  # tokens written into the request's KV slots
+    waited_s: float  # how long the scheduler waited for the reader
+    reason: str | None  # why fewer tokens than planned, if so
+
+
+def splice(
+    sp: SplitRestore, req: Any, tree_cache: Any, wait_s: float, group: Any | None
+) -> Spliced:
+    """Put what landed of ``sp`` into ``req``'s KV (see the module doc, step 3).
+
+    ``req`` has just been checkpointed at ``sp.cut``: its ``req_to_token`` row holds
+    ``[0, cut)`` and its ``prefix_len`` is ``cut``. Called in the scheduler thread.
+    """
+    from sglang.srt.mem_cache.common import checkpoint_kv_cache, evict_from_tree_cache
+
+    t0 = time.perf_counter()
+    if not sp.done.wait(wait_s):
+        sp.cancelled = True  # the reader stops at its next page; what landed stands
+    waited = time.perf_counter() - t0
+    pages = agree_pages(min(sp.landed_pages, sp.pages), group)
+    reason = None
+    if pages < sp.pages:
+        reason = "split_timeout" if not sp.done.is_set() else "split_read_failed"
+    n = pages * sp.page_tokens
+    if n <= 0:
+        return Spliced(0, waited, reason)
+    allocator = tree_cache.token_to_kv_pool_allocator
+    slots = allocator.alloc(n)
+    if slots is None:
+        evict_from_tree_cache(tree_cache, n)
+        slots = allocator.alloc(n)
+    if slots is None:
+        return Spliced(0, waited, "split_no_device_memory")
+    try:
+        write_pages(allocator.get_kvcache(), slots, sp.staging[:pages])
+        row = req.kv.req_pool_idx
+        tree_cache.req_to_token_pool.write((row, slice(sp.cut, sp.cut + n)), slots)
+    except Exception:
+        allocator.free(slots)
+        raise
+    end = sp.cut + n
+    req.kv.kv_allocated_len = end
+    req.kv.kv_committed_len = end
+    req.extend_end = end
+    checkpoint_kv_cache(req, tree_cache)  # inserts [.., end) into the tree; prefix_len = end
+    return Spliced(n, waited, reason)
