@@ -9,69 +9,65 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from sglang_cacheflow.planner import ModelShape
 from sglang_cacheflow.sglang.controller import CacheFlowController
 from sglang_cacheflow.sglang.flags import parse_config
+from tests.sglang.fakes import Cache, Handle
 
 SHAPE = ModelShape(num_layers=4, num_kv_heads=2, head_dim=32, dtype_bytes=4)  # 2 KiB/token
 
 
-class _Handle:
-    def __init__(self, rid: str) -> None:
-        self.rid = rid
-
-
-class _Cache:
-    def __init__(self) -> None:
-        self.issued: dict[str, int] = {}
-
-    def cacheflow_storage_hit(self, call: dict[str, Any]) -> int:
-        return len(call["new_input_tokens"]) // 16 * 16
-
-    def cacheflow_issue_prefetch(self, call: dict[str, Any]) -> None:
-        self.issued[call["request"].rid] = len(call["new_input_tokens"])
-
-
 def _call(rid: str, n: int = 512) -> dict[str, Any]:
     return {
-        "request": _Handle(rid),
+        "request": Handle(rid),
         "new_input_tokens": list(range(n)),
         "matched_prefix_tokens": [],
         "storage_hit_end": None,
     }
 
 
-def _controller() -> tuple[CacheFlowController, _Cache]:
+def _controller() -> tuple[CacheFlowController, Cache]:
     # 512 tokens: recompute 93 ms at 5500 tok/s, load 106 ms at 10 MB/s + 1 ms
     prior = {"tokens_per_s": 5500.0, "redis_GBps": 0.01, "redis_latency_ms": 1.0}
     cfg = parse_config(
         "cacheflow", json.dumps({"redis_url": "redis://h:1/0", "calibrate": False, "prior": prior})
     )
-    cache = _Cache()
+    cache = Cache()
     return CacheFlowController(cfg, cache, SHAPE, 16), cache
 
 
-def test_a_request_arriving_behind_recomputes_loads() -> None:
+def test_a_request_alone_splits_and_one_behind_it_plans_against_the_owed_work() -> None:
     ctl, cache = _controller()
     ctl.plan_prefetches([_call("first")])
-    assert "first" not in cache.issued  # alone, recomputing is cheaper: no prefetch
+    first = ctl.storage_plans["first"]
+    # alone on a balanced link: Cake's order, the back read by the split reader (SGLang's
+    # prefetch, which can only bring the front, is not issued)
+    assert first.shape == "token split 256+256" and first.split is not None
+    assert cache.issued == {} and ctl.splits["first"] is first
     busy = ctl.busy(ctl._owed_at)
-    assert 0.09 < busy["compute"] < 0.11 and "redis" not in busy
-    ctl.plan_prefetches([_call("second")])  # right behind it: compute still owes ~93 ms
-    assert set(cache.issued) == {"second"} and cache.issued["second"] >= 256  # loads (most)
-    assert ctl.busy(ctl._owed_at)["redis"] > 0.08  # its load is owed on the link
+    assert busy["compute"] == pytest.approx(256 / 5500, rel=0.01)
+    assert busy["redis"] == pytest.approx(256 * 2048 / 1e7 + 1e-3, rel=0.01)
+    ctl.plan_prefetches([_call("second")])  # right behind it: both resources still owe
+    second = ctl.storage_plans["second"]
+    assert second.predicted_s > first.predicted_s
+    after = ctl.busy(ctl._owed_at)
+    assert after["compute"] > busy["compute"] and after["redis"] > busy["redis"]
+    # a fraction of the alone case's work: the second plan shares the resources
+    assert second.split is not None and second.split.cut == 512 - second.planned_load
 
 
 def test_owed_work_runs_down_with_time() -> None:
-    ctl, cache = _controller()
+    ctl, _ = _controller()
     ctl.plan_prefetches([_call("first")])
     t = ctl._owed_at
-    assert ctl.busy(t + 0.05)["compute"] < ctl.busy(t)["compute"]
+    assert ctl.busy(t + 0.02)["compute"] < ctl.busy(t)["compute"]
     assert ctl.busy(t + 1.0) == {}
-    # a request arriving once the compute is free again recomputes, like the first
+    # a request arriving once the resources are free again is planned like the first
     ctl._owed_at -= 1.0
     ctl.plan_prefetches([_call("later")])
-    assert cache.issued == {}
+    assert ctl.storage_plans["later"].shape == ctl.storage_plans["first"].shape
 
 
 def test_decisions_of_requests_that_left_the_queue_are_dropped() -> None:
@@ -87,7 +83,7 @@ def test_decisions_of_requests_that_left_the_queue_are_dropped() -> None:
     for d in ctl.storage_plans.values():
         d.t0 -= 120.0
     sched = _Scheduler()
-    sched.waiting_queue = [_Handle("waiting")]
+    sched.waiting_queue = [Handle("waiting")]
     sched.waiting_queue[0].finished = lambda: True  # type: ignore[attr-defined]
     ctl.begin_admission(sched)
     assert set(ctl.storage_plans) == {"waiting"}

@@ -23,34 +23,17 @@ import torch.multiprocessing as mp
 from sglang_cacheflow.planner import ModelShape
 from sglang_cacheflow.sglang.controller import CacheFlowController
 from sglang_cacheflow.sglang.flags import parse_config
+from sglang_cacheflow.sglang.split import agree_pages
 from sglang_cacheflow.sglang.tp import reduce_round
+from tests.sglang.fakes import Cache, Handle
 
 SHAPE = ModelShape(num_layers=4, num_kv_heads=2, head_dim=32, dtype_bytes=4, tp=2)
-
-
-class _Handle:
-    def __init__(self, rid: str) -> None:
-        self.rid = rid
-
-
-class _RankCache:
-    """What the controller asks of the radix cache: this rank's L3 hit, and the prefetch."""
-
-    def __init__(self, hits: dict[str, int]) -> None:
-        self.hits = hits
-        self.issued: list[tuple[str, int]] = []
-
-    def cacheflow_storage_hit(self, call: dict[str, Any]) -> int:
-        return self.hits[call["request"].rid]
-
-    def cacheflow_issue_prefetch(self, call: dict[str, Any]) -> None:
-        self.issued.append((call["request"].rid, len(call["new_input_tokens"])))
 
 
 def _calls(n: int) -> list[dict[str, Any]]:
     return [
         {
-            "request": _Handle(f"r{i}"),
+            "request": Handle(f"r{i}"),
             "new_input_tokens": list(range(512 + 64 * i)),
             "matched_prefix_tokens": [],
             "storage_hit_end": None,
@@ -63,7 +46,7 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
     cfg = parse_config("cacheflow", json.dumps({"redis_url": "redis://h:1/0", "chunk_tokens": 16}))
     # rank-local measurements: rank 0 sees fast compute and a faster link than rank 1
     hits = {f"r{i}": 512 + 64 * i - (64 if rank == 1 and i == 3 else 0) for i in range(8)}
-    cache = _RankCache(hits)
+    cache = Cache(hits)
     ctl = CacheFlowController(cfg, cache, SHAPE, 16, tp_group=group, tp_rank=rank)
     for p in range(8):
         n = 64 + 32 * p
@@ -78,9 +61,13 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
     time.sleep(0.05 * rank)
     ctl.plan_prefetches(_calls(8)[6:])
     busy = {"compute": 0.1 * (rank + 1), "redis": 0.3 - 0.1 * rank}
+    # a split restore's back landed in part, differently on each rank: all splice the MIN
+    landed = agree_pages(5 - 2 * rank, group)
     return {
-        "issued": cache.issued,
+        "landed": landed,
+        "issued": cache.issue_order,
         "plans": {rid: d.planned_load for rid, d in ctl.storage_plans.items()},
+        "shapes": {rid: d.shape for rid, d in ctl.storage_plans.items()},
         "collectives": ctl.collectives,
         "rounds": ctl.rounds,
         "busy": reduce_round(ctl.cost_model(), [], group, busy)[2],
@@ -109,7 +96,10 @@ def test_two_gloo_ranks_take_identical_decisions(tmp_path: Path) -> None:
     # identical decisions, prefetches issued in the same order, one collective per round
     assert r0["tp"]["issued"] == r1["tp"]["issued"]
     assert r0["tp"]["plans"] == r1["tp"]["plans"]
+    assert r0["tp"]["shapes"] == r1["tp"]["shapes"]
     assert r0["tp"]["collectives"] == r1["tp"]["collectives"] == 2
+    assert r0["tp"]["landed"] == r1["tp"]["landed"] == 3
+    assert (r0["local"]["landed"], r1["local"]["landed"]) == (5, 3)
     # the work resources owe is agreed as the MAX over ranks
     assert r0["tp"]["busy"] == r1["tp"]["busy"] == pytest.approx({"compute": 0.2, "redis": 0.3})
     # the round mixes loading and recomputing, and uses the hit every rank has (MIN)
