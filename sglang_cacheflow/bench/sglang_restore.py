@@ -1,7 +1,7 @@
 """Benchmark: time to first token of restored turns on a real SGLang server with --enable-cacheflow.
 
-For every emulated L3 link and every policy (``recompute``, ``load``, ``cacheflow``) the same
-server build starts once with a fresh Redis, warms up (calibration), and runs ``N``
+For every emulated L3 link and every policy (``recompute``, ``load``, ``cake``, ``cacheflow``)
+the same server build starts once with a fresh Redis, warms up (calibration), and runs ``N``
 conversations of ``prefix`` tokens. Between phases ``/flush_cache`` drops device and host
 memory, so the conversations' prefixes come back from Redis only (written there by HiCache's
 write-through). Phases:
@@ -9,8 +9,19 @@ write-through). Phases:
 - (a) ``single``: one returning conversation at a time;
 - (b) ``together``: all ``N`` conversations return at once.
 
-TTFT is the latency of a one-token generation. Results are emulation results: the Redis tier
-is seen through :class:`~sglang_cacheflow.tiers.shaping.ShapedTier` at the given link.
+``--links auto`` (the default) finds the links by measurement: the ``recompute`` policy runs
+first (it reads nothing from L3, so its TTFT does not depend on the link and its row serves
+every link), and the *balanced* link is the one over which a prefix's KV takes as long to
+load as the measured recompute took; the bench then runs 0.5x, 1x and 2x of it. ``--order
+abba`` runs the other policies forward then backward at each link (cacheflow, cake, load,
+load, cake, cacheflow) and averages each policy's two servers, which separates server-to-
+server noise (start-up, memory placement) from the policies' cost.
+
+TTFT is the latency of a one-token generation. T* = Tc*Tio/(Tc+Tio) is computed from the
+measured one-at-a-time means of ``recompute`` (Tc) and ``load`` (Tio). Each row also reports
+how often the restore time the planner predicted was within 10% of the measured one.
+Results are emulation results: the Redis tier is seen through
+:class:`~sglang_cacheflow.tiers.shaping.ShapedTier` at the given link.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -27,7 +39,7 @@ from typing import Any
 
 __all__ = ["add_arguments", "run"]
 
-POLICIES = ("recompute", "load", "cacheflow")
+POLICIES = ("recompute", "load", "cake", "cacheflow")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="SGLang --dtype of the server")
     parser.add_argument(
         "--links",
-        default="50mbps+1ms,100mbps+1ms,1gbps+1ms",
-        help="emulated L3 links; the defaults put SmolLM2 (fp32, 512 tokens) on either side "
-        "of, and at, the link where neither pure mode wins (b)",
+        default="auto",
+        help="emulated L3 links, e.g. 50mbps+1ms,1gbps+1ms; 'auto': 0.5x, 1x and 2x of the "
+        "link balanced against the recompute time measured here",
     )
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument(
+        "--order",
+        choices=("once", "abba"),
+        default="abba",
+        help="abba: run the policies other than recompute forward then backward at each link",
+    )
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--prefix", type=int, default=512, help="tokens of each conversation")
     parser.add_argument("--new", type=int, default=16, help="new tokens of a returning turn")
@@ -149,7 +167,9 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             single: list[float] = []
             together: list[float] = []
             details: list[dict[str, Any]] = []
+            marks: list[tuple[int, int]] = []  # log offsets of each (a) phase
             for r in range(args.repeats):
+                start = len(server.log_text())
                 _flush(server)
                 for ids in convs:
                     tail = [rng.randrange(256) for _ in range(args.new)]
@@ -157,6 +177,7 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
                     single.append(t)
                     details.append(d)
                     _flush(server)
+                marks.append((start, len(server.log_text())))
                 tails = [[rng.randrange(256) for _ in range(args.new)] for _ in convs]
                 with ThreadPoolExecutor(n) as pool:
                     out = list(
@@ -171,6 +192,7 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
     if args.log_dir is not None:
         args.log_dir.mkdir(parents=True, exist_ok=True)
         (args.log_dir / f"{link}-{policy}.log").write_text(log)
+    idle = "".join(log[a:b] for a, b in marks)
     return {
         "link": link,
         "policy": policy,
@@ -178,30 +200,151 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
         "together_mean_s": statistics.mean(together),
         "storage_tokens": sum(int(d.get("storage", 0)) for d in details),
         "decisions": log.count("cacheflow restore rid="),
+        "shapes": _shapes(log),
+        "predicted_within_10pct": {"single": _within(idle, 0.10), "all": _within(log, 0.10)},
     }
+
+
+_DONE = re.compile(r"done: measured ([\d.]+) ms, predicted ([\d.]+) ms")
+_SHAPE = re.compile(
+    r"#\d+ of \d+ in round\)|\(((?:token split|load front|load all|recompute all)[^,]*), #"
+)
+
+
+def _within(log: str, tolerance: float) -> float | None:
+    """Fraction of the restores in ``log`` whose measured time was within ``tolerance`` of
+    the prediction."""
+    pairs = [(float(m), float(p)) for m, p in _DONE.findall(log)]
+    if not pairs:
+        return None
+    return sum(abs(m - p) <= tolerance * p for m, p in pairs) / len(pairs)
+
+
+def _shapes(log: str) -> dict[str, int]:
+    """How many restores of each shape kind the decision log names."""
+    out: dict[str, int] = {}
+    for m in _SHAPE.finditer(log):
+        if m.group(1):
+            kind = " ".join(m.group(1).split()[:2])
+            out[kind] = out.get(kind, 0) + 1
+    return out
+
+
+def _kv_bytes_per_token(model: Path, dtype: str) -> int:
+    config = json.loads((model / "config.json").read_text())
+    heads = config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    size = {"float32": 4, "float16": 2, "bfloat16": 2, "half": 2}.get(dtype, 2)
+    return 2 * config["num_hidden_layers"] * heads * head_dim * size
+
+
+def balanced_link(prefix: int, kv_bytes_per_token: int, recompute_s: float) -> float:
+    """Bit rate at which loading ``prefix`` tokens of KV takes ``recompute_s``."""
+    return prefix * kv_bytes_per_token * 8 / recompute_s
+
+
+def _link(bits_per_s: float) -> str:
+    return f"{bits_per_s / 1e6:.0f}mbps+1ms"
+
+
+def _average(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out = dict(rows[0])
+    for key in ("single_mean_s", "together_mean_s"):
+        out[key] = statistics.mean(r[key] for r in rows)
+    out["servers"] = len(rows)
+    out["runs"] = [{k: r[k] for k in ("single_mean_s", "together_mean_s")} for r in rows]
+    return out
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per link: each policy's gain over the better pure mode in (a) and (b), and T*."""
+    out = []
+    by_link: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_link.setdefault(r["link"], {})[r["policy"]] = r
+    for link, rs in by_link.items():
+        if "recompute" not in rs or "load" not in rs:
+            continue
+        tc, tio = rs["recompute"]["single_mean_s"], rs["load"]["single_mean_s"]
+        entry: dict[str, Any] = {"link": link, "t_star_single_s": tc * tio / (tc + tio)}
+        for phase in ("single", "together"):
+            best = min(rs["recompute"][f"{phase}_mean_s"], rs["load"][f"{phase}_mean_s"])
+            for policy in ("cake", "cacheflow"):
+                if policy in rs:
+                    entry[f"{policy}_{phase}_speedup"] = best / rs[policy][f"{phase}_mean_s"]
+        if "cacheflow" in rs:
+            entry["cacheflow_single_over_t_star"] = (
+                rs["cacheflow"]["single_mean_s"] / entry["t_star_single_s"]
+            )
+        out.append(entry)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     model = _model(args.model)
-    links = [x for x in args.links.split(",") if x]
     policies = [x for x in args.policies.split(",") if x]
-    rows = []
+    others = [x for x in policies if x != "recompute"]
+    rows: list[dict[str, Any]] = []
+
+    def one(link: str, policy: str) -> dict[str, Any]:
+        row = _one(model, link, policy, args)
+        print(json.dumps(row), flush=True)
+        return row
+
+    recompute = None
+    if "recompute" in policies or args.links == "auto":
+        # no L3 read: the same TTFT at every link (its backups go out at the link's pace)
+        recompute = one(args.links.split(",")[0] if args.links != "auto" else "1gbps+1ms",
+                        "recompute")  # fmt: skip
+    if args.links == "auto":
+        assert recompute is not None
+        bits = balanced_link(
+            args.prefix, _kv_bytes_per_token(model, args.dtype), recompute["single_mean_s"]
+        )
+        links = [_link(bits * f) for f in (0.5, 1.0, 2.0)]
+        print(f"balanced link: {_link(bits)} (recompute of {args.prefix} tokens took "
+              f"{recompute['single_mean_s'] * 1e3:.0f} ms)", flush=True)  # fmt: skip
+    else:
+        links = [x for x in args.links.split(",") if x]
     for link in links:
-        for policy in policies:
-            row = _one(model, link, policy, args)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        if recompute is not None:
+            rows.append({**recompute, "link": link})
+        order = others + others[::-1] if args.order == "abba" else others
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for policy in order:
+            runs.setdefault(policy, []).append(one(link, policy))
+        rows += [_average(runs[p]) for p in others]
     print()
     n = args.conversations
-    print(f"| L3 link | policy | (a) one at a time: mean TTFT | (b) {n} together: mean TTFT |")
-    print("| --- | --- | --- | --- |")
+    print(f"| L3 link | policy | (a) one at a time: mean TTFT | (b) {n} together: mean TTFT "
+          "| restore shapes | predicted within 10% (a) |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | --- | ---: |")
     for row in rows:
+        within = row["predicted_within_10pct"]["single"]
+        shapes = ", ".join(f"{k} {v}" for k, v in sorted(row["shapes"].items()))
         print(
             f"| {row['link']} | {row['policy']} | {row['single_mean_s'] * 1e3:.0f} ms "
-            f"| {row['together_mean_s'] * 1e3:.0f} ms |"
+            f"| {row['together_mean_s'] * 1e3:.0f} ms | {shapes or '-'} "
+            f"| {'-' if within is None else f'{within:.0%}'} |"
+        )
+    summary = summarize(rows)
+    print()
+    print("| L3 link | T* (a) | cacheflow / T* (a) | cacheflow (a) | cake (a) | cacheflow (b) "
+          "| cake (b) |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for e in summary:
+
+        def x(key: str, e: dict[str, Any] = e) -> str:
+            return f"{e[key]:.2f}x" if key in e else "-"
+
+        print(
+            f"| {e['link']} | {e['t_star_single_s'] * 1e3:.0f} ms "
+            f"| {e.get('cacheflow_single_over_t_star', float('nan')):.2f} "
+            f"| {x('cacheflow_single_speedup')} | {x('cake_single_speedup')} "
+            f"| {x('cacheflow_together_speedup')} | {x('cake_together_speedup')} |"
         )
     if args.out is not None:
-        args.out.write_text(json.dumps(rows, indent=2))
+        args.out.write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
     return 0
 
 

@@ -78,16 +78,22 @@ def test_launching_mode_reads_restore_counters(smollm2_path, redis_server, tmp_p
 
 
 def test_sglang_bench_restores_from_redis(tiny_llama_path, tmp_path):
-    # one policy, one link, two conversations: the table's row and the decision log are written
+    # two policies, one link, two conversations: the rows and the decision logs are written
     out, logs = tmp_path / "rows.json", tmp_path / "logs"
     args = ["sglang-bench", "--model", str(tiny_llama_path), "--links", "1gbps+1ms",
-            "--policies", "load", "--conversations", "2", "--prefix", "256", "--new", "4",
-            "--repeats", "1", "--out", str(out), "--log-dir", str(logs)]  # fmt: skip
+            "--policies", "load,cake", "--order", "once", "--conversations", "2",
+            "--prefix", "256", "--new", "4", "--repeats", "1", "--out", str(out),
+            "--log-dir", str(logs)]  # fmt: skip
     assert main(args) == 0
-    (row,) = json.loads(out.read_text())
-    assert (row["link"], row["policy"]) == ("1gbps+1ms", "load")
-    assert row["single_mean_s"] > 0 and row["together_mean_s"] > 0
+    load, cake = json.loads(out.read_text())["rows"]
+    assert (load["link"], load["policy"], cake["policy"]) == ("1gbps+1ms", "load", "cake")
+    assert load["single_mean_s"] > 0 and load["together_mean_s"] > 0
     # every returning turn was planned (one decision and one "done" line each) and loaded
-    assert row["decisions"] >= 2 * 4
-    assert row["storage_tokens"] > 0
+    assert load["decisions"] >= 2 * 4
+    assert load["storage_tokens"] > 0
     assert "load 256 from redis" in (logs / "1gbps+1ms-load.log").read_text()
+    assert set(load["shapes"]) == {"load all"}
+    # Cake's order: returning turns recomputed their front while their back was read
+    assert "token split" in cake["shapes"]
+    assert "cacheflow split rid=" in (logs / "1gbps+1ms-cake.log").read_text()
+    assert 0.0 <= load["predicted_within_10pct"]["all"] <= 1.0

@@ -27,6 +27,7 @@ import redis
 from sglang_cacheflow.testing.redis import RedisServer
 from sglang_cacheflow.testing.server import CPU_ENV, SGLangServer
 from tests.fixtures.sglang import StartServer
+from tests.sglang.helpers import assert_same_replies, metrics, total
 
 pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow]
 
@@ -43,20 +44,6 @@ LINK = "96mbps+1ms"
 # gave both in each of three runs (2300-2500 tokens from host, 370-530 from Redis).
 HOST_RATIO = "1.5"
 N_CONV, TURNS, FIRST, GROW, NEW = 8, 4, 240, 16, 4
-
-
-def _metrics(server: SGLangServer) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in str(server.request("GET", "/metrics")).splitlines():
-        if line.startswith("sglang:cacheflow") and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
-
-
-def _m(metrics: dict[str, float], name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    return sum(v for k, v in metrics.items() if k.startswith(name) and want in k)
 
 
 @pytest.fixture(scope="module")
@@ -111,31 +98,23 @@ def _conversations(servers: list[SGLangServer], seed: int) -> list[list[dict[str
     return results
 
 
-def _assert_same(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> None:
-    for a, b in zip(ref, got, strict=True):
-        assert a["output_ids"] == b["output_ids"]
-        la = [t[0] for t in a["meta_info"]["output_token_logprobs"]]
-        lb = [t[0] for t in b["meta_info"]["output_token_logprobs"]]
-        assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-4
-
-
 def test_restores_from_host_and_redis_match_no_cache(
     servers: tuple[SGLangServer, SGLangServer],
 ) -> None:
     reference, cacheflow = servers
     ref, got = _conversations([reference, cacheflow], seed=1)
-    _assert_same(ref, got)
+    assert_same_replies(ref, got)
     # Restores are asserted on the project's metrics below, not on SGLang's own
     # cached_tokens_details: SGLang drops its "host"/"storage" figures when it re-issues a
     # lookup ("device prefix shrank before admission"), although the pages were loaded.
-    m = _metrics(cacheflow)
+    m = metrics(cacheflow)
     restored = "sglang:cacheflow_restored_tokens_total"
-    assert _m(m, restored, action="load", tier="host") > 0, m
-    assert _m(m, restored, action="load", tier="redis") > 0, m
+    assert total(m, restored, action="load", tier="host") > 0, m
+    assert total(m, restored, action="load", tier="redis") > 0, m
     # balanced link: the same rounds of returning conversations load some tokens from Redis
     # and recompute others
-    assert _m(m, restored, action="recompute", tier="redis") > 0, m
-    assert _m(m, "sglang:cacheflow_restore_seconds_count", kind="measured") > 0
+    assert total(m, restored, action="recompute", tier="redis") > 0, m
+    assert total(m, "sglang:cacheflow_restore_seconds_count", kind="measured") > 0
     log = cacheflow.log_text()
     pattern = r"evicted on redis, \d+ new -> load (\d+) from redis, recompute (\d+)"
     decisions = re.findall(pattern, log)
@@ -148,7 +127,7 @@ def test_corrupted_and_missing_l3_pages_fall_back_to_recompute(
     servers: tuple[SGLangServer, SGLangServer], l3: RedisServer
 ) -> None:
     reference, cacheflow = servers
-    before = _metrics(cacheflow)
+    before = metrics(cacheflow)
     client = redis.Redis(host="127.0.0.1", port=l3.port)
     keys = list(client.scan_iter(count=1000))
     assert keys
@@ -158,18 +137,18 @@ def test_corrupted_and_missing_l3_pages_fall_back_to_recompute(
             value[i] ^= 0x5A
         client.set(k, bytes(value))
     ref, got = _conversations([reference, cacheflow], seed=1)
-    _assert_same(ref, got)
-    after = _metrics(cacheflow)
-    fallbacks = _m(after, "sglang:cacheflow_fallbacks_total") - _m(
+    assert_same_replies(ref, got)
+    after = metrics(cacheflow)
+    fallbacks = total(after, "sglang:cacheflow_fallbacks_total") - total(
         before, "sglang:cacheflow_fallbacks_total"
     )
     assert fallbacks > 0, after
     # Redis down: lookups fail, everything missing is recomputed and counted, nothing hangs
     l3.stop()
     ref, got = _conversations([reference, cacheflow], seed=2)
-    _assert_same(ref, got)
-    down = _metrics(cacheflow)
-    assert _m(down, "sglang:cacheflow_fallbacks_total", reason="l3_unavailable") > 0, down
+    assert_same_replies(ref, got)
+    down = metrics(cacheflow)
+    assert total(down, "sglang:cacheflow_fallbacks_total", reason="l3_unavailable") > 0, down
 
 
 def test_bad_config_is_refused_at_start_up(tiny_llama_path: Path) -> None:

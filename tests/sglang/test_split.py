@@ -1,0 +1,251 @@
+"""Split restores on a real SGLang server (CPU engine, fp32 models, real redis-server).
+
+One conversation returns to a prefix evicted to host memory, another to one evicted to Redis,
+on servers that force one restore shape each (``force_shape``): Cake's order (recompute the
+front in a first chunk while the back is read, then splice it in), load-front, load all and
+recompute all. Every reply must equal a server's with the radix cache disabled, the decision
+log must name the shape, ``/metrics`` must show the same request loading and recomputing
+where the shape mixes them, the restored span must be cached on device for the next turn,
+and SGLang's idle pool check must find no leaked slot. Then Redis is made to fail under a
+split restore: records corrupted, and the server killed in the middle of a read.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from sglang_cacheflow.testing.redis import RedisServer
+from sglang_cacheflow.testing.server import SGLangServer
+from tests.fixtures.sglang import StartServer
+from tests.sglang.helpers import assert_same_replies, metrics, total
+
+pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow]
+
+ENV = {"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"}
+COMMON = ("--dtype", "float32", "--page-size", "16", "--max-total-tokens", "1024")
+PREFIX, GROW, NEW = 480, 16, 4
+RESTORED = "sglang:cacheflow_restored_tokens_total"
+FALLBACKS = "sglang:cacheflow_fallbacks_total"
+# (force_shape, force_recompute) -> what the decision log calls it for a 480-token span
+SHAPES = {
+    "token-split": (("token", 0.5), "token split 240+240"),
+    "load-front": (("load_front", 0.5), "load front 240+240"),
+    "load-all": (("load_front", 0.0), "load all"),
+    "recompute-all": (("load_front", 1.0), "recompute all"),
+}
+
+
+def _prompts(seed: int) -> dict[str, list[int]]:
+    rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(256) for _ in range(n)]
+
+    out = {"host": tokens(PREFIX), "redis": tokens(PREFIX)}
+    out |= {f"fill{i}": tokens(PREFIX) for i in range(6)}
+    out |= {"host+": tokens(GROW), "redis+": tokens(GROW), "next+": tokens(GROW)}
+    return out
+
+
+def _ask(server: SGLangServer, ids: list[int]) -> dict[str, Any]:
+    return server.generate(input_ids=ids, max_new_tokens=NEW)
+
+
+def _returning(server: SGLangServer, p: dict[str, list[int]], backup_s: float) -> list[Any]:
+    """A prefix that returns from host memory (two prompts evicted it from the 1024-token
+    device pool), one that returns from Redis (four more evicted it from the 1536-token host
+    pool once it was backed up), then that conversation's next turn (its prefix is on
+    device again). Returns the three replies."""
+    _ask(server, p["host"])
+    _ask(server, p["fill0"])
+    _ask(server, p["fill1"])
+    host = _ask(server, p["host"] + p["host+"])
+    _ask(server, p["redis"])
+    time.sleep(backup_s)  # its backup to Redis goes through the emulated link
+    for i in range(2, 6):
+        _ask(server, p[f"fill{i}"])
+    time.sleep(backup_s)
+    back = p["redis"] + p["redis+"]
+    from_redis = _ask(server, back)
+    following = _ask(server, back + from_redis["output_ids"] + p["next+"])
+    return [host, from_redis, following]
+
+
+@pytest.fixture(scope="module")
+def l3() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def _cacheflow(
+    start: StartServer, model: Path, l3: RedisServer, link: str, force: tuple[str, float]
+) -> SGLangServer:
+    redis.Redis(host="127.0.0.1", port=l3.port).flushall()  # nothing from earlier servers
+    cfg = {
+        "redis_url": f"redis://127.0.0.1:{l3.port}/0",
+        "link": link,
+        "chunk_tokens": 16,
+        "log_decisions": True,
+        "force_shape": force[0],
+        "force_recompute": force[1],
+    }
+    return start(
+        model, *COMMON, "--hicache-ratio", "1.5", "--enable-metrics", "--enable-cacheflow",
+        "--cacheflow-config", json.dumps(cfg), env=ENV,
+    )  # fmt: skip
+
+
+def _decisions(log: str, tier: str) -> list[tuple[int, int, str]]:
+    pattern = rf"evicted on {tier}, \d+ new -> load (\d+) from {tier}, recompute (\d+) \(([^,]+),"
+    return [(int(a), int(b), s) for a, b, s in re.findall(pattern, log)]
+
+
+def _check_restores(server: SGLangServer, shape: str, replies: list[Any]) -> None:
+    log = server.log_text()
+    m = metrics(server)
+    for tier in ("host", "redis"):
+        assert [s for _, _, s in _decisions(log, tier)] == [shape], (tier, _decisions(log, tier))
+        loaded = total(m, RESTORED, action="load", tier=tier)
+        recomputed = total(m, RESTORED, action="recompute", tier=tier)
+        assert loaded + recomputed == PREFIX, (tier, m)
+        if shape == "load all":
+            assert loaded == PREFIX, (tier, m)
+        elif shape == "recompute all":
+            assert recomputed == PREFIX, (tier, m)
+        else:  # the same request loaded half of its span and recomputed the other half
+            assert loaded == recomputed == PREFIX // 2, (tier, m)
+    assert total(m, FALLBACKS) == 0, m
+    if shape.startswith("token split"):
+        assert len(re.findall(r"cacheflow split rid=\S+: recomputed 240, loaded 240", log)) == 2
+    # the restored span is a device node of the tree: the next turn hits all of it
+    following = replies[2]["meta_info"]
+    assert following["cached_tokens"] >= PREFIX + GROW, following
+    time.sleep(1.0)  # idle: SGLang's scheduler checks its pools for leaked slots
+    assert "memory leak detected" not in server.log_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(sglang_servers: StartServer, tiny_llama_path: Path) -> list[Any]:
+    ref = sglang_servers(tiny_llama_path, *COMMON, "--disable-radix-cache", env=ENV)
+    replies = _returning(ref, _prompts(1), backup_s=0.0)
+    ref.stop()
+    return replies
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_every_forced_shape_restores_exactly(
+    name: str,
+    sglang_servers: StartServer,
+    tiny_llama_path: Path,
+    l3: RedisServer,
+    tiny_reference: list[Any],
+) -> None:
+    force, shape = SHAPES[name]
+    # 96 Mbit/s: a 240-token back (2 KiB a token) reads in about 40 ms
+    server = _cacheflow(sglang_servers, tiny_llama_path, l3, "96mbps+1ms", force)
+    try:
+        replies = _returning(server, _prompts(1), backup_s=1.5)
+        assert_same_replies(tiny_reference, replies)
+        _check_restores(server, shape, replies)
+    finally:
+        server.stop()
+
+
+def test_smollm2_token_split_restores_exactly(
+    sglang_servers: StartServer, smollm2_path: Path, l3: RedisServer
+) -> None:
+    ref = sglang_servers(smollm2_path, *COMMON, "--disable-radix-cache", env=ENV)
+    want = _returning(ref, _prompts(2), backup_s=0.0)
+    ref.stop()
+    # SmolLM2 in fp32 keeps 46 KiB a token: 1 Gbit/s reads a 240-token back in about 90 ms
+    server = _cacheflow(sglang_servers, smollm2_path, l3, "1gbps+1ms", SHAPES["token-split"][0])
+    try:
+        replies = _returning(server, _prompts(2), backup_s=2.0)
+        assert_same_replies(want, replies)
+        _check_restores(server, SHAPES["token-split"][1], replies)
+    finally:
+        server.stop()
+
+
+# -- faults under a split restore --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faulty(
+    sglang_servers: StartServer, tiny_llama_path: Path, l3: RedisServer
+) -> tuple[SGLangServer, SGLangServer]:
+    """A reference and a token-split server whose Redis is seen through 8 Mbit/s, so that
+    reading a 240-token back takes about half a second."""
+    ref = sglang_servers(tiny_llama_path, *COMMON, "--disable-radix-cache", env=ENV)
+    server = _cacheflow(sglang_servers, tiny_llama_path, l3, "8mbps+1ms", ("token", 0.5))
+    return ref, server
+
+
+def _to_redis(server: SGLangServer, p: dict[str, list[int]]) -> None:
+    """Send a prefix, then evict it from device and host; wait for its backup."""
+    _ask(server, p["redis"])
+    time.sleep(2.0)
+    for i in range(2, 6):
+        _ask(server, p[f"fill{i}"])
+    time.sleep(2.0)
+
+
+def test_corrupted_records_under_a_split_restore_are_recomputed(
+    faulty: tuple[SGLangServer, SGLangServer], l3: RedisServer
+) -> None:
+    ref, server = faulty
+    p = _prompts(3)
+    back = p["redis"] + p["redis+"]
+    want = _ask(ref, back)
+    _to_redis(server, p)
+    client = redis.Redis(host="127.0.0.1", port=l3.port)
+    keys = sorted(client.scan_iter(count=10_000))
+    assert keys
+    for k in keys[1::2]:  # every other record: flip bytes in its second half (same length)
+        value = bytearray(client.get(k) or b"")
+        for i in range(len(value) // 2, len(value)):
+            value[i] ^= 0x5A
+        client.set(k, bytes(value))
+    got = _ask(server, back)
+    assert_same_replies([want], [got])
+    m = metrics(server)
+    assert total(m, FALLBACKS, reason="split_read_failed") >= 1, m
+    log = server.log_text()
+    assert re.search(r"got \d+ of the 240 tokens planned from redis \(split_read_failed", log)
+    time.sleep(1.0)
+    assert "memory leak detected" not in server.log_text()
+
+
+def test_redis_killed_in_the_middle_of_a_split_read(
+    faulty: tuple[SGLangServer, SGLangServer], l3: RedisServer
+) -> None:
+    ref, server = faulty
+    p = _prompts(4)
+    back = p["redis"] + p["redis+"]
+    want = _ask(ref, back)
+    _to_redis(server, p)
+    before = metrics(server)
+    replies: list[Any] = []
+    asking = threading.Thread(target=lambda: replies.append(_ask(server, back)))
+    asking.start()
+    time.sleep(0.15)  # the back is being read: about a quarter of it is in
+    l3.kill()
+    asking.join(timeout=120)
+    assert not asking.is_alive(), "the request hung after Redis died"
+    assert_same_replies([want], replies)
+    after = metrics(server)
+    assert total(after, FALLBACKS) > total(before, FALLBACKS), after
+    # and the server goes on serving, from what it has and by recomputing
+    assert_same_replies([_ask(ref, p["fill2"])], [_ask(server, p["fill2"])])
+    time.sleep(1.0)
+    assert "memory leak detected" not in server.log_text()
