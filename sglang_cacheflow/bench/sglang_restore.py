@@ -106,29 +106,8 @@ def _flush(server: Any) -> None:
             time.sleep(0.2)
 
 
-def _wait_for_backups(url: str, settle_s: float = 5.0, limit_s: float = 600.0) -> None:
-    """HiCache writes through to Redis in the background, at the emulated link's rate (tens
-    of seconds on a slow link): wait until the number of stored keys has not changed for
-    ``settle_s``, longer than one conversation's backup takes at the default links, so that
-    every phase finds the whole prefixes in L3. The ``/flush_cache`` that starts each phase
-    also waits for HiCache transfers still in flight."""
-    import redis
-
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + limit_s
-    last, since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        size = int(client.dbsize())
-        if size != last:
-            last, since = size, time.monotonic()
-        elif time.monotonic() - since >= settle_s:
-            break
-        time.sleep(0.25)
-    client.close()
-
-
 def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[str, Any]:
-    from sglang_cacheflow.testing.redis import RedisServer
+    from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
     from sglang_cacheflow.testing.server import SGLangServer
     from sglang_cacheflow.tiers.shaping import LinkShape
 
@@ -163,7 +142,8 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             for ids in convs:
                 server.generate(input_ids=ids, max_new_tokens=1)
                 server.generate(input_ids=ids, max_new_tokens=1)
-            _wait_for_backups(redis_server.url)
+            # a conversation's backup takes up to ~4 s at the default links
+            wait_for_backups(redis_server.url, settle_s=5.0)
             single: list[float] = []
             together: list[float] = []
             details: list[dict[str, Any]] = []

@@ -27,6 +27,7 @@ __all__ = [
     "RedisUnavailableError",
     "free_port",
     "redis_binaries",
+    "wait_for_backups",
 ]
 
 
@@ -303,3 +304,25 @@ class RedisCluster:
         tb: TracebackType | None,
     ) -> None:
         self.cleanup()
+
+
+def wait_for_backups(url: str, settle_s: float, limit_s: float = 600.0) -> int:
+    """Wait until the number of keys at ``url`` has not changed for ``settle_s`` (HiCache
+    writes through to Redis in the background, at an emulated link's pace); returns it.
+    ``settle_s`` must exceed the longest gap between two stored pages."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + limit_s
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            size = int(client.dbsize())
+            if size != last:
+                last, since = size, time.monotonic()
+            elif time.monotonic() - since >= settle_s:
+                break
+            time.sleep(0.05)
+        return last
+    finally:
+        client.close()

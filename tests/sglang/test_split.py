@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import redis
 
-from sglang_cacheflow.testing.redis import RedisServer
+from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
 from sglang_cacheflow.testing.server import SGLangServer
 from tests.fixtures.sglang import StartServer
 from tests.sglang.helpers import assert_same_replies, metrics, total
@@ -61,24 +61,32 @@ def _ask(server: SGLangServer, ids: list[int]) -> dict[str, Any]:
     return server.generate(input_ids=ids, max_new_tokens=NEW)
 
 
-def _returning(server: SGLangServer, p: dict[str, list[int]], backup_s: float) -> list[Any]:
+def _returning(server: SGLangServer, p: dict[str, list[int]], l3: RedisServer | None) -> list[Any]:
     """A prefix that returns from host memory (two prompts evicted it from the 1024-token
     device pool), one that returns from Redis (four more evicted it from the 1536-token host
-    pool once it was backed up), then that conversation's next turn (its prefix is on
-    device again). Returns the three replies."""
+    pool once it was backed up to ``l3``), then that conversation's next turn (its prefix is
+    on device again). Returns the three replies."""
     _ask(server, p["host"])
     _ask(server, p["fill0"])
     _ask(server, p["fill1"])
     host = _ask(server, p["host"] + p["host+"])
-    _ask(server, p["redis"])
-    time.sleep(backup_s)  # its backup to Redis goes through the emulated link
-    for i in range(2, 6):
-        _ask(server, p[f"fill{i}"])
-    time.sleep(backup_s)
+    _to_redis(server, p, l3)
     back = p["redis"] + p["redis+"]
     from_redis = _ask(server, back)
     following = _ask(server, back + from_redis["output_ids"] + p["next+"])
     return [host, from_redis, following]
+
+
+def _to_redis(server: SGLangServer, p: dict[str, list[int]], l3: RedisServer | None) -> None:
+    """Send the "redis" prefix and evict it from device and host memory; its backup goes to
+    Redis in the background, through the emulated link: wait until it has landed."""
+    _ask(server, p["redis"])
+    if l3 is not None:
+        wait_for_backups(l3.url, settle_s=1.0, limit_s=60)
+    for i in range(2, 6):
+        _ask(server, p[f"fill{i}"])
+    if l3 is not None:
+        wait_for_backups(l3.url, settle_s=1.0, limit_s=60)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +145,7 @@ def _check_restores(server: SGLangServer, shape: str, replies: list[Any]) -> Non
 @pytest.fixture(scope="module")
 def tiny_reference(sglang_servers: StartServer, tiny_llama_path: Path) -> list[Any]:
     ref = sglang_servers(tiny_llama_path, *COMMON, "--disable-radix-cache", env=ENV)
-    replies = _returning(ref, _prompts(1), backup_s=0.0)
+    replies = _returning(ref, _prompts(1), None)
     ref.stop()
     return replies
 
@@ -154,7 +162,7 @@ def test_every_forced_shape_restores_exactly(
     # 96 Mbit/s: a 240-token back (2 KiB a token) reads in about 40 ms
     server = _cacheflow(sglang_servers, tiny_llama_path, l3, "96mbps+1ms", force)
     try:
-        replies = _returning(server, _prompts(1), backup_s=1.5)
+        replies = _returning(server, _prompts(1), l3)
         assert_same_replies(tiny_reference, replies)
         _check_restores(server, shape, replies)
     finally:
@@ -165,12 +173,12 @@ def test_smollm2_token_split_restores_exactly(
     sglang_servers: StartServer, smollm2_path: Path, l3: RedisServer
 ) -> None:
     ref = sglang_servers(smollm2_path, *COMMON, "--disable-radix-cache", env=ENV)
-    want = _returning(ref, _prompts(2), backup_s=0.0)
+    want = _returning(ref, _prompts(2), None)
     ref.stop()
     # SmolLM2 in fp32 keeps 46 KiB a token: 1 Gbit/s reads a 240-token back in about 90 ms
     server = _cacheflow(sglang_servers, smollm2_path, l3, "1gbps+1ms", SHAPES["token-split"][0])
     try:
-        replies = _returning(server, _prompts(2), backup_s=2.0)
+        replies = _returning(server, _prompts(2), l3)
         assert_same_replies(want, replies)
         _check_restores(server, SHAPES["token-split"][1], replies)
     finally:
@@ -191,15 +199,6 @@ def faulty(
     return ref, server
 
 
-def _to_redis(server: SGLangServer, p: dict[str, list[int]]) -> None:
-    """Send a prefix, then evict it from device and host; wait for its backup."""
-    _ask(server, p["redis"])
-    time.sleep(2.0)
-    for i in range(2, 6):
-        _ask(server, p[f"fill{i}"])
-    time.sleep(2.0)
-
-
 def test_corrupted_records_under_a_split_restore_are_recomputed(
     faulty: tuple[SGLangServer, SGLangServer], l3: RedisServer
 ) -> None:
@@ -207,7 +206,7 @@ def test_corrupted_records_under_a_split_restore_are_recomputed(
     p = _prompts(3)
     back = p["redis"] + p["redis+"]
     want = _ask(ref, back)
-    _to_redis(server, p)
+    _to_redis(server, p, l3)
     client = redis.Redis(host="127.0.0.1", port=l3.port)
     keys = sorted(client.scan_iter(count=10_000))
     assert keys
@@ -233,7 +232,7 @@ def test_redis_killed_in_the_middle_of_a_split_read(
     p = _prompts(4)
     back = p["redis"] + p["redis+"]
     want = _ask(ref, back)
-    _to_redis(server, p)
+    _to_redis(server, p, l3)
     before = metrics(server)
     replies: list[Any] = []
     asking = threading.Thread(target=lambda: replies.append(_ask(server, back)))
