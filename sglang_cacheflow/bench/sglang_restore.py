@@ -186,9 +186,7 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
 
 
 _DONE = re.compile(r"done: measured ([\d.]+) ms, predicted ([\d.]+) ms")
-_SHAPE = re.compile(
-    r"#\d+ of \d+ in round\)|\(((?:token split|load front|load all|recompute all)[^,]*), #"
-)
+_SHAPE = re.compile(r"\(((?:token split|load front|load all|recompute all)[^,)\n]*), #\d+ of")
 
 
 def _within(log: str, tolerance: float) -> float | None:
