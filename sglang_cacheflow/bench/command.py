@@ -112,19 +112,30 @@ def redis_for(args: argparse.Namespace) -> Iterator[str | None]:
     if args.redis_url:
         yield args.redis_url
         return
-    from sglang_cacheflow.testing.redis import RedisServer, RedisUnavailableError
+    from sglang_cacheflow.testing.redis import (
+        RedisServer,
+        RedisUnavailableError,
+        server_description,
+    )
 
     try:
         server = RedisServer(maxmemory="4gb")
         server.start()
     except RedisUnavailableError as e:
-        print(f"note: no redis-server ({e}); running with the host tier only")
+        print(f"note: no Redis-compatible server ({e}); running with the host tier only")
         yield None
         return
+    print(f"L3: a private {server_description()} on port {server.port}")
     try:
         yield server.url
     finally:
         server.stop()
+
+
+def shapes_text(restores: dict[str, float]) -> str:
+    """``token split 5, load all 2``: restores by shape, from :func:`scrape_restores`."""
+    shapes = {k[6:]: int(v) for k, v in restores.items() if k.startswith("shape:") and v}
+    return ", ".join(f"{k} {v}" for k, v in sorted(shapes.items())) or "-"
 
 
 def summary_table(runs: Sequence[Run], title: str) -> None:
@@ -135,7 +146,7 @@ def summary_table(runs: Sequence[Run], title: str) -> None:
     t = Table(title=title)
     columns = (
         "policy", "L3 link (emulated)", "returning turns", "mean TTFT ms", "p90 TTFT ms",
-        "loaded tok", "recomputed tok", "answers = ref", "wall s",
+        "loaded tok", "recomputed tok", "restore shapes", "answers = ref", "wall s",
     )  # fmt: skip
     for col in columns:
         t.add_column(col, justify="left" if col == "policy" else "right")
@@ -153,6 +164,7 @@ def summary_table(runs: Sequence[Run], title: str) -> None:
             "-" if p90 is None else f"{p90 * 1e3:.0f}",
             f"{s['tokens_loaded']:.0f}",
             f"{s['tokens_recomputed']:.0f}",
+            shapes_text(r.restores),
             "-" if match is None else f"{match:.0%}",
             f"{s['wall_s']:.0f}",
         )

@@ -17,7 +17,7 @@ from sglang_cacheflow.bench import command
 
 DEFAULTS = {
     "workload": "sharegpt",
-    "policies": "recompute,load,cacheflow",
+    "policies": "recompute,load,cake,cacheflow",
     "sessions": 8,
     "turns": 3,
     "max_prompt_tokens": 1536,
@@ -30,6 +30,7 @@ DEFAULTS = {
 LABELS = {
     "recompute": "no reuse (recompute)",
     "load": "HiCache load-all",
+    "cake": "Cake's order",
     "cacheflow": "CacheFlow",
 }
 
@@ -58,9 +59,8 @@ def run(args: argparse.Namespace) -> int:
         "sglang-cacheflow demo: SmolLM2-135M-Instruct on SGLang 0.5.23 (CPU), multi-turn "
         f"ShareGPT chats, Redis L3 behind an emulated {args.l3_gbps} Gbit/s link.\n"
         "Policies: " + ", ".join(f"{k} = {v}" for k, v in LABELS.items()) + ".\n"
-        "Cake's order (recompute the front while the back streams in) needs within-request "
-        "overlap, which SGLang 0.5.23's extend cannot run yet: see docs/design.md; the "
-        "reference runtime runs it (sglang-cacheflow restore-bench).\n"
+        "Cake's order recomputes the front of a returning prefix while its back is read; "
+        "CacheFlow picks, per request, that, a loaded front or a pure mode.\n"
     )
     code = command.run(bench_args)
     doc = json.loads((args.out / "bench.json").read_text())

