@@ -94,6 +94,7 @@ class Decision:
     work: dict[str, float]  # planned seconds per resource, owed until it has run
     alone: bool = False  # planned with nothing else owed: its restore time is its own
     split: SplitRestore | None = None  # Cake's order: the back is read while the front computes
+    l3_faults: int = 0  # the L3 tier's fault count when planned (tells a refusal from a fault)
 
 
 def token_split(plan_: Plan, req: Request) -> int | None:
@@ -381,10 +382,14 @@ class CacheFlowController:
             self.metrics.restored("load", HOST_TIER, max(0, req.host_loaded_length - from_l3))
             self.metrics.restored("recompute", L3_TIER, d.evicted - from_l3)
             if from_l3 < d.planned_load:
-                self.metrics.fallback("l3_short", L3_TIER, d.planned_load - from_l3)
-                logger.warning(
-                    "cacheflow: rid=%s got %d of the %d tokens planned from %s; recomputing "
-                    "the rest", req.rid, from_l3, d.planned_load, L3_TIER,
+                # No tier fault since the plan: SGLang itself fetched less (host memory for
+                # prefetches ran short, or its prefetch policy stopped waiting).
+                fault = self._l3_faults() > d.l3_faults
+                reason = "l3_short" if fault else "l3_prefetch_declined"
+                self.metrics.fallback(reason, L3_TIER, d.planned_load - from_l3)
+                (logger.warning if fault else logger.info)(
+                    "cacheflow: rid=%s got %d of the %d tokens planned from %s (%s); "
+                    "recomputing the rest", req.rid, from_l3, d.planned_load, L3_TIER, reason,
                 )  # fmt: skip
             self._track(d)
 
@@ -503,6 +508,7 @@ class CacheFlowController:
                 rp.work_s(),
                 alone=not busy and len(reqs) == 1,
                 split=split,
+                l3_faults=self._l3_faults(),
             )
             if split is not None:
                 self.splits[rid] = d
@@ -575,6 +581,15 @@ class CacheFlowController:
             "cacheflow: rid=%s: split restore from %s not possible (%s); recomputing its %d "
             "tokens", req.id, tier, why, req.evicted_tokens,
         )  # fmt: skip
+
+    def _l3_faults(self) -> int:
+        """Errors, corrupt records and misses of the L3 tier so far (0 without one)."""
+        storage = self.cache.cacheflow_storage()
+        tier = getattr(storage, "redis_tier", None)
+        if tier is None:
+            return 0
+        stats = tier.stats.snapshot()
+        return stats["errors"] + stats["corrupt"] + stats["misses"]
 
     def split_cut(self, rid: str) -> int | None:
         """Where ``rid``'s first chunk must end (its recomputed front), if it is a split."""
