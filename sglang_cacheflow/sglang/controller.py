@@ -97,16 +97,21 @@ class Decision:
     l3_faults: int = 0  # the L3 tier's fault count when planned (tells a refusal from a fault)
 
 
-def token_split(plan_: Plan, req: Request) -> int | None:
-    """Tokens of ``req``'s span the plan recomputes before the loaded back (Cake's order), or
-    None when the plan does not split the span that way (load-front, all or nothing)."""
+def split_of(plan_: Plan, req: Request) -> tuple[int, int] | None:
+    """``(front, layer)`` of a split restore the plan gives ``req``: a token split recomputes
+    its span's first ``front`` tokens and loads the rest (``layer`` 0); a layer split
+    recomputes layers ``[0, layer)`` of the whole span and loads the others (``front`` 0).
+    None when the plan loads the span's front, all of it or nothing."""
     loads = [s for s in plan_.requests[req.id].steps if s.action is Action.LOAD]
     if not loads:
         return None
+    layer = min(s.layer_start for s in loads)
+    if layer > 0:
+        return 0, layer
     start = min(s.start for s in loads)
     if start <= req.device_tokens or max(s.end for s in loads) < req.evicted_end:
         return None
-    return start - req.device_tokens
+    return start - req.device_tokens, 0
 
 
 def prior_cost(cfg: CacheFlowConfig, shape: ModelShape) -> CostModel:
@@ -236,11 +241,11 @@ class CacheFlowController:
 
     # -- decisions -----------------------------------------------------------------------
 
-    def _describe(
-        self, plan_: Plan, req: Request, tier: str, cost: CostModel, load: int, n: int
-    ) -> None:
+    def _describe(self, plan_: Plan, req: Request, tier: str, cost: CostModel, n: int) -> None:
         rp = plan_.requests[req.id]
         e = req.evicted_tokens
+        # a layer range counts its share of a token (e.g. layer split 2/4: half of each)
+        load = round(rp.tokens_by_action(self.shape.num_layers).get(f"load:{tier}", 0.0))
         alone_load = cost.load_s(tier, e) + cost.recompute_s(req.evicted_end, req.new_tokens)
         alone_rc = cost.recompute_s(req.device_tokens, e + req.new_tokens)
         t = cost.tier(tier)
@@ -308,11 +313,11 @@ class CacheFlowController:
             load = min(self._align(_loaded_tokens(plan_, req.id)), req.evicted_tokens)
             rp = plan_.requests[req.id]
             split = None
-            front = token_split(plan_, req)
-            if front is not None:
-                split = self._start_host_split(by_rid[req.id], req, front)
+            shape = split_of(plan_, req)
+            if shape is not None:
+                split = self._start_host_split(by_rid[req.id], req, *shape)
                 load = split.tokens if split is not None else 0
-            self.host_caps[req.id] = 0 if front is not None else load
+            self.host_caps[req.id] = 0 if shape is not None else load
             d = Decision(
                 req.id,
                 HOST_TIER,
@@ -327,7 +332,7 @@ class CacheFlowController:
             self._round[req.id] = d
             if split is not None:
                 self.splits[req.id] = d
-            self._describe(plan_, req, HOST_TIER, cost, load, len(reqs))
+            self._describe(plan_, req, HOST_TIER, cost, len(reqs))
 
     def _drop_stale(self, waiting: Sequence[Any], chunked: Any = None) -> None:
         """Forget decisions of requests that left the queue without being admitted (an
@@ -405,12 +410,18 @@ class CacheFlowController:
         while len(self.pending) > _MAX_TRACKED:
             self.pending.popitem(last=False)
 
-    def forward_done(self, batch: Any, seconds: float) -> None:
-        """An extend forward of ``batch`` finished: calibrate, and measure its restores."""
+    def forward_done(self, batch: Any, seconds: float, all_layers: bool = True) -> None:
+        """An extend forward of ``batch`` finished: calibrate (from forwards through all
+        layers), and measure its restores."""
         mode = batch.forward_mode
         if not mode.is_extend():
             return
-        if not mode.is_mixed() and batch.prefix_lens is not None and batch.extend_lens:
+        if (
+            all_layers
+            and not mode.is_mixed()
+            and batch.prefix_lens is not None
+            and batch.extend_lens
+        ):
             self.observe_compute(batch.prefix_lens, batch.extend_lens, seconds)
         if not self.pending:
             return
@@ -493,9 +504,9 @@ class CacheFlowController:
             load = min(self._align(_loaded_tokens(plan_, rid)), req.evicted_tokens)
             rp = plan_.requests[rid]
             split = None
-            front = token_split(plan_, req)
-            if front is not None:  # the reader brings the back; SGLang prefetches nothing
-                split = self._start_l3_split(req, front, keys[rid])
+            shape = split_of(plan_, req)
+            if shape is not None:  # the split reader loads; SGLang prefetches nothing
+                split = self._start_l3_split(req, *shape, keys[rid])
                 load = split.tokens if split is not None else 0
             d = self.storage_plans[rid] = Decision(
                 rid,
@@ -515,8 +526,8 @@ class CacheFlowController:
             self.metrics.planned(self.cfg.policy, d.shape)  # L3 decisions are not re-planned
             while len(self.storage_plans) > _MAX_TRACKED:
                 self.storage_plans.popitem(last=False)
-            self._describe(plan_, req, L3_TIER, cost, load, len(reqs))
-            if load > 0 and front is None:
+            self._describe(plan_, req, L3_TIER, cost, len(reqs))
+            if load > 0 and shape is None:
                 call = dict(by_id[rid])
                 call["new_input_tokens"] = call["new_input_tokens"][:load]
                 call["storage_hit_end"] = None
@@ -524,8 +535,24 @@ class CacheFlowController:
 
     # -- split restores (Cake's order) ---------------------------------------------------
 
-    def _start_l3_split(self, req: Request, front: int, keys: list[str]) -> SplitRestore | None:
-        """Start reading the back of ``req``'s L3 span (the pages after ``front`` tokens)."""
+    def _new_split(
+        self, req: Request, tier: str, front: int, layer: int, pages: int, like: tuple[int, ...],
+        dtype: Any, release: Any = None,
+    ) -> SplitRestore:  # fmt: skip
+        """A split restore of ``req`` loading ``pages`` pages from token ``front`` of its span
+        and from layer ``layer`` on; ``like`` is a page's (layers, 2, tokens, heads, dim)."""
+        num_layers, _, page, heads, dim = like
+        staging = new_staging(pages, num_layers - layer, page, heads, dim, dtype)
+        return SplitRestore(
+            req.id, tier, req.device_tokens + front, pages * page, page, staging,
+            layers=(layer, num_layers) if layer else (0, 0), release=release,
+        )  # fmt: skip
+
+    def _start_l3_split(
+        self, req: Request, front: int, layer: int, keys: list[str]
+    ) -> SplitRestore | None:
+        """Start reading what the split loads of ``req``'s L3 span: the pages after ``front``
+        tokens, their layers from ``layer`` on."""
         storage = self.cache.cacheflow_storage()
         page = self.page_size
         back = keys[front // page : req.evicted_tokens // page]
@@ -533,18 +560,20 @@ class CacheFlowController:
             self._split_unavailable(req, f"{len(back)} page keys, L3 backend {storage}")
             return None
         lay = storage.ns.layout
-        staging = new_staging(
-            len(back), lay.num_layers, page, lay.kv_heads, lay.head_dim, lay.dtype
+        like = (lay.num_layers, 2, page, lay.kv_heads, lay.head_dim)
+        sp = self._new_split(req, L3_TIER, front, layer, len(back), like, lay.dtype)
+        layers = sp.layers if sp.layer_split else None
+        self.reader.submit(
+            sp, lambda lo, hi: storage.read_pages(back[lo:hi], sp.staging[lo:hi], layers)
         )
-        sp = SplitRestore(
-            req.id, L3_TIER, req.device_tokens + front, len(back) * page, page, staging
-        )
-        self.reader.submit(sp, lambda lo, hi: storage.read_pages(back[lo:hi], staging[lo:hi]))
         return sp
 
-    def _start_host_split(self, sreq: Any, req: Request, front: int) -> SplitRestore | None:
-        """Start copying the back of ``sreq``'s host hit (after ``front`` tokens) to staging;
-        its host pages stay locked until the splice."""
+    def _start_host_split(
+        self, sreq: Any, req: Request, front: int, layer: int
+    ) -> SplitRestore | None:
+        """Start copying what the split loads of ``sreq``'s host hit to staging (the pages
+        after ``front`` tokens, their layers from ``layer`` on); its host pages stay locked
+        until the splice."""
         cache = self.cache
         node = sreq.best_match_node
         host = cache.cacheflow_host_pages(node)
@@ -559,16 +588,15 @@ class CacheFlowController:
         from sglang_cacheflow.sglang.storage import canonical_page_view
 
         first = canonical_page_view(pool, int(starts[0]))
-        staging = new_staging(len(starts), *first.shape[:1], page, *first.shape[3:], first.dtype)
         unlock = cache.inc_host_lock_ref(node).to_dec_params()
-        sp = SplitRestore(
-            req.id, HOST_TIER, req.device_tokens + front, len(starts) * page, page, staging,
+        sp = self._new_split(
+            req, HOST_TIER, front, layer, len(starts), tuple(first.shape), first.dtype,
             release=lambda: cache.dec_host_lock_ref(node, unlock),
         )  # fmt: skip
 
         def read(lo: int, hi: int) -> list[bool]:
             for i in range(lo, hi):
-                staging[i].copy_(canonical_page_view(pool, int(starts[i])))
+                sp.staging[i].copy_(canonical_page_view(pool, int(starts[i]))[layer:])
             return [True] * (hi - lo)
 
         self.reader.submit(sp, read)
@@ -591,10 +619,33 @@ class CacheFlowController:
         stats = tier.stats.snapshot()
         return stats["errors"] + stats["corrupt"] + stats["misses"]
 
-    def split_cut(self, rid: str) -> int | None:
-        """Where ``rid``'s first chunk must end (its recomputed front), if it is a split."""
+    def split_of(self, rid: str) -> SplitRestore | None:
+        """``rid``'s split restore not yet spliced, if any."""
         d = self.splits.get(rid)
-        return d.split.cut if d is not None and d.split is not None else None
+        return d.split if d is not None else None
+
+    def layer_chunk(self, req: Any) -> bool:
+        """Whether ``req`` is admitted for a layer split's first chunk (which runs alone)."""
+        sp = self.split_of(req.rid)
+        return sp is not None and bool(sp.layer_split) and req.extend_end == sp.cut
+
+    def layer_chunk_of(self, batch: Any) -> int | None:
+        """``l`` when ``batch`` is a layer split's first chunk, alone in its forward: the
+        forward runs layers ``[0, l)`` only."""
+        reqs = batch.reqs
+        if len(reqs) != 1 or not self.layer_chunk(reqs[0]):
+            return None
+        sp = self.split_of(reqs[0].rid)
+        return sp.layer_split if sp is not None else None
+
+    def drop_split(self, rid: str, reason: str) -> None:
+        """Give up ``rid``'s split restore before its chunk ran: the span is recomputed."""
+        d = self.splits.pop(rid, None)
+        if d is None or d.split is None:
+            return
+        d.split.close()
+        self.metrics.fallback(reason, d.tier, d.split.tokens)
+        logger.info("cacheflow: rid=%s: split restore dropped (%s); recomputing", rid, reason)
 
     def after_checkpoint(self, req: Any, tree_cache: Any) -> None:
         """SGLang checkpointed a chunk of ``req``: if it ends a split restore's front, splice
@@ -607,19 +658,25 @@ class CacheFlowController:
         try:
             if req.prefix_len > sp.cut:  # the front ran past the cut: nothing to splice
                 got, waited, reason = 0, 0.0, "split_cut_missed"
+                req.skip_radix_cache_insert = sp.skip_insert
             else:
                 res = splice(sp, req, tree_cache, self.cfg.split_wait_s, self.tp_group)
                 got, waited, reason = res.tokens, res.waited_s, res.reason
         finally:
             sp.close()
+        # a layer split loads a share of each token: count that share as loaded
+        l0, l1 = sp.layers
+        share = (l1 - l0) / l1 if sp.layer_split else 1.0
         if sp.tier == HOST_TIER and got:
-            self.observe_transfer(HOST_TIER, got * self.shape.kv_bytes_per_token, sp.read_s)
-        self.metrics.restored("load", sp.tier, got)
-        self.metrics.restored("recompute", sp.tier, d.evicted - got)
+            nbytes = got * share * self.shape.kv_bytes_per_token
+            self.observe_transfer(HOST_TIER, nbytes, sp.read_s)
+        self.metrics.restored("load", sp.tier, got * share)
+        self.metrics.restored("recompute", sp.tier, d.evicted - got * share)
         self._log(
-            "cacheflow split rid=%s: recomputed %d, loaded %d of %d from %s (read %.2f ms, "
-            "waited %.2f ms at the splice)", req.rid, d.evicted - sp.tokens, got, sp.tokens,
-            sp.tier, sp.read_s * 1e3, waited * 1e3,
+            "cacheflow split rid=%s: %s; loaded %s%d of the %d planned tokens from %s (read "
+            "%.2f ms, waited %.2f ms at the splice)", req.rid, d.shape,
+            f"layers [{l0}, {l1}) of " if sp.layer_split else "", got, sp.tokens, sp.tier,
+            sp.read_s * 1e3, waited * 1e3,
         )  # fmt: skip
         if got < sp.tokens:
             self.metrics.fallback(reason or "split_short", sp.tier, sp.tokens - got)

@@ -196,13 +196,24 @@ def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleT
         ctl = _ctl()
         if ctl is None or not ctl.splits or not isinstance(admission, admission_cls):
             return admission
-        cut = ctl.split_cut(req.rid)
+        if any(ctl.layer_chunk(r) for r in self.can_run_list):
+            return other  # a layer split's chunk runs alone: the others wait a round
+        sp = ctl.split_of(req.rid)
         start = admission.prefix_len
-        if cut is None or not start < cut < start + admission.extend_len:
+        if sp is None or not start < sp.cut < start + admission.extend_len:
             return admission
-        if kwargs.get("has_chunked_req") or self.new_chunked_req is not None:
+        busy = kwargs.get("has_chunked_req") or self.new_chunked_req is not None
+        if sp.layer_split:
+            if start != sp.start:  # the span moved (its front got cached): recompute it
+                ctl.drop_split(req.rid, "split_cut_missed")
+                return admission
+            if busy or self.can_run_list:
+                return other
+            # its top layers are not in yet: keep the chunk out of the tree until the splice
+            sp.skip_insert, req.skip_radix_cache_insert = req.skip_radix_cache_insert, True
+        elif busy:
             return other  # SGLang runs one chunked request at a time: wait for it
-        return admission_cls(start, cut - start, 0, True, admission.replay_len)
+        return admission_cls(start, sp.cut - start, 0, True, admission.replay_len)
 
     return _select_prefill_admission
 
@@ -211,9 +222,9 @@ def _wrap_add_chunked_req(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def add_chunked_req(self: Any, req: Any) -> Any:
         ctl = _ctl()
-        cut = ctl.split_cut(req.rid) if ctl is not None and ctl.splits else None
-        if cut is not None and req.prefix_len < cut:  # a long front takes several chunks
-            limit = cut - req.prefix_len
+        sp = ctl.split_of(req.rid) if ctl is not None and ctl.splits else None
+        if sp is not None and req.prefix_len < sp.cut:  # a long front takes several chunks
+            limit = sp.cut - req.prefix_len
             self.chunked_req_limit = min(self.chunked_req_limit or limit, limit)
         return original(self, req)
 
@@ -231,16 +242,34 @@ def _patch_schedule_policy(module: ModuleType) -> None:
 # -- timings ----------------------------------------------------------------------------
 
 
+def _layer_stack(worker: Any) -> Any:
+    """The module whose ``end_layer`` bounds the model's layer loop (SGLang's Llama, Qwen2/3,
+    Mistral... all keep one for pipeline parallelism), or None."""
+    model = getattr(getattr(worker, "model_runner", None), "model", None)
+    inner = getattr(model, "model", None)
+    return inner if hasattr(inner, "end_layer") and hasattr(inner, "layers") else None
+
+
 def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def forward_batch_generation(self: Any, batch: Any = None, *args: Any, **kwargs: Any) -> Any:
         ctl = _ctl()
         if ctl is None or batch is None or not hasattr(batch, "reqs"):
             return original(self, batch, *args, **kwargs)
+        # A layer split's first chunk: run the span through its bottom layers only.
+        top = ctl.layer_chunk_of(batch) if ctl.splits else None
+        stack = _layer_stack(self) if top is not None else None
+        saved = stack.end_layer if stack is not None else None
+        if stack is not None:
+            stack.end_layer = stack.start_layer + top
         start = time.perf_counter()
-        out = original(self, batch, *args, **kwargs)
+        try:
+            out = original(self, batch, *args, **kwargs)
+        finally:
+            if stack is not None:
+                stack.end_layer = saved
         elapsed = time.perf_counter() - start
-        _safe("forward bookkeeping", lambda: ctl.forward_done(batch, elapsed))
+        _safe("forward bookkeeping", lambda: ctl.forward_done(batch, elapsed, top is None))
         return out
 
     return forward_batch_generation

@@ -53,19 +53,23 @@ class CacheFlowRedisStorage(RedisHiCacheStorage):
         self._report(sum(ok), time.perf_counter() - start)
         return ok
 
-    def read_pages(self, keys: list[str], pages: torch.Tensor) -> list[bool]:
+    def read_pages(
+        self, keys: list[str], pages: torch.Tensor, layers: tuple[int, int] | None = None
+    ) -> list[bool]:
         """Read ``keys`` into ``pages`` (pages, layers, 2, tokens, heads, dim), e.g. a split
-        restore's staging memory, through the link the tier is seen through; one bool per
-        page (a missing or corrupted page is False). Timed for calibration like prefetches."""
+        restore's staging memory, through the link the tier is seen through; only the layer
+        range ``layers`` (default: all) is read. One bool per page (a missing or corrupted
+        page is False). Timed for calibration like prefetches."""
         ns = self.ns
         if ns is None:
             raise RuntimeError("register_mem_pool_host() must be called before any I/O")
         start = time.perf_counter()
-        ok = self.tier.batch_get_into(ns, keys, list(pages))
-        self._report(sum(ok), time.perf_counter() - start)
+        ok = self.tier.batch_get_into(ns, keys, list(pages), layers)
+        l0, l1 = ns.layout.check_layers(layers)
+        self._report(sum(ok) * (l1 - l0) / ns.layout.num_layers, time.perf_counter() - start)
         return ok
 
-    def _report(self, pages: int, seconds: float) -> None:
+    def _report(self, pages: float, seconds: float) -> None:
         from sglang_cacheflow.sglang.controller import current_controller
 
         ctl = current_controller()

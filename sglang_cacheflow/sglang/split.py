@@ -1,27 +1,37 @@
-"""Cake's order inside SGLang: one request recomputes the front of its evicted span while the
-back of the same span is read from its tier, then the back is spliced into its KV slots.
+"""Split restores inside SGLang: one request recomputes part of its evicted span while the
+rest of the same span is read from its tier, then the loaded part is spliced into its KV.
 
-A *split restore* of a request whose evicted span is ``[d, d+E)`` with split ``s``:
+Two shapes of a request whose evicted span is ``[d, d+E)``:
 
-1. **plan** (controller): the planner chose a token split; :class:`SplitReader` starts
-   reading the pages of ``[d+s, d+E)`` from the tier (Redis, or the host pool) into
-   *staging* memory of this restore's own, page by page in order, in the background;
+- **token split** ``s`` (Cake's order): recompute tokens ``[d, d+s)``, load ``[d+s, d+E)``;
+- **layer split** ``l`` (CacheFlow's): recompute layers ``[0, l)`` of the whole span, load
+  layers ``[l, L)`` of it.
+
+Both run in three steps:
+
+1. **plan** (controller): :class:`SplitReader` starts reading the loaded part's pages (only
+   its layers) from the tier (Redis, or the host pool) into *staging* memory of this
+   restore's own, page by page in order, in the background;
 2. **admission** (hooks around SGLang's ``PrefillAdder``): the request is admitted with a
-   first chunk that ends at ``cut = d+s``, so the forward recomputes ``[d, d+s)`` while the
-   reader runs;
-3. **splice** (:func:`splice`, right after SGLang checkpoints that chunk into the radix
-   tree, before the next batch is built): wait for the reader, allocate device slots for
-   the pages that landed, copy staging into them, write them into the request's
-   ``req_to_token`` row and checkpoint again, so the span is a device node of the tree (the
-   next turn of the conversation hits device memory) and the request's next chunk extends
-   its new tokens over the whole prefix.
+   first chunk that ends at the *cut*: ``d+s`` for a token split; ``d+E`` for a layer split,
+   whose chunk runs alone in its batch through layers ``[0, l)`` only (the model's layer
+   loop is cut short for that forward) and is kept out of the radix tree until its top
+   layers are in;
+3. **splice** (:func:`splice`, right after SGLang checkpoints that chunk, before the next
+   batch is built): wait for the reader, copy what landed into the request's KV slots
+   (token split: into slots allocated now and written into its ``req_to_token`` row; layer
+   split: into the layers ``[l, L)`` of the slots its chunk already owns) and checkpoint, so
+   the span is a device node of the tree (the next turn of the conversation hits device
+   memory) and the next chunk extends the new tokens over the whole prefix.
 
 Who owns what, when: staging belongs to the :class:`SplitRestore` until the splice; device
-slots are allocated only at the splice, in the scheduler thread, and belong to the request's
-row from the moment they are written there (SGLang frees them with the request or hands them
-to the tree). A page that does not arrive (tier down, checksum failure, time-out) ends the
-loaded front there: the splice takes the pages before it and the extend recomputes the rest,
-so a failure never produces wrong KV, and the shortfall is counted as a fallback.
+slots are allocated in the scheduler thread (by the chunk's extend, or at the splice) and
+belong to the request's row from the moment they are written there (SGLang frees them with
+the request or hands them to the tree). A page that does not arrive (tier down, checksum
+failure, time-out) ends the loaded part there: the splice keeps the whole pages before it,
+and the next chunk recomputes the rest through all layers (for a layer split, the tokens
+whose top layers are missing are dropped from the request's prefix first), so a failure
+never produces wrong KV, and the shortfall is counted as a fallback.
 
 Under tensor parallelism every rank reads its own heads' pages; the number of pages spliced
 is the MIN over the ranks (one ``all_reduce`` per split restore), so every rank extends the
@@ -53,15 +63,18 @@ ReadPages = Callable[[int, int], list[bool]]
 
 @dataclass
 class SplitRestore:
-    """One request's split restore: the back ``[cut, cut + tokens)`` of its span, in staging."""
+    """One request's split restore: tokens ``[start, start + tokens)`` x layers ``layers`` of
+    its span are loaded into staging; the rest of the span is recomputed."""
 
     rid: str
     tier: str
-    cut: int  # absolute token position where the loaded back starts (page aligned)
+    start: int  # absolute position of the first loaded token (page aligned)
     tokens: int  # tokens planned to be loaded (whole pages)
     page_tokens: int
-    staging: torch.Tensor  # (pages, layers, 2, page_tokens, heads, head_dim)
+    staging: torch.Tensor  # (pages, loaded layers, 2, page_tokens, heads, head_dim)
+    layers: tuple[int, int] = (0, 0)  # loaded layer range; (0, 0) means all of them
     release: Callable[[], None] | None = None  # undo what protects the source (host lock)
+    skip_insert: bool = False  # the request's own skip_radix_cache_insert, restored at the end
     landed_pages: int = 0  # pages [0, landed) are in staging
     error: str | None = None
     read_s: float = 0.0
@@ -71,6 +84,17 @@ class SplitRestore:
     @property
     def pages(self) -> int:
         return self.tokens // self.page_tokens
+
+    @property
+    def layer_split(self) -> int | None:
+        """``l`` of a layer split (layers ``[0, l)`` recomputed), None for a token split."""
+        return self.layers[0] if self.layers[0] > 0 else None
+
+    @property
+    def cut(self) -> int:
+        """Where the request's first chunk ends: the loaded back's start for a token split,
+        the span's end for a layer split."""
+        return self.start + self.tokens if self.layer_split else self.start
 
     def close(self) -> None:
         """Stop the reader and release the source; the staging memory goes with the object."""
@@ -126,19 +150,25 @@ def new_staging(pages: int, layers: int, page_tokens: int, heads: int, head_dim:
     )
 
 
-def write_pages(pool: Any, slots: torch.Tensor, staging: torch.Tensor) -> None:
+def write_pages(
+    pool: Any, slots: torch.Tensor, staging: torch.Tensor, first_layer: int = 0
+) -> None:
     """Copy staging pages (pages, layers, 2, page_tokens, heads, dim) into the device KV pool
     ``pool`` (SGLang's ``MHATokenToKVPool``: per-layer ``k_buffer``/``v_buffer`` of
-    (slots, heads, dim)) at ``slots``, one token per slot, in order."""
+    (slots, heads, dim)) at ``slots``, one token per slot, in order; staging layer ``i``
+    goes to pool layer ``first_layer + i``."""
     pages, layers, _, page_tokens, heads, dim = staging.shape
-    if layers != pool.layer_num:
-        raise ValueError(f"staging has {layers} layers, the device pool {pool.layer_num}")
+    if first_layer + layers > pool.layer_num:
+        raise ValueError(
+            f"staging has layers [{first_layer}, {first_layer + layers}), the device pool "
+            f"{pool.layer_num}"
+        )
     n = pages * page_tokens
     idx = slots.to(device=pool.k_buffer[0].device, dtype=torch.int64)
-    for layer in range(layers):
-        k = staging[:, layer, 0].reshape(n, heads, dim)
-        v = staging[:, layer, 1].reshape(n, heads, dim)
-        kb, vb = pool.k_buffer[layer], pool.v_buffer[layer]
+    for i in range(layers):
+        k = staging[:, i, 0].reshape(n, heads, dim)
+        v = staging[:, i, 1].reshape(n, heads, dim)
+        kb, vb = pool.k_buffer[first_layer + i], pool.v_buffer[first_layer + i]
         kb[idx] = k.to(device=kb.device, dtype=kb.dtype)
         vb[idx] = v.to(device=vb.device, dtype=vb.dtype)
 
@@ -167,7 +197,7 @@ def splice(
     ``req`` has just been checkpointed at ``sp.cut``: its ``req_to_token`` row holds
     ``[0, cut)`` and its ``prefix_len`` is ``cut``. Called in the scheduler thread.
     """
-    from sglang.srt.mem_cache.common import checkpoint_kv_cache, evict_from_tree_cache
+    from sglang.srt.mem_cache.common import checkpoint_kv_cache
 
     t0 = time.perf_counter()
     if not sp.done.wait(wait_s):
@@ -177,26 +207,64 @@ def splice(
     reason = None
     if pages < sp.pages:
         reason = "split_timeout" if not sp.done.is_set() else "split_read_failed"
+    if sp.layer_split:
+        n, failure = _splice_layers(sp, req, tree_cache, pages)
+    else:
+        n, failure = _splice_tokens(sp, req, tree_cache, pages)
+    checkpoint_kv_cache(req, tree_cache)  # inserts [.., extend_end) into the tree
+    return Spliced(n, waited, failure or reason)
+
+
+def _row(req: Any, tree_cache: Any) -> torch.Tensor:
+    return tree_cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
+
+
+def _splice_tokens(sp: SplitRestore, req: Any, tree_cache: Any, pages: int) -> tuple[int, Any]:
+    """Token split: new slots for the back's landed pages, after the recomputed front."""
+    from sglang.srt.mem_cache.common import evict_from_tree_cache
+
     n = pages * sp.page_tokens
     if n <= 0:
-        return Spliced(0, waited, reason)
+        return 0, None
     allocator = tree_cache.token_to_kv_pool_allocator
     slots = allocator.alloc(n)
     if slots is None:
         evict_from_tree_cache(tree_cache, n)
         slots = allocator.alloc(n)
     if slots is None:
-        return Spliced(0, waited, "split_no_device_memory")
+        return 0, "split_no_device_memory"
     try:
         write_pages(allocator.get_kvcache(), slots, sp.staging[:pages])
-        row = req.kv.req_pool_idx
-        tree_cache.req_to_token_pool.write((row, slice(sp.cut, sp.cut + n)), slots)
+        tree_cache.req_to_token_pool.write(
+            (req.kv.req_pool_idx, slice(sp.start, sp.start + n)), slots
+        )
     except Exception:
         allocator.free(slots)
         raise
-    end = sp.cut + n
+    _set_end(req, sp.start + n)
+    return n, None
+
+
+def _splice_layers(sp: SplitRestore, req: Any, tree_cache: Any, pages: int) -> tuple[int, Any]:
+    """Layer split: the loaded top layers into the slots the chunk computed the bottom ones
+    in. Tokens whose top layers did not land leave the prefix (their slots are freed) and
+    are recomputed through all layers by the next chunk."""
+    n = pages * sp.page_tokens
+    row = _row(req, tree_cache)
+    end = sp.start + sp.tokens
+    if n > 0:
+        slots = row[sp.start : sp.start + n].to(torch.int64)
+        write_pages(tree_cache.token_to_kv_pool_allocator.get_kvcache(), slots, sp.staging[:pages],
+                    first_layer=sp.layers[0])  # fmt: skip
+    if n < sp.tokens:
+        tree_cache.token_to_kv_pool_allocator.free(row[sp.start + n : end].to(torch.int64))
+        _set_end(req, sp.start + n)
+    req.skip_radix_cache_insert = sp.skip_insert  # its KV is whole again: publish it
+    return n, None
+
+
+def _set_end(req: Any, end: int) -> None:
+    """The request's KV now ends at ``end``: the next checkpoint publishes ``[.., end)``."""
     req.kv.kv_allocated_len = end
     req.kv.kv_committed_len = end
     req.extend_end = end
-    checkpoint_kv_cache(req, tree_cache)  # inserts [.., end) into the tree; prefix_len = end
-    return Spliced(n, waited, reason)

@@ -44,7 +44,7 @@ def test_defaults_and_round_trip() -> None:
     ("policy", "config", "needle"),
     [
         ("fastest", None, "choose one of cacheflow, cake, load, recompute"),
-        ("cake", '{"force_shape": "layer"}', "cannot run a layer split; it runs: token"),
+        ("cake", '{"force_shape": "diagonal"}', "unknown shape 'diagonal'"),
         ("cacheflow", '{"force_shape": "token", "force_recompute": 2}', "within [0, 1]"),
         ("cacheflow", '{"split_wait_s": 0}', "split_wait_s must be > 0"),
         ("cacheflow", "{not json", "is not valid JSON"),

@@ -83,6 +83,7 @@ def test_a_cancelled_read_stops_between_reads_and_releases_its_source() -> None:
 
 
 def test_write_pages_puts_each_token_in_its_slot_per_layer() -> None:
+    # staging layer i goes to pool layer first_layer + i, token j of the pages to slots[j]
     pages, src = 3, _source(3)
     size = 64
     pool = SimpleNamespace(
@@ -103,4 +104,11 @@ def test_write_pages_puts_each_token_in_its_slot_per_layer() -> None:
         untouched[slots] = False
         assert not pool.k_buffer[layer][untouched].any()
     with pytest.raises(ValueError, match="layers"):
-        write_pages(SimpleNamespace(layer_num=L + 1), slots, src)
+        write_pages(pool, slots, src, first_layer=1)  # 3 staged layers from layer 1: 4 > 3
+    # a layer split's top layers land on top of the bottom ones, which stay as computed
+    top = _source(3)[:, 1:] + 1000.0
+    write_pages(pool, slots, top, first_layer=1)
+    assert torch.equal(pool.k_buffer[0][slots], src[:, 0, 0].reshape(pages * P, H, D))
+    for layer in (1, 2):
+        assert torch.equal(pool.k_buffer[layer][slots], top[:, layer - 1, 0].reshape(-1, H, D))
+        assert torch.equal(pool.v_buffer[layer][slots], top[:, layer - 1, 1].reshape(-1, H, D))
