@@ -172,6 +172,8 @@ class CacheFlowController:
         self._owed_at = 0.0  # ... as of this perf_counter time
         self.splits: dict[str, Decision] = {}  # split restores not yet spliced, by rid
         self.reader = SplitReader()
+        self.queue: Sequence[Any] = ()  # the scheduler's waiting queue, as of the last round
+        self._queued_s = 0.0  # queued prefill seconds counted in the last round's busy
         self._log = logger.info if cfg.log_decisions else logger.debug
 
     # -- cost model ----------------------------------------------------------------------
@@ -199,13 +201,34 @@ class CacheFlowController:
         self._owed, self._owed_at = owed, now
 
     def _round_inputs(
-        self, hits: Sequence[int], now: float
+        self, hits: Sequence[int], now: float, planned: set[str]
     ) -> tuple[CostModel, list[int], dict[str, float]]:
-        """Cost model, hit lengths and busy seconds of this round, identical on every rank."""
+        """Cost model, hit lengths and busy seconds of this round, identical on every rank.
+        The compute resource also owes the prefills queued ahead of the ``planned``
+        requests (:meth:`queued_prefill_s`)."""
         self.rounds += 1
         if self.tp_group is not None:
             self.collectives += 1
-        return reduce_round(self.cost_model(), hits, self.tp_group, self.busy(now))
+        cost = self.cost_model()
+        busy = self.busy(now)
+        self._queued_s = self.queued_prefill_s(cost, planned)
+        if self._queued_s > 0:
+            busy["compute"] = busy.get("compute", 0.0) + self._queued_s
+        return reduce_round(cost, hits, self.tp_group, busy)
+
+    def queued_prefill_s(self, cost: CostModel, planned: set[str]) -> float:
+        """Predicted seconds of the prefills waiting in the scheduler's queue that are not
+        restores (theirs are owed already) nor among the ``planned`` requests: SGLang
+        admits in queue order, so they run before the requests planned now."""
+        known = planned | set(self.storage_plans) | set(self.splits) | set(self.pending)
+        total = 0.0
+        for req in list(self.queue)[: self.cfg.max_round_requests]:
+            if req.rid in known or req.finished():
+                continue
+            n = len(req.origin_input_ids) + len(req.output_ids) - req.prefix_len
+            if n > 0:
+                total += cost.recompute_s(req.prefix_len, n)
+        return total
 
     def observe_compute(
         self, prefix_lens: Sequence[int], extend_lens: Sequence[int], s: float
@@ -275,6 +298,7 @@ class CacheFlowController:
         """Plan the host hits of the requests SGLang is about to consider for admission."""
         self.host_caps = {}
         self._round = {}
+        self.queue = scheduler.waiting_queue
         self._drop_stale(scheduler.waiting_queue, getattr(scheduler, "chunked_req", None))
         cache = self.cache
         cands = []
@@ -296,7 +320,9 @@ class CacheFlowController:
         if not cands:
             return
         now = time.perf_counter()
-        cost, hits, busy = self._round_inputs([r.host_hit_length for r in cands], now)
+        cost, hits, busy = self._round_inputs(
+            [r.host_hit_length for r in cands], now, {r.rid for r in cands}
+        )
         reqs = []
         for r, hit in zip(cands, hits, strict=True):
             hit = self._align(min(hit, r.host_hit_length))
@@ -447,9 +473,11 @@ class CacheFlowController:
 
     # -- arrivals (L3 hits) --------------------------------------------------------------
 
-    def begin_arrivals(self) -> None:
+    def begin_arrivals(self, scheduler: Any = None) -> None:
         self.collecting = True
         self.deferred = []
+        if scheduler is not None:
+            self.queue = scheduler.waiting_queue
 
     def end_arrivals(self) -> None:
         self.collecting = False
@@ -481,7 +509,8 @@ class CacheFlowController:
         if not probed:
             return
         now = time.perf_counter()
-        cost, hits, busy = self._round_inputs([h for _, h in probed], now)
+        planned = {call["request"].rid for call, _ in probed}
+        cost, hits, busy = self._round_inputs([h for _, h in probed], now, planned)
         reqs: list[Request] = []
         by_id: dict[str, dict[str, Any]] = {}
         for (call, _), hit in zip(probed, hits, strict=True):
@@ -498,7 +527,9 @@ class CacheFlowController:
             return
         plan_ = self._plan(reqs, cost, busy)
         # prefetches are issued now, so the whole round's work is owed from now on
-        self._owed, self._owed_at = dict(plan_.owed_s), now
+        owed = dict(plan_.owed_s)  # the queued prefills are counted afresh every round
+        owed["compute"] = owed.get("compute", 0.0) - self._queued_s
+        self._owed, self._owed_at = owed, now
         for rid in plan_.order:
             req = next(r for r in reqs if r.id == rid)
             load = min(self._align(_loaded_tokens(plan_, rid)), req.evicted_tokens)

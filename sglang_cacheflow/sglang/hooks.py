@@ -121,7 +121,7 @@ def _wrap_process_input_requests(original: Callable[..., Any]) -> Callable[..., 
         ctl = _ctl()
         if ctl is None:
             return original(self, recv_reqs, *args, **kwargs)
-        ctl.begin_arrivals()
+        ctl.begin_arrivals(self)
         try:
             return original(self, recv_reqs, *args, **kwargs)
         finally:

@@ -7,6 +7,7 @@ The controller is driven directly, with the radix cache reduced to the two calls
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -86,3 +87,40 @@ def test_decisions_of_requests_that_left_the_queue_are_dropped() -> None:
     sched.waiting_queue[0].finished = lambda: True  # type: ignore[attr-defined]
     ctl.begin_admission(sched)
     assert set(ctl.storage_plans) == {"waiting"}
+
+
+class _Queued:
+    """A request waiting in SGLang's queue: ``prefix_len`` tokens cached, the rest to prefill."""
+
+    def __init__(self, rid: str, tokens: int, prefix_len: int = 0) -> None:
+        self.rid = rid
+        self.origin_input_ids = list(range(tokens))
+        self.output_ids: list[int] = []
+        self.prefix_len = prefix_len
+
+    def finished(self) -> bool:
+        return False
+
+
+def test_prefills_queued_ahead_count_as_owed_compute() -> None:
+    # Under load the scheduler's queue holds prefills that run before a restore planned now:
+    # the plan must count them, or the TTFT it predicts is not what the client sees.
+    idle, _ = _controller()
+    idle.plan_prefetches([_call("restore")])
+    loaded, _ = _controller()
+    queue = [
+        _Queued("chat-1", 1024),
+        _Queued("chat-2", 600, prefix_len=512),
+        _Queued("restore", 512),
+    ]
+    loaded.begin_arrivals(SimpleNamespace(waiting_queue=queue))
+    loaded.end_arrivals()
+    loaded.plan_prefetches([_call("restore")])
+    queued = (1024 + 88) / 5500  # the prefills ahead; the restore itself is being planned
+    assert loaded.queued_prefill_s(loaded.cost_model(), {"restore"}) == pytest.approx(queued)
+    a, b = idle.storage_plans["restore"], loaded.storage_plans["restore"]
+    assert b.predicted_s > queued > a.predicted_s  # the restore's first token comes after them
+    # alone it splits its span; behind a busy compute resource it loads all of it
+    assert a.split is not None and b.shape == "load all"
+    # counted once: the next round sees the queue afresh, not also as owed work
+    assert loaded.busy(loaded._owed_at)["compute"] < queued + 0.1
