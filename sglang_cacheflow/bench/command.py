@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-total-tokens", type=int, default=4096, help="device KV pool")
     parser.add_argument("--hicache-ratio", type=float, default=2.0, help="host pool / device")
     parser.add_argument("--chunk-tokens", type=int, default=64)
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="SGLang --dtype of the servers (float32 makes the answer check a check of the "
+        "restores: no bf16 rounding differences between a decode and a recompute)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
 
 
@@ -215,7 +221,10 @@ def run(args: argparse.Namespace) -> int:
     bandwidths = parse_gbps(args.l3_gbps)
     sessions, described = build_sessions(args, model)
     total = sum(len(s.turns) for s in sessions)
-    spec = ServerSpec(model, args.max_total_tokens, args.hicache_ratio, args.chunk_tokens)
+    extra = ("--dtype", args.dtype) if getattr(args, "dtype", None) else ()
+    spec = ServerSpec(
+        model, args.max_total_tokens, args.hicache_ratio, args.chunk_tokens, args=extra
+    )
     by_arrival = args.workload.startswith("mooncake")
     runs: list[Run] = []
     print(f"workload: {args.workload}: {described}")

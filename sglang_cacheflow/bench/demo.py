@@ -26,6 +26,9 @@ DEFAULTS = {
     "max_total_tokens": 2048,  # device KV pool: the chats do not fit, earlier turns go down
     "hicache_ratio": 1.0,  # host pool of the same size: older turns go on to Redis
     "chunk_tokens": 64,
+    # fp32: a restored prefix must give the same greedy answer as no reuse, so the "answers =
+    # ref" column checks the restores (in bf16 a decode and a recompute round differently)
+    "dtype": "float32",
 }
 LABELS = {
     "recompute": "no reuse (recompute)",

@@ -188,7 +188,8 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
 
 
 _DONE = re.compile(r"done: measured ([\d.]+) ms, predicted ([\d.]+) ms")
-_SHAPE = re.compile(r"\(((?:token split|layer split|load front|load all|recompute all)[^,)\n]*), #\d+ of")
+_KINDS = "token split|layer split|load front|load all|recompute all"
+_SHAPE = re.compile(rf"\(((?:{_KINDS})[^,)\n]*), #\d+ of")
 
 
 def _within(log: str, tolerance: float) -> float | None:
