@@ -211,7 +211,8 @@ def splice(
         n, failure = _splice_layers(sp, req, tree_cache, pages)
     else:
         n, failure = _splice_tokens(sp, req, tree_cache, pages)
-    checkpoint_kv_cache(req, tree_cache)  # inserts [.., extend_end) into the tree
+    if req.kv.holds_kv:
+        checkpoint_kv_cache(req, tree_cache)  # inserts [.., extend_end) into the tree
     return Spliced(n, waited, failure or reason)
 
 
@@ -259,6 +260,9 @@ def _splice_layers(sp: SplitRestore, req: Any, tree_cache: Any, pages: int) -> t
     if n < sp.tokens:
         tree_cache.token_to_kv_pool_allocator.free(row[sp.start + n : end].to(torch.int64))
         _set_end(req, sp.start + n)
+        req.prefix_len = sp.start + n
+        if sp.start + n == 0:  # nothing left: the request starts over without a row
+            tree_cache.req_to_token_pool.free(req)
     req.skip_radix_cache_insert = sp.skip_insert  # its KV is whole again: publish it
     return n, None
 
