@@ -138,9 +138,8 @@ def _check_restores(server: SGLangServer, shape: str, replies: list[Any]) -> Non
             assert loaded == recomputed == PREFIX // 2, (tier, m)
     assert total(m, FALLBACKS) == 0, m
     if "split" in shape:  # both restores were spliced whole
-        pattern = (
-            rf"split rid=\S+: {re.escape(shape)}; loaded (?:layers \[2, 4\) of )?(\d+) of the (\d+)"
-        )
+        layers = r"(?:layers \[\d+, \d+\) of )?"
+        pattern = rf"split rid=\S+: {re.escape(shape)}; loaded {layers}(\d+) of the (\d+)"
         done = re.findall(pattern, log)
         assert len(done) == 2 and all(a == b for a, b in done), done
     # the restored span is a device node of the tree: the next turn hits all of it
@@ -177,18 +176,31 @@ def test_every_forced_shape_restores_exactly(
         server.stop()
 
 
-def test_smollm2_token_split_restores_exactly(
-    sglang_servers: StartServer, smollm2_path: Path, l3: RedisServer
-) -> None:
+@pytest.fixture(scope="module")
+def smollm2_reference(sglang_servers: StartServer, smollm2_path: Path) -> list[Any]:
     ref = sglang_servers(smollm2_path, *COMMON, "--disable-radix-cache", env=ENV)
-    want = _returning(ref, _prompts(2), None)
+    replies = _returning(ref, _prompts(2), None)
     ref.stop()
-    # SmolLM2 in fp32 keeps 46 KiB a token: 1 Gbit/s reads a 240-token back in about 90 ms
-    server = _cacheflow(sglang_servers, smollm2_path, l3, "1gbps+1ms", SHAPES["token-split"][0])
+    return replies
+
+
+@pytest.mark.parametrize("name", ["token-split", "layer-split"])
+def test_smollm2_split_restores_exactly(
+    name: str,
+    sglang_servers: StartServer,
+    smollm2_path: Path,
+    l3: RedisServer,
+    smollm2_reference: list[Any],
+) -> None:
+    force, shape = SHAPES[name]
+    if name == "layer-split":
+        shape = "layer split 15/30"  # SmolLM2 has 30 layers
+    # SmolLM2 in fp32 keeps 46 KiB a token: 1 Gbit/s reads 240 tokens' worth in about 90 ms
+    server = _cacheflow(sglang_servers, smollm2_path, l3, "1gbps+1ms", force)
     try:
         replies = _returning(server, _prompts(2), l3)
-        assert_same_replies(want, replies)
-        _check_restores(server, SHAPES["token-split"][1], replies)
+        assert_same_replies(smollm2_reference, replies)
+        _check_restores(server, shape, replies)
     finally:
         server.stop()
 
