@@ -209,11 +209,15 @@ class Shaper:
                 a = tc
                 b, free = self._loads(d, mid, 0, io, cper, steps)
         if self.new:
-            ttft = max(a, b) + self.prefill_s
+            prefill = self.prefill_s
+            if kind == LOAD_FRONT and split < self.evicted:
+                # the recomputed back and the new tokens are one forward: one fixed cost
+                prefill = max(0.0, prefill - self.cost.compute.step_s)
+            ttft = max(a, b) + prefill
             if steps is not None:
                 e = self.req.evicted_end
                 steps.append(
-                    Step(e, e + self.new, 0, L, Action.PREFILL, None, ttft - self.prefill_s, ttft)
+                    Step(e, e + self.new, 0, L, Action.PREFILL, None, ttft - prefill, ttft)
                 )
         else:  # nothing to prefill: done when its last own step ends
             ttft = max(free.values(), default=0.0)
@@ -346,19 +350,22 @@ class Shaper:
     def cake_split(self, tc: float, io: dict[str, float]) -> int:
         """Where Cake's pointers meet: compute claims front chunks, one I/O worker claims
         back chunks (paying a tier's latency per chunk); each side claims its next chunk when
-        it gets to it, so chunk k is recomputed iff compute reaches it no later than I/O."""
+        it gets to it, so chunk k is recomputed iff compute reaches it no later than I/O.
+
+        The executors recompute the claimed front in one forward (the plan's step), so the
+        compute pointer advances at the pace of that forward: one per-forward cost, not one
+        per chunk (which would make Cake load far past the meeting point wherever a forward's
+        fixed cost is large, as on a CPU)."""
         g, n = self.grid, len(self.grid) - 1
         if n == 0:
             return 0
         d = self.d
-        step = self.cost.compute.step_s
         t0 = max((io.get(t[0], 0.0) for t in self.tiers), default=0.0)
 
         slow = 1.0 + self.cost.compute.overlap_slowdown  # the I/O worker runs alongside
 
         def compute_reaches(k: int) -> float:
-            front = self.cost.recompute_s(d, g[k]) - (step if g[k] else 0.0) + k * step
-            return tc + slow * front
+            return tc + slow * self.cost.recompute_s(d, g[k])
 
         def io_reaches(k: int) -> float:
             # I/O has loaded chunks k+1..n-1 (tokens [d + g[k+1], d + e)) before chunk k.
