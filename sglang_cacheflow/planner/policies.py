@@ -189,10 +189,10 @@ def plan(
         ]
         if capabilities.token_split:
             candidates.append(_schedule(shapers, _cake, busy))
-        if not capabilities.layer_split:
-            # Where a request can overlap its own load and recompute only in part (or not
-            # at all), overlap also comes from different requests doing different things:
-            # some load while the others recompute.
+        if capabilities.load_front or not (capabilities.token_split or capabilities.layer_split):
+            # On an engine's extend (SGLang: one chunked request at a time, loads that land
+            # before the extend), overlap also comes from different requests doing different
+            # things: some load while the others recompute.
             candidates += _request_splits(shapers, busy)
         best = min(candidates, key=lambda c: (c[0], c[1]))
     served, owed = _emit(best[2], cost.shape.num_layers, busy)
