@@ -149,12 +149,17 @@ def _check_restores(server: SGLangServer, shape: str, replies: list[Any]) -> Non
     assert "memory leak detected" not in server.log_text()
 
 
-@pytest.fixture(scope="module")
-def tiny_reference(sglang_servers: StartServer, tiny_llama_path: Path) -> list[Any]:
-    ref = sglang_servers(tiny_llama_path, *COMMON, "--disable-radix-cache", env=ENV)
-    replies = _returning(ref, _prompts(1), None)
+def _reference_replies(start: StartServer, model: Path, seed: int) -> list[Any]:
+    """The returning conversations of ``seed`` on a server with the radix cache disabled."""
+    ref = start(model, *COMMON, "--disable-radix-cache", env=ENV)
+    replies = _returning(ref, _prompts(seed), None)
     ref.stop()
     return replies
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(sglang_servers: StartServer, tiny_llama_path: Path) -> list[Any]:
+    return _reference_replies(sglang_servers, tiny_llama_path, 1)
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -168,9 +173,17 @@ def test_every_forced_shape_restores_exactly(
     force, shape = SHAPES[name]
     # 96 Mbit/s: a 240-token back (2 KiB a token) reads in about 40 ms
     server = _cacheflow(sglang_servers, tiny_llama_path, l3, "96mbps+1ms", force)
+    _restores_exactly(server, l3, 1, tiny_reference, shape)
+
+
+def _restores_exactly(
+    server: SGLangServer, l3: RedisServer, seed: int, want: list[Any], shape: str
+) -> None:
+    """Run the returning conversations of ``seed`` on ``server``, compare with ``want``,
+    check the restores it made (all in ``shape``), and stop it."""
     try:
-        replies = _returning(server, _prompts(1), l3)
-        assert_same_replies(tiny_reference, replies)
+        replies = _returning(server, _prompts(seed), l3)
+        assert_same_replies(want, replies)
         _check_restores(server, shape, replies)
     finally:
         server.stop()
@@ -178,10 +191,7 @@ def test_every_forced_shape_restores_exactly(
 
 @pytest.fixture(scope="module")
 def smollm2_reference(sglang_servers: StartServer, smollm2_path: Path) -> list[Any]:
-    ref = sglang_servers(smollm2_path, *COMMON, "--disable-radix-cache", env=ENV)
-    replies = _returning(ref, _prompts(2), None)
-    ref.stop()
-    return replies
+    return _reference_replies(sglang_servers, smollm2_path, 2)
 
 
 @pytest.mark.parametrize("name", ["token-split", "layer-split"])
@@ -197,12 +207,7 @@ def test_smollm2_split_restores_exactly(
         shape = "layer split 15/30"  # SmolLM2 has 30 layers
     # SmolLM2 in fp32 keeps 46 KiB a token: 1 Gbit/s reads 240 tokens' worth in about 90 ms
     server = _cacheflow(sglang_servers, smollm2_path, l3, "1gbps+1ms", force)
-    try:
-        replies = _returning(server, _prompts(2), l3)
-        assert_same_replies(smollm2_reference, replies)
-        _check_restores(server, shape, replies)
-    finally:
-        server.stop()
+    _restores_exactly(server, l3, 2, smollm2_reference, shape)
 
 
 # -- faults under a split restore --------------------------------------------------------
