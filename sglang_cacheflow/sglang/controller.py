@@ -97,7 +97,7 @@ class Decision:
     l3_faults: int = 0  # the L3 tier's fault count when planned (tells a refusal from a fault)
 
 
-def split_of(plan_: Plan, req: Request) -> tuple[int, int] | None:
+def planned_split(plan_: Plan, req: Request) -> tuple[int, int] | None:
     """``(front, layer)`` of a split restore the plan gives ``req``: a token split recomputes
     its span's first ``front`` tokens and loads the rest (``layer`` 0); a layer split
     recomputes layers ``[0, layer)`` of the whole span and loads the others (``front`` 0).
@@ -339,7 +339,7 @@ class CacheFlowController:
             load = min(self._align(_loaded_tokens(plan_, req.id)), req.evicted_tokens)
             rp = plan_.requests[req.id]
             split = None
-            shape = split_of(plan_, req)
+            shape = planned_split(plan_, req)
             if shape is not None:
                 split = self._start_host_split(by_rid[req.id], req, *shape)
                 load = split.tokens if split is not None else 0
@@ -535,7 +535,7 @@ class CacheFlowController:
             load = min(self._align(_loaded_tokens(plan_, rid)), req.evicted_tokens)
             rp = plan_.requests[rid]
             split = None
-            shape = split_of(plan_, req)
+            shape = planned_split(plan_, req)
             if shape is not None:  # the split reader loads; SGLang prefetches nothing
                 split = self._start_l3_split(req, *shape, keys[rid])
                 load = split.tokens if split is not None else 0
