@@ -14,6 +14,8 @@ What :func:`install` does, once per process:
   RAM SGLang keeps free before sizing a HiCache host pool (a GPU-server rule;
   on a small CPU machine the device pool itself is host RAM);
 - registers the ``cacheflow_cpu`` attention backend and its CLI choice;
+- lets several ranks share the machine's cores (``--tp 2`` on one NUMA node) with
+  collectives on gloo (:mod:`sglang_cacheflow.cpu.parallel`);
 - routes SGLang's spawned subprocesses through :mod:`sglang_cacheflow.cpu.processes`;
 - installs the test fault named by ``SGLANG_CACHEFLOW_FAULT``, if any
   (:mod:`sglang_cacheflow.cpu.faults`).
@@ -165,6 +167,10 @@ def install() -> bool:
         when_imported("sglang.srt.mem_cache.pool_host.base", _set_hicache_reserve)
     when_imported("sglang.srt.arg_groups.choices", _add_attention_choice)
     when_imported("sglang.srt.layers.attention.attention_registry", _register_attention_backend)
+
+    from sglang_cacheflow.cpu import parallel
+
+    parallel.install(when_imported)
 
     from sglang_cacheflow.cpu.faults import install_requested_fault
 

@@ -92,7 +92,10 @@ class RedisHiCacheStorage(HiCacheStorage):
                 '"class_name":"RedisHiCacheStorage","url":"redis://127.0.0.1:6379/0"}'
             )
         self.storage_config = storage_config
-        self.tier = RedisTier(RedisTierConfig.from_dict(extra))
+        # one name per rank: `CLIENT LIST` tells which rank a connection serves
+        rank = f"tp{storage_config.tp_rank}of{storage_config.tp_size}"
+        options = {"client_name": f"sglang-cacheflow-{rank}", **extra}
+        self.tier = RedisTier(RedisTierConfig.from_dict(options))
         # The cache controller picks the zero-copy v1 path from this key after construction.
         extra.setdefault("interface_v1", 1)
         self.model = str(extra.get("model") or storage_config.model_name or "model")

@@ -115,7 +115,8 @@ class RedisTierConfig:
     :mod:`~sglang_cacheflow.tiers.resp`, values straight into the destination tensors (one
     copy); False uses redis-py pipelines (and their reply copies) for everything.
     ``pipeline_depth``: groups of ``pipeline_bytes`` in flight per connection on the direct
-    path (sent before the replies of the previous ones are read).
+    path (sent before the replies of the previous ones are read). ``client_name``: set on
+    every connection (``CLIENT SETNAME``), so that ``CLIENT LIST`` tells whose it is.
     """
 
     url: str
@@ -131,6 +132,7 @@ class RedisTierConfig:
     evict_corrupt: bool = True
     direct_io: bool = True
     pipeline_depth: int = 1
+    client_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.streams < 1:
@@ -339,6 +341,8 @@ class RedisTier(KVTier):
             # copies each value into the command first (measured: 2 ms per MiB here).
             command_packer=PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode),
         )
+        if cfg.client_name:
+            common["client_name"] = cfg.client_name
         try:
             if cluster:
                 client = self._cluster_client(parts, query, common)

@@ -1,9 +1,17 @@
-"""Reading a CacheFlow server's restore metrics and comparing replies with a reference."""
+"""What the server tests share: restore metrics, reply comparison, and the conversations
+they send (multi-turn rounds, and prefixes that return from host memory and from Redis)."""
 
 from __future__ import annotations
 
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
+import redis
+
+from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
 from sglang_cacheflow.testing.server import SGLangServer
 
 
@@ -31,3 +39,100 @@ def assert_same_replies(ref: list[dict[str, Any]], got: list[dict[str, Any]]) ->
         la = [t[0] for t in a["meta_info"]["output_token_logprobs"]]
         lb = [t[0] for t in b["meta_info"]["output_token_logprobs"]]
         assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-4
+
+
+def ask(server: SGLangServer, ids: list[int], new: int = 4) -> dict[str, Any]:
+    """A greedy ``/generate`` of ``new`` tokens after ``ids``."""
+    return server.generate(input_ids=ids, max_new_tokens=new)
+
+
+def conversations(
+    servers: list[SGLangServer],
+    seed: int,
+    *,
+    n_conv: int = 8,
+    turns: int = 4,
+    first: int = 240,
+    grow: int = 16,
+    new: int = 4,
+) -> list[list[dict[str, Any]]]:
+    """Run the same multi-turn conversations on every server: turn by turn, all
+    conversations of a turn together (each turn appends the reply and ``grow`` new tokens).
+    Returns, per server, every reply."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(256) for _ in range(first)] for _ in range(n_conv)]
+    grows = [
+        [[rng.randrange(256) for _ in range(grow)] for _ in range(n_conv)] for _ in range(turns)
+    ]
+    results: list[list[dict[str, Any]]] = [[] for _ in servers]
+    for si, server in enumerate(servers):
+        convs = [list(p) for p in prompts]
+        for turn in range(turns):
+            with ThreadPoolExecutor(n_conv) as pool:
+                replies = list(pool.map(partial(ask, server, new=new), convs))
+            for i, r in enumerate(replies):
+                results[si].append(r)
+                convs[i] = convs[i] + r["output_ids"] + grows[turn][i]
+            # HiCache backs the turn up to Redis in the background, through the emulated link
+            # (~0.5 s for this much KV): let it land so the next turn can find it there.
+            time.sleep(2.0)
+    return results
+
+
+# -- one conversation returning from host memory, one from Redis -------------------------
+
+PREFIX, GROW = 480, 16
+
+
+def returning_prompts(seed: int) -> dict[str, list[int]]:
+    """Token ids for :func:`returning`: a "host" and a "redis" prefix of :data:`PREFIX`
+    tokens, six fillers that evict them, and the next turns' new tokens."""
+    rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(256) for _ in range(n)]
+
+    out = {"host": tokens(PREFIX), "redis": tokens(PREFIX)}
+    out |= {f"fill{i}": tokens(PREFIX) for i in range(6)}
+    out |= {"host+": tokens(GROW), "redis+": tokens(GROW), "next+": tokens(GROW)}
+    return out
+
+
+def returning(server: SGLangServer, p: dict[str, list[int]], l3: RedisServer | None) -> list[Any]:
+    """A prefix that returns from host memory (two prompts evicted it from a 1024-token
+    device pool), one that returns from Redis (four more evicted it from a 1536-token host
+    pool once it was backed up to ``l3``), then that conversation's next turn (its prefix is
+    on device again). Returns the three replies."""
+    ask(server, p["host"])
+    ask(server, p["fill0"])
+    ask(server, p["fill1"])
+    host = ask(server, p["host"] + p["host+"])
+    to_redis(server, p, l3)
+    back = p["redis"] + p["redis+"]
+    from_redis = ask(server, back)
+    following = ask(server, back + from_redis["output_ids"] + p["next+"])
+    return [host, from_redis, following]
+
+
+def to_redis(server: SGLangServer, p: dict[str, list[int]], l3: RedisServer | None) -> None:
+    """Send the "redis" prefix and evict it from device and host memory; its backup goes to
+    Redis in the background, through the emulated link: wait until it has landed. (An idle
+    scheduler with --sleep-on-idle handles HiCache's acknowledgements once a second, and only
+    then starts the backup to Redis: the key count must hold still for longer than that.)"""
+    ask(server, p["redis"])
+    if l3 is not None:
+        wait_for_backups(l3.url, settle_s=2.5, limit_s=60)
+    for i in range(2, 6):
+        ask(server, p[f"fill{i}"])
+    if l3 is not None:
+        wait_for_backups(l3.url, settle_s=2.5, limit_s=60)
+
+
+def corrupt(client: redis.Redis, keys: list[bytes]) -> None:
+    """Flip the bytes of the second half of each record in place (same length): the page's
+    checksum fails, the key stays."""
+    for k in keys:
+        value = bytearray(client.get(k) or b"")
+        for i in range(len(value) // 2, len(value)):
+            value[i] ^= 0x5A
+        client.set(k, bytes(value))

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -27,7 +22,7 @@ import redis
 from sglang_cacheflow.testing.redis import RedisServer
 from sglang_cacheflow.testing.server import CPU_ENV, SGLangServer
 from tests.fixtures.sglang import StartServer
-from tests.sglang.helpers import assert_same_replies, metrics, total
+from tests.sglang.helpers import assert_same_replies, conversations, corrupt, metrics, total
 
 pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow]
 
@@ -43,7 +38,6 @@ LINK = "96mbps+1ms"
 # admitted, so host restores were rare; at 2x little ever reached Redis. 1.5x and 4 turns
 # gave both in each of three runs (2300-2500 tokens from host, 370-530 from Redis).
 HOST_RATIO = "1.5"
-N_CONV, TURNS, FIRST, GROW, NEW = 8, 4, 240, 16, 4
 
 
 @pytest.fixture(scope="module")
@@ -71,38 +65,11 @@ def servers(
     return reference, cacheflow
 
 
-def _ask(server: SGLangServer, ids: list[int]) -> dict[str, Any]:
-    return server.generate(input_ids=ids, max_new_tokens=NEW)
-
-
-def _conversations(servers: list[SGLangServer], seed: int) -> list[list[dict[str, Any]]]:
-    """Run the same conversations on every server: turn by turn, all conversations of a turn
-    together. Returns, per server, every reply."""
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(256) for _ in range(FIRST)] for _ in range(N_CONV)]
-    grows = [
-        [[rng.randrange(256) for _ in range(GROW)] for _ in range(N_CONV)] for _ in range(TURNS)
-    ]
-    results: list[list[dict[str, Any]]] = [[] for _ in servers]
-    for si, server in enumerate(servers):
-        convs = [list(p) for p in prompts]
-        for turn in range(TURNS):
-            with ThreadPoolExecutor(N_CONV) as pool:
-                replies = list(pool.map(partial(_ask, server), convs))
-            for i, r in enumerate(replies):
-                results[si].append(r)
-                convs[i] = convs[i] + r["output_ids"] + grows[turn][i]
-            # HiCache backs the turn up to Redis in the background, through the emulated link
-            # (~0.5 s for this much KV): let it land so the next turn can find it there.
-            time.sleep(2.0)
-    return results
-
-
 def test_restores_from_host_and_redis_match_no_cache(
     servers: tuple[SGLangServer, SGLangServer],
 ) -> None:
     reference, cacheflow = servers
-    ref, got = _conversations([reference, cacheflow], seed=1)
+    ref, got = conversations([reference, cacheflow], seed=1)
     assert_same_replies(ref, got)
     # Restores are asserted on the project's metrics below, not on SGLang's own
     # cached_tokens_details: SGLang drops its "host"/"storage" figures when it re-issues a
@@ -131,12 +98,8 @@ def test_corrupted_and_missing_l3_pages_fall_back_to_recompute(
     client = redis.Redis(host="127.0.0.1", port=l3.port)
     keys = list(client.scan_iter(count=1000))
     assert keys
-    for k in keys[::2]:  # corrupt every other stored record in place (same length)
-        value = bytearray(client.get(k) or b"")
-        for i in range(len(value) // 2, len(value)):
-            value[i] ^= 0x5A
-        client.set(k, bytes(value))
-    ref, got = _conversations([reference, cacheflow], seed=1)
+    corrupt(client, keys[::2])  # every other stored record
+    ref, got = conversations([reference, cacheflow], seed=1)
     assert_same_replies(ref, got)
     after = metrics(cacheflow)
     fallbacks = total(after, "sglang:cacheflow_fallbacks_total") - total(
@@ -145,7 +108,7 @@ def test_corrupted_and_missing_l3_pages_fall_back_to_recompute(
     assert fallbacks > 0, after
     # Redis down: lookups fail, everything missing is recomputed and counted, nothing hangs
     l3.stop()
-    ref, got = _conversations([reference, cacheflow], seed=2)
+    ref, got = conversations([reference, cacheflow], seed=2)
     assert_same_replies(ref, got)
     down = metrics(cacheflow)
     assert total(down, "sglang:cacheflow_fallbacks_total", reason="l3_unavailable") > 0, down

@@ -14,7 +14,6 @@ split restore: records corrupted, and the server killed in the middle of a read.
 from __future__ import annotations
 
 import json
-import random
 import re
 import threading
 import time
@@ -25,16 +24,26 @@ from typing import Any
 import pytest
 import redis
 
-from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
+from sglang_cacheflow.testing.redis import RedisServer
 from sglang_cacheflow.testing.server import SGLangServer
 from tests.fixtures.sglang import StartServer
-from tests.sglang.helpers import assert_same_replies, metrics, total
+from tests.sglang.helpers import (
+    GROW,
+    PREFIX,
+    ask,
+    assert_same_replies,
+    corrupt,
+    metrics,
+    returning,
+    returning_prompts,
+    to_redis,
+    total,
+)
 
 pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow]
 
 ENV = {"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"}
 COMMON = ("--dtype", "float32", "--page-size", "16", "--max-total-tokens", "1024")
-PREFIX, GROW, NEW = 480, 16, 4
 RESTORED = "sglang:cacheflow_restored_tokens_total"
 FALLBACKS = "sglang:cacheflow_fallbacks_total"
 # (force_shape, force_recompute) -> what the decision log calls it for a 480-token span
@@ -45,52 +54,6 @@ SHAPES = {
     "load-all": (("load_front", 0.0), "load all"),
     "recompute-all": (("load_front", 1.0), "recompute all"),
 }
-
-
-def _prompts(seed: int) -> dict[str, list[int]]:
-    rng = random.Random(seed)
-
-    def tokens(n: int) -> list[int]:
-        return [rng.randrange(256) for _ in range(n)]
-
-    out = {"host": tokens(PREFIX), "redis": tokens(PREFIX)}
-    out |= {f"fill{i}": tokens(PREFIX) for i in range(6)}
-    out |= {"host+": tokens(GROW), "redis+": tokens(GROW), "next+": tokens(GROW)}
-    return out
-
-
-def _ask(server: SGLangServer, ids: list[int]) -> dict[str, Any]:
-    return server.generate(input_ids=ids, max_new_tokens=NEW)
-
-
-def _returning(server: SGLangServer, p: dict[str, list[int]], l3: RedisServer | None) -> list[Any]:
-    """A prefix that returns from host memory (two prompts evicted it from the 1024-token
-    device pool), one that returns from Redis (four more evicted it from the 1536-token host
-    pool once it was backed up to ``l3``), then that conversation's next turn (its prefix is
-    on device again). Returns the three replies."""
-    _ask(server, p["host"])
-    _ask(server, p["fill0"])
-    _ask(server, p["fill1"])
-    host = _ask(server, p["host"] + p["host+"])
-    _to_redis(server, p, l3)
-    back = p["redis"] + p["redis+"]
-    from_redis = _ask(server, back)
-    following = _ask(server, back + from_redis["output_ids"] + p["next+"])
-    return [host, from_redis, following]
-
-
-def _to_redis(server: SGLangServer, p: dict[str, list[int]], l3: RedisServer | None) -> None:
-    """Send the "redis" prefix and evict it from device and host memory; its backup goes to
-    Redis in the background, through the emulated link: wait until it has landed. (An idle
-    scheduler with --sleep-on-idle handles HiCache's acknowledgements once a second, and only
-    then starts the backup to Redis: the key count must hold still for longer than that.)"""
-    _ask(server, p["redis"])
-    if l3 is not None:
-        wait_for_backups(l3.url, settle_s=2.5, limit_s=60)
-    for i in range(2, 6):
-        _ask(server, p[f"fill{i}"])
-    if l3 is not None:
-        wait_for_backups(l3.url, settle_s=2.5, limit_s=60)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +115,7 @@ def _check_restores(server: SGLangServer, shape: str, replies: list[Any]) -> Non
 def _reference_replies(start: StartServer, model: Path, seed: int) -> list[Any]:
     """The returning conversations of ``seed`` on a server with the radix cache disabled."""
     ref = start(model, *COMMON, "--disable-radix-cache", env=ENV)
-    replies = _returning(ref, _prompts(seed), None)
+    replies = returning(ref, returning_prompts(seed), None)
     ref.stop()
     return replies
 
@@ -182,7 +145,7 @@ def _restores_exactly(
     """Run the returning conversations of ``seed`` on ``server``, compare with ``want``,
     check the restores it made (all in ``shape``), and stop it."""
     try:
-        replies = _returning(server, _prompts(seed), l3)
+        replies = returning(server, returning_prompts(seed), l3)
         assert_same_replies(want, replies)
         _check_restores(server, shape, replies)
     finally:
@@ -241,29 +204,25 @@ def test_corrupted_records_under_a_split_restore_are_recomputed(
 ) -> None:
     server = _slow_split_server(sglang_servers, tiny_llama_path, l3, SHAPES[name][0])
     try:
-        p = _prompts(3)
+        p = returning_prompts(3)
         back = p["redis"] + p["redis+"]
-        want = _ask(fault_reference, back)
-        _to_redis(server, p, l3)
+        want = ask(fault_reference, back)
+        to_redis(server, p, l3)
         client = redis.Redis(host="127.0.0.1", port=l3.port)
         keys = sorted(client.scan_iter(count=10_000))
         assert keys
         # every other record, or all of them (nothing lands: a layer split whose span starts
         # at token 0 gives back its whole chunk and starts over): flip bytes in the second half
-        for k in keys[every - 1 :: every]:
-            value = bytearray(client.get(k) or b"")
-            for i in range(len(value) // 2, len(value)):
-                value[i] ^= 0x5A
-            client.set(k, bytes(value))
-        got = _ask(server, back)
+        corrupt(client, keys[every - 1 :: every])
+        got = ask(server, back)
         assert_same_replies([want], [got])
         m = metrics(server)
         assert total(m, FALLBACKS, reason="split_read_failed") >= 1, m
         log = server.log_text()
         assert re.search(r"got \d+ of the \d+ tokens planned from redis \(split_read_failed", log)
         # the restored prefix (what landed, the rest recomputed) serves the next turn
-        following = _ask(server, back + got["output_ids"] + p["next+"])
-        assert_same_replies([_ask(fault_reference, back + got["output_ids"] + p["next+"])],
+        following = ask(server, back + got["output_ids"] + p["next+"])
+        assert_same_replies([ask(fault_reference, back + got["output_ids"] + p["next+"])],
                             [following])  # fmt: skip
         time.sleep(1.0)
         assert "memory leak detected" not in server.log_text()
@@ -279,13 +238,13 @@ def test_redis_killed_in_the_middle_of_a_split_read(
 ) -> None:
     server = _slow_split_server(sglang_servers, tiny_llama_path, l3, SHAPES["token-split"][0])
     try:
-        p = _prompts(4)
+        p = returning_prompts(4)
         back = p["redis"] + p["redis+"]
-        want = _ask(fault_reference, back)
-        _to_redis(server, p, l3)
+        want = ask(fault_reference, back)
+        to_redis(server, p, l3)
         before = metrics(server)
         replies: list[Any] = []
-        asking = threading.Thread(target=lambda: replies.append(_ask(server, back)))
+        asking = threading.Thread(target=lambda: replies.append(ask(server, back)))
         asking.start()
         time.sleep(0.15)  # the back is being read: about a quarter of it is in
         l3.kill()
@@ -295,7 +254,7 @@ def test_redis_killed_in_the_middle_of_a_split_read(
         after = metrics(server)
         assert total(after, FALLBACKS) > total(before, FALLBACKS), after
         # and the server goes on serving, from what it has and by recomputing
-        assert_same_replies([_ask(fault_reference, p["fill2"])], [_ask(server, p["fill2"])])
+        assert_same_replies([ask(fault_reference, p["fill2"])], [ask(server, p["fill2"])])
         time.sleep(1.0)
         assert "memory leak detected" not in server.log_text()
     finally:

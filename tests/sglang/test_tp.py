@@ -1,8 +1,8 @@
 """Tensor parallelism: every rank takes the identical restore decision.
 
-SGLang's CPU engine cannot run ``--tp 2`` here, so this drives the decision path itself in two
-gloo processes: each rank's controller is fed different local measurements (compute and L3
-timings) and different local L3 hit lengths, plans a round of arrivals, and records the
+The fast unit test (real ``--tp 2`` servers: ``test_tp_server.py``): this drives the decision
+path itself in two gloo processes: each rank's controller is fed different local
+measurements (compute and L3 timings) and different local L3 hit lengths, plans a round of arrivals, and records the
 prefetches it would issue. With the TP CPU group the decisions are identical and cost one
 collective for the whole round; planning on each rank's own view gives different decisions.
 """

@@ -143,6 +143,9 @@ def test_tp_ranks_and_dtypes_do_not_share_pages(redis_server: RedisServer, make_
     assert rank1.batch_exists(keys) == 0 and fp16.batch_exists(keys) == 0
     assert rank1.batch_get_v1(keys, idx(2)) == [False]
     assert rank0.ns is not None and "tp0of2" in rank0.ns.prefix and "bf16" in rank0.ns.prefix
+    # each rank's connections carry its name, so an operator (or a test) can tell them apart
+    names = {c["name"] for c in rank0.tier.client.client_list()}
+    assert {"sglang-cacheflow-tp0of2", "sglang-cacheflow-tp1of2"} <= names
 
 
 def test_concurrent_prefetch_and_backup_threads(redis_server: RedisServer, make_pool) -> None:
