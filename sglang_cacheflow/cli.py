@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--json", action="store_true", help="print one JSON object")
     else:  # prepare-model
         parser.add_argument(
-            "model", choices=("smollm2", "smollm2-fp32", "tiny-llama"), help="which model"
+            "model",
+            choices=("smollm2", "smollm2-fp32", "tiny-llama", "small-llama"),
+            help="which model",
         )
         parser.add_argument("--out", type=Path, help="folder (default: the local model cache)")
 
@@ -49,10 +51,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _prepare_model(args: argparse.Namespace) -> int:
-    from sglang_cacheflow.models import build_tiny_llama, convert_smollm2
+    from sglang_cacheflow.models import build_small_llama, build_tiny_llama, convert_smollm2
 
     if args.model == "tiny-llama":
         path = build_tiny_llama(args.out)
+    elif args.model == "small-llama":
+        path = build_small_llama(args.out)
     else:
         dtype = "float32" if args.model.endswith("fp32") else "bfloat16"
         path = convert_smollm2(args.out, dtype=dtype)

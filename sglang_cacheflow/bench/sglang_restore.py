@@ -44,13 +44,23 @@ POLICIES = ("recompute", "load", "cake", "cacheflow")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="smollm2, tiny or a model folder")
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2, tiny, small (a random 16-layer Llama whose 4 KV heads divide among 2 "
+        "ranks, for --tp 2) or a model folder",
+    )
     parser.add_argument("--dtype", default="float32", help="SGLang --dtype of the server")
     parser.add_argument(
         "--links",
         default="auto",
         help="emulated L3 links, e.g. 50mbps+1ms,1gbps+1ms; 'auto': 0.5x, 1x and 2x of the "
         "link balanced against the recompute time measured here",
+    )
+    parser.add_argument(
+        "--link-factors",
+        default="0.5,1,2",
+        help="with --links auto: the multiples of the balanced link to run",
     )
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument(
@@ -71,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="host pool / device pool; large enough that SGLang's prefetch rate limit lets "
         "all the returning conversations prefetch at once (so 'load' loads everything)",
     )
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks of each server; each rank reads its own KV heads over its "
+        "own emulated link, so the balanced link is per rank",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument(
         "--log-dir", type=Path, default=None, help="keep each server's log (decisions) here"
@@ -78,10 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model(name: str) -> Path:
-    from sglang_cacheflow.models import build_tiny_llama, convert_smollm2
+    from sglang_cacheflow.models import build_small_llama, build_tiny_llama, convert_smollm2
 
     if name == "tiny":
         return build_tiny_llama()
+    if name == "small":
+        return build_small_llama()
     if name == "smollm2":
         return convert_smollm2()
     return Path(name)
@@ -127,6 +146,7 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             "prior": {"redis_GBps": LinkShape.parse(link).bandwidth_bytes_per_s / 1e9},
         }
         flags = ["--dtype", args.dtype, "--page-size", "16", "--max-total-tokens", str(total)]
+        flags += ["--tp", str(args.tp)]
         flags += [
             "--hicache-ratio",
             str(args.hicache_ratio),
@@ -178,6 +198,7 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
     return {
         "link": link,
         "policy": policy,
+        "tp": args.tp,
         "single_mean_s": statistics.mean(single),
         "together_mean_s": statistics.mean(together),
         "storage_tokens": sum(int(d.get("storage", 0)) for d in details),
@@ -219,7 +240,7 @@ def _kv_bytes_per_token(model: Path, dtype: str) -> int:
     return 2 * config["num_hidden_layers"] * heads * head_dim * size
 
 
-def balanced_link(prefix: int, kv_bytes_per_token: int, recompute_s: float) -> float:
+def balanced_link(prefix: int, kv_bytes_per_token: float, recompute_s: float) -> float:
     """Bit rate at which loading ``prefix`` tokens of KV takes ``recompute_s``."""
     return prefix * kv_bytes_per_token * 8 / recompute_s
 
@@ -279,10 +300,9 @@ def run(args: argparse.Namespace) -> int:
                         "recompute")  # fmt: skip
     if args.links == "auto":
         assert recompute is not None
-        bits = balanced_link(
-            args.prefix, _kv_bytes_per_token(model, args.dtype), recompute["single_mean_s"]
-        )
-        links = [_link(bits * f) for f in (0.5, 1.0, 2.0)]
+        per_rank = _kv_bytes_per_token(model, args.dtype) / args.tp
+        bits = balanced_link(args.prefix, per_rank, recompute["single_mean_s"])
+        links = [_link(bits * float(f)) for f in args.link_factors.split(",") if f]
         print(f"balanced link: {_link(bits)} (recompute of {args.prefix} tokens took "
               f"{recompute['single_mean_s'] * 1e3:.0f} ms)", flush=True)  # fmt: skip
     else:
