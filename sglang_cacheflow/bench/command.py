@@ -21,7 +21,8 @@ from sglang_cacheflow.bench.serving import (
     run_one,
 )
 
-POLICIES = ("recompute", "load", "cacheflow")
+DEFAULT_POLICIES = ("recompute", "load", "cacheflow")
+"""Policies run unless ``--policies`` names others (see ``planner.POLICIES``)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=Path, help="model folder (default: SmolLM2-135M-Instruct, converted once)"
     )
-    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated")
+    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated")
     parser.add_argument(
         "--l3-gbps",
         default="10",

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sglang_cacheflow.planner import ComputeCost, CostModel, Span, TierCost
+from sglang_cacheflow.planner import POLICIES, ComputeCost, CostModel, Span, TierCost
 from sglang_cacheflow.runtime import Executor, ModelAdapter
 from sglang_cacheflow.runtime.workload import model_shape, prepare
 from sglang_cacheflow.tiers import HostTier, LinkShape, ShapedTier
@@ -39,7 +39,6 @@ SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
 }  # fmt: skip
-POLICIES = ("recompute", "load", "cake", "cacheflow")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -38,9 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from sglang_cacheflow.planner import POLICIES
+
 __all__ = ["add_arguments", "run"]
 
-POLICIES = ("recompute", "load", "cake", "cacheflow")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

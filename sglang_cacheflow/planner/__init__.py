@@ -6,7 +6,7 @@ point is :func:`plan`; executors call :func:`validate` on what they receive befo
 
 from sglang_cacheflow.planner.bound import Bound, fluid_bound
 from sglang_cacheflow.planner.calibration import Calibrator
-from sglang_cacheflow.planner.capabilities import RUNTIME, SGLANG, Capabilities
+from sglang_cacheflow.planner.capabilities import RUNTIME, Capabilities
 from sglang_cacheflow.planner.cost import ComputeCost, CostModel, ModelShape, TierCost
 from sglang_cacheflow.planner.plan import Action, Plan, RequestPlan, Step
 from sglang_cacheflow.planner.policies import POLICIES, plan
@@ -16,7 +16,6 @@ from sglang_cacheflow.planner.validate import PlanError, validate
 __all__ = [
     "POLICIES",
     "RUNTIME",
-    "SGLANG",
     "Action",
     "Bound",
     "Calibrator",

@@ -10,7 +10,10 @@ loads were in flight are fitted apart: their mean excess over the fitted model i
 Tiers: ``seconds = latency + bytes / bandwidth`` per transfer, tracked with exponentially
 weighted sums, so recent transfers count most and each update is O(1): a weighted linear
 regression of seconds on bytes gives latency and bandwidth; with transfers all of one size,
-the latency keeps its prior and the bandwidth follows the average.
+the latency keeps its prior and the bandwidth follows the average. What a tier's restores
+cost beyond their transfers (an engine's lookups and hand-offs) is learnt from whole restores
+that ran alone: the residual of measured over predicted, as a moving average added to the
+tier's ``setup_s``.
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ class Calibrator:
     max_compute_samples: int = 512
     _compute: list[tuple[float, float, float, float]] = field(default_factory=list)
     _overlapped: list[tuple[float, float, float, float]] = field(default_factory=list)
+    setup_rate: float = 0.3  # weight of the newest residual in a tier's setup estimate
     _tiers: dict[str, _TierStats] = field(default_factory=dict)
+    _setup: dict[str, float] = field(default_factory=dict)  # learnt extra setup_s per tier
 
     def add_compute(
         self,
@@ -94,6 +99,18 @@ class Calibrator:
             prior = self.prior.tiers.get(tier, TierCost(1e9, 0.0))
             stats = self._tiers[tier] = _TierStats(prior, self.decay)
         stats.add(nbytes, seconds)
+
+    def add_restore(self, tier: str, measured_s: float, predicted_s: float) -> None:
+        """A restore from ``tier`` that had the machine to itself took ``measured_s`` where
+        the model (with the setup learnt so far) predicted ``predicted_s``: move the tier's
+        extra setup toward the residual (never below 0, so that loads keep being tried)."""
+        current = self._setup.get(tier, 0.0)
+        residual = max(0.0, current + measured_s - predicted_s)
+        self._setup[tier] = current + self.setup_rate * (residual - current)
+
+    def setup_s(self, tier: str) -> float:
+        """The extra setup learnt for ``tier`` (see :meth:`add_restore`)."""
+        return self._setup.get(tier, 0.0)
 
     def compute_cost(self) -> ComputeCost:
         if len(self._compute) < 3:  # nothing measured alone yet: fit what there is
@@ -136,4 +153,7 @@ class Calibrator:
         """The prior with every measured part replaced by its fit."""
         tiers = dict(self.prior.tiers)
         tiers.update({name: st.estimate() for name, st in self._tiers.items()})
+        for name, extra in self._setup.items():
+            if extra > 0 and name in tiers:
+                tiers[name] = replace(tiers[name], setup_s=tiers[name].setup_s + extra)
         return replace(self.prior, compute=self.compute_cost(), tiers=tiers)

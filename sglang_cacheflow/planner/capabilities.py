@@ -30,18 +30,3 @@ class Capabilities:
 #: shapes, but a token split restores the same tokens with a cheaper recompute (the front of
 #: a span attends to fewer tokens than its back), so the planner need not search them.
 RUNTIME = Capabilities(token_split=True, layer_split=True, load_front=False)
-
-#: SGLang 0.5.23 with ``--enable-cacheflow``: the extend loads the front of a hit (host
-#: loads stream per layer through ``LayerDoneCounter``; a storage prefetch lands whole pages
-#: in host memory first) and recomputes the back. Split restores run as a first chunk that
-#: recomputes the front (token split) or the bottom layers of the span (layer split) while
-#: the project's reader brings the rest into staging memory, which is spliced into the
-#: request's KV slots before the new tokens extend (so a split's load is not streamed).
-SGLANG = Capabilities(
-    token_split=True, layer_split=True, load_front=True, streamed_tiers=frozenset({"host"})
-)
-
-#: SGLang's own HiCache, without the project's split restores: load the front of a hit only.
-LOAD_FRONT_ONLY = Capabilities(
-    token_split=False, layer_split=False, load_front=True, streamed_tiers=frozenset({"host"})
-)

@@ -36,8 +36,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sglang_cacheflow.planner import (
@@ -52,18 +52,25 @@ from sglang_cacheflow.planner import (
     TierCost,
     plan,
 )
-from sglang_cacheflow.planner.capabilities import SGLANG
-from sglang_cacheflow.sglang.flags import CacheFlowConfig
+from sglang_cacheflow.sglang.capabilities import SGLANG
+from sglang_cacheflow.sglang.flags import CacheFlowConfig, tier_prior
 from sglang_cacheflow.sglang.metrics import RestoreMetrics
-from sglang_cacheflow.sglang.split import SplitReader, SplitRestore, new_staging, splice
+from sglang_cacheflow.sglang.owed import OwedWork
+from sglang_cacheflow.sglang.split import (
+    SplitReader,
+    SplitRestore,
+    SplitUnavailable,
+    splice,
+    start_host_split,
+    start_l3_split,
+)
 from sglang_cacheflow.sglang.tp import reduce_round
+from sglang_cacheflow.tiers.names import HOST_TIER, L3_TIER
 
-__all__ = ["HOST_TIER", "L3_TIER", "CacheFlowController", "current_controller"]
+__all__ = ["CacheFlowController", "current_controller"]
 
 logger = logging.getLogger("sglang_cacheflow.sglang")
 
-HOST_TIER = "host"
-L3_TIER = "redis"
 _MAX_TRACKED = 4096
 _STALE_S = 60.0  # an L3 decision whose request left the queue unadmitted this long ago is dropped
 
@@ -86,7 +93,7 @@ class Decision:
 
     rid: str
     tier: str  # where the evicted span was: host or redis
-    t0: float  # when it was planned (perf_counter)
+    t0: float  # when it was planned (the controller's clock)
     predicted_s: float
     evicted: int
     planned_load: int
@@ -119,10 +126,7 @@ def prior_cost(cfg: CacheFlowConfig, shape: ModelShape) -> CostModel:
     return CostModel(
         shape,
         ComputeCost(p["tokens_per_s"], p["attention_s_per_token_pair"], p["step_s"]),
-        {
-            HOST_TIER: TierCost.from_gbps(p["host_GBps"], p["host_latency_ms"]),
-            L3_TIER: TierCost.from_gbps(p["redis_GBps"], p["redis_latency_ms"]),
-        },
+        {tier: TierCost.from_gbps(*tier_prior(p, tier)) for tier in (HOST_TIER, L3_TIER)},
     )
 
 
@@ -145,6 +149,7 @@ class CacheFlowController:
         tp_group: Any | None = None,
         tp_rank: int = 0,
         enable_metrics: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.cfg = cfg
         self.cache = cache
@@ -164,12 +169,8 @@ class CacheFlowController:
         self.deferred: list[dict[str, Any]] = []
         self.rounds = 0
         self.collectives = 0
-        # What an L3 load costs beyond its transfer: SGLang's hit query, the hand-offs
-        # between its prefetch threads and the scheduler, admission. Learnt from restores
-        # that had the machine to themselves; it starts at 0 so that loads get tried.
-        self.l3_overhead_s = 0.0
-        self._owed: dict[str, float] = {}  # seconds of planned work per resource ...
-        self._owed_at = 0.0  # ... as of this perf_counter time
+        self.clock = clock
+        self.owed = OwedWork(clock)
         self.splits: dict[str, Decision] = {}  # split restores not yet spliced, by rid
         self.reader = SplitReader()
         self.queue: Sequence[Any] = ()  # the scheduler's waiting queue, as of the last round
@@ -182,23 +183,7 @@ class CacheFlowController:
         if not self.cfg.calibrate:
             return self.prior
         with self._lock:
-            cost = self.calibrator.model()
-        if self.l3_overhead_s > 0 and L3_TIER in cost.tiers:
-            t = cost.tiers[L3_TIER]
-            tiers = {**cost.tiers, L3_TIER: replace(t, setup_s=t.setup_s + self.l3_overhead_s)}
-            cost = replace(cost, tiers=tiers)
-        return cost
-
-    def busy(self, now: float) -> dict[str, float]:
-        """Seconds of planned work each resource still owes at ``now``."""
-        gone = now - self._owed_at
-        return {k: v - gone for k, v in self._owed.items() if v > gone}
-
-    def _owe(self, work: dict[str, float], now: float) -> None:
-        owed = self.busy(now)
-        for k, v in work.items():
-            owed[k] = owed.get(k, 0.0) + v
-        self._owed, self._owed_at = owed, now
+            return self.calibrator.model()
 
     def _round_inputs(
         self, hits: Sequence[int], now: float, planned: set[str]
@@ -210,7 +195,7 @@ class CacheFlowController:
         if self.tp_group is not None:
             self.collectives += 1
         cost = self.cost_model()
-        busy = self.busy(now)
+        busy = self.owed.busy(now)
         self._queued_s = self.queued_prefill_s(cost, planned)
         if self._queued_s > 0:
             busy["compute"] = busy.get("compute", 0.0) + self._queued_s
@@ -319,7 +304,7 @@ class CacheFlowController:
                 cands.append(req)
         if not cands:
             return
-        now = time.perf_counter()
+        now = self.clock()
         cost, hits, busy = self._round_inputs(
             [r.host_hit_length for r in cands], now, {r.rid for r in cands}
         )
@@ -364,7 +349,7 @@ class CacheFlowController:
         """Forget decisions of requests that left the queue without being admitted (an
         abort): they would keep the owed work from being cleared, and a split restore would
         keep its staging memory and its host pages locked."""
-        now = time.perf_counter()
+        now = self.clock()
         live = {r.rid for r in waiting}
         if chunked is not None:
             live.add(chunked.rid)
@@ -380,7 +365,7 @@ class CacheFlowController:
         round_, self._round = self._round, {}
         if new_batch is None:
             return
-        now = time.perf_counter()
+        now = self.clock()
         for req in new_batch.reqs:
             d = round_.get(req.rid)
             if d is None and req.rid in self.splits and req.rid not in self.pending:
@@ -390,7 +375,7 @@ class CacheFlowController:
                     self._track(d)
                     continue
             if d is not None:  # admitted: its planned work is now owed (not re-planned)
-                self._owe(d.work, now)
+                self.owed.add(d.work, now)
                 self.metrics.planned(self.cfg.policy, d.shape)
                 if d.split is not None:  # counted at the splice
                     self._track(d)
@@ -451,7 +436,7 @@ class CacheFlowController:
             self.observe_compute(batch.prefix_lens, batch.extend_lens, seconds)
         if not self.pending:
             return
-        now = time.perf_counter()
+        now = self.clock()
         for req in batch.reqs:
             if req.rid in self.splits:  # the first chunk of a split: the restore goes on
                 continue
@@ -461,15 +446,16 @@ class CacheFlowController:
             measured = now - d.t0
             self.metrics.restore_time(d.predicted_s, measured)
             if self.cfg.calibrate and d.alone and d.tier == L3_TIER and d.planned_load > 0:
-                residual = max(0.0, self.l3_overhead_s + measured - d.predicted_s)
-                self.l3_overhead_s += 0.3 * (residual - self.l3_overhead_s)
+                # what an L3 load costs beyond its transfer: SGLang's hit query, hand-offs
+                # between its prefetch threads and the scheduler, admission
+                with self._lock:
+                    self.calibrator.add_restore(L3_TIER, measured, d.predicted_s)
             self._log(
                 "cacheflow restore rid=%s done: measured %.2f ms, predicted %.2f ms (%s)",
                 d.rid, measured * 1e3, d.predicted_s * 1e3, d.shape,
             )  # fmt: skip
         if not self.pending and not self.storage_plans and not self.splits:
-            # every planned restore has run: nothing is owed, whatever the predictions said
-            self._owed = {}
+            self.owed.clear()
 
     # -- arrivals (L3 hits) --------------------------------------------------------------
 
@@ -508,7 +494,7 @@ class CacheFlowController:
                 keys[call["request"].rid] = found[1]
         if not probed:
             return
-        now = time.perf_counter()
+        now = self.clock()
         planned = {call["request"].rid for call, _ in probed}
         cost, hits, busy = self._round_inputs([h for _, h in probed], now, planned)
         reqs: list[Request] = []
@@ -529,7 +515,7 @@ class CacheFlowController:
         # prefetches are issued now, so the whole round's work is owed from now on
         owed = dict(plan_.owed_s)  # the queued prefills are counted afresh every round
         owed["compute"] = owed.get("compute", 0.0) - self._queued_s
-        self._owed, self._owed_at = owed, now
+        self.owed.set(owed, now)
         for rid in plan_.order:
             req = next(r for r in reqs if r.id == rid)
             load = min(self._align(_loaded_tokens(plan_, rid)), req.evicted_tokens)
@@ -566,72 +552,27 @@ class CacheFlowController:
 
     # -- split restores (Cake's order) ---------------------------------------------------
 
-    def _new_split(
-        self, req: Request, tier: str, front: int, layer: int, pages: int, like: tuple[int, ...],
-        dtype: Any, release: Any = None,
-    ) -> SplitRestore:  # fmt: skip
-        """A split restore of ``req`` loading ``pages`` pages from token ``front`` of its span
-        and from layer ``layer`` on; ``like`` is a page's (layers, 2, tokens, heads, dim)."""
-        num_layers, _, page, heads, dim = like
-        staging = new_staging(pages, num_layers - layer, page, heads, dim, dtype)
-        return SplitRestore(
-            req.id, tier, req.device_tokens + front, pages * page, page, staging,
-            layers=(layer, num_layers) if layer else (0, 0), release=release,
-        )  # fmt: skip
-
     def _start_l3_split(
         self, req: Request, front: int, layer: int, keys: list[str]
     ) -> SplitRestore | None:
-        """Start reading what the split loads of ``req``'s L3 span: the pages after ``front``
-        tokens, their layers from ``layer`` on."""
-        storage = self.cache.cacheflow_storage()
-        page = self.page_size
-        back = keys[front // page : req.evicted_tokens // page]
-        if storage is None or len(back) * page != req.evicted_tokens - front:
-            self._split_unavailable(req, f"{len(back)} page keys, L3 backend {storage}")
+        try:
+            storage = self.cache.cacheflow_storage()
+            return start_l3_split(self.reader, storage, req, front, layer, keys, self.page_size)
+        except SplitUnavailable as e:
+            self._split_unavailable(req, str(e))
             return None
-        lay = storage.ns.layout
-        like = (lay.num_layers, 2, page, lay.kv_heads, lay.head_dim)
-        sp = self._new_split(req, L3_TIER, front, layer, len(back), like, lay.dtype)
-        layers = sp.layers if sp.layer_split else None
-        self.reader.submit(
-            sp, lambda lo, hi: storage.read_pages(back[lo:hi], sp.staging[lo:hi], layers)
-        )
-        return sp
 
     def _start_host_split(
         self, sreq: Any, req: Request, front: int, layer: int
     ) -> SplitRestore | None:
-        """Start copying what the split loads of ``sreq``'s host hit to staging (the pages
-        after ``front`` tokens, their layers from ``layer`` on); its host pages stay locked
-        until the splice."""
-        cache = self.cache
-        node = sreq.best_match_node
-        host = cache.cacheflow_host_pages(node)
-        page = self.page_size
-        if host is None or len(host[1]) < req.evicted_tokens:
-            self._split_unavailable(
-                req, f"host pages of the hit not found ({host and len(host[1])})"
+        try:
+            node = sreq.best_match_node
+            return start_host_split(
+                self.reader, self.cache, node, req, front, layer, self.page_size
             )
+        except SplitUnavailable as e:
+            self._split_unavailable(req, str(e))
             return None
-        pool, indices = host
-        starts = indices[front : req.evicted_tokens : page].tolist()
-        from sglang_cacheflow.sglang.storage import canonical_page_view
-
-        first = canonical_page_view(pool, int(starts[0]))
-        unlock = cache.inc_host_lock_ref(node).to_dec_params()
-        sp = self._new_split(
-            req, HOST_TIER, front, layer, len(starts), tuple(first.shape), first.dtype,
-            release=lambda: cache.dec_host_lock_ref(node, unlock),
-        )  # fmt: skip
-
-        def read(lo: int, hi: int) -> list[bool]:
-            for i in range(lo, hi):
-                sp.staging[i].copy_(canonical_page_view(pool, int(starts[i]))[layer:])
-            return [True] * (hi - lo)
-
-        self.reader.submit(sp, read)
-        return sp
 
     def _split_unavailable(self, req: Request, why: str) -> None:
         tier = req.spans[0].tier

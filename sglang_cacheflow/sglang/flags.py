@@ -23,6 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sglang_cacheflow.planner.policies import POLICIES
+from sglang_cacheflow.tiers.names import HOST_TIER, L3_TIER
+
 __all__ = [
     "BACKEND_NAME",
     "ENV_CONFIG",
@@ -45,21 +48,25 @@ STORAGE_CLASS = "CacheFlowRedisStorage"
 ENV_CONFIG = "SGLANG_CACHEFLOW_CONFIG"
 """Environment variable carrying the validated configuration (JSON) to SGLang's processes."""
 
-POLICY_CHOICES = ("cacheflow", "cake", "load", "recompute")
+POLICY_CHOICES = POLICIES  # the names the patch lists too (tests/sglang/test_patch.py)
 
 FLAG_ENABLE = "--enable-cacheflow"
 FLAG_POLICY = "--cacheflow-policy"
 FLAG_CONFIG = "--cacheflow-config"
 
+_TIER_PRIORS = {HOST_TIER: (5.0, 0.0), L3_TIER: (0.5, 1.0)}  # (GB/s, latency ms) per tier
 _PRIOR_KEYS = {
     "tokens_per_s": 2.0e4,
     "attention_s_per_token_pair": 0.0,
     "step_s": 0.0,
-    "host_GBps": 5.0,
-    "host_latency_ms": 0.0,
-    "redis_GBps": 0.5,
-    "redis_latency_ms": 1.0,
+    **{f"{tier}_GBps": gbps for tier, (gbps, _) in _TIER_PRIORS.items()},
+    **{f"{tier}_latency_ms": ms for tier, (_, ms) in _TIER_PRIORS.items()},
 }
+
+
+def tier_prior(prior: dict[str, float], tier: str) -> tuple[float, float]:
+    """(GB/s, latency in ms) of ``tier`` in a ``prior`` mapping of the configuration."""
+    return prior[f"{tier}_GBps"], prior[f"{tier}_latency_ms"]
 
 
 class ConfigError(ValueError):
@@ -211,8 +218,8 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
     if data.get("split_wait_s", 1.0) <= 0:
         raise ConfigError(f"{FLAG_CONFIG}: split_wait_s must be > 0, got {data['split_wait_s']}")
     if data.get("force_shape") is not None:
-        from sglang_cacheflow.planner.capabilities import SGLANG
         from sglang_cacheflow.planner.policies import check_forced_shape
+        from sglang_cacheflow.sglang.capabilities import SGLANG
 
         try:
             check_forced_shape(data["force_shape"], data.get("force_recompute", 0.5), SGLANG)
@@ -227,7 +234,7 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"{FLAG_CONFIG}: prior {key} must be a number >= 0, got {value!r}")
         prior[key] = float(value)
-    for key in ("tokens_per_s", "host_GBps", "redis_GBps"):
+    for key in ("tokens_per_s", *(f"{tier}_GBps" for tier in _TIER_PRIORS)):
         if prior[key] <= 0:
             raise ConfigError(f"{FLAG_CONFIG}: prior {key} must be > 0")
     return CacheFlowConfig(

@@ -290,7 +290,7 @@ def _wrap_start_loading(original: Callable[..., Any]) -> Callable[..., Any]:
         start = time.perf_counter()
         out = original(self, *args, **kwargs)
         elapsed = time.perf_counter() - start
-        from sglang_cacheflow.sglang.controller import HOST_TIER
+        from sglang_cacheflow.tiers.names import HOST_TIER
 
         _safe(
             "host transfer timing",
@@ -320,7 +320,7 @@ def install() -> None:
         if _installed:
             return
         _installed = True
-    from sglang_cacheflow.cpu.imports import when_imported
+    from sglang_cacheflow.sglang.cpu.imports import when_imported
     from sglang_cacheflow.sglang.flags import handle_launcher_argv
 
     handle_launcher_argv()

@@ -21,13 +21,11 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig, HiCacheStorageExtraInfo
 
 from sglang_cacheflow.sglang.storage import RedisHiCacheStorage
+from sglang_cacheflow.tiers.names import L3_TIER
 from sglang_cacheflow.tiers.redis import RedisTier
 from sglang_cacheflow.tiers.shaping import LinkShape, ShapedTier
 
-__all__ = ["L3_TIER", "CacheFlowRedisStorage"]
-
-L3_TIER = "redis"
-"""Tier name of the L3 backend in the planner's requests and cost model."""
+__all__ = ["CacheFlowRedisStorage"]
 
 
 class CacheFlowRedisStorage(RedisHiCacheStorage):

@@ -14,12 +14,12 @@ def load() -> None:
 
     On SGLang's CPU engine without a real ``sgl_kernel`` (a CPU-only machine),
     install the CPU kernels, HiCache host transfers, host allocator and the
-    ``cacheflow_cpu`` attention backend (:mod:`sglang_cacheflow.cpu.install`).
+    ``cacheflow_cpu`` attention backend (:mod:`sglang_cacheflow.sglang.cpu.install`).
     Anywhere else (a GPU install) nothing is touched.
 
     Everywhere, install the ``--enable-cacheflow`` hooks (:mod:`sglang_cacheflow.sglang.hooks`).
     """
-    from sglang_cacheflow.cpu.install import install
+    from sglang_cacheflow.sglang.cpu.install import install
 
     install()
 

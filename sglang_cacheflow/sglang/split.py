@@ -50,7 +50,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["SplitReader", "SplitRestore", "agree_pages", "splice", "write_pages"]
+__all__ = [
+    "SplitReader",
+    "SplitRestore",
+    "SplitUnavailable",
+    "agree_pages",
+    "splice",
+    "start_host_split",
+    "start_l3_split",
+    "write_pages",
+]
 
 logger = logging.getLogger("sglang_cacheflow.sglang")
 
@@ -148,6 +157,75 @@ def new_staging(pages: int, layers: int, page_tokens: int, heads: int, head_dim:
     return torch.empty(
         (pages, layers, 2, page_tokens, heads, head_dim), dtype=dtype, pin_memory=pin
     )
+
+
+class SplitUnavailable(RuntimeError):
+    """What a split would load is not where it would read it; the message says why."""
+
+
+def _new_split(
+    rid: str, tier: str, start: int, layer: int, pages: int, like: tuple[int, ...],
+    dtype: torch.dtype, release: Callable[[], None] | None = None,
+) -> SplitRestore:  # fmt: skip
+    """A split restore loading ``pages`` pages from token ``start`` and from layer ``layer``
+    on; ``like`` is a page's (layers, 2, tokens, heads, dim)."""
+    num_layers, _, page, heads, dim = like
+    staging = new_staging(pages, num_layers - layer, page, heads, dim, dtype)
+    return SplitRestore(
+        rid, tier, start, pages * page, page, staging,
+        layers=(layer, num_layers) if layer else (0, 0), release=release,
+    )  # fmt: skip
+
+
+def start_l3_split(
+    reader: SplitReader, storage: Any, req: Any, front: int, layer: int, keys: list[str],
+    page: int,
+) -> SplitRestore:  # fmt: skip
+    """Start reading what a split loads of ``req``'s L3 span (a planner ``Request``) through
+    ``storage`` (:class:`~sglang_cacheflow.sglang.l3.CacheFlowRedisStorage`): the pages after
+    ``front`` tokens of the span, their layers from ``layer`` on. ``keys``: the span's page
+    keys."""
+    from sglang_cacheflow.tiers.names import L3_TIER
+
+    back = keys[front // page : req.evicted_tokens // page]
+    if storage is None or len(back) * page != req.evicted_tokens - front:
+        raise SplitUnavailable(f"{len(back)} page keys, L3 backend {storage}")
+    lay = storage.ns.layout
+    like = (lay.num_layers, 2, page, lay.kv_heads, lay.head_dim)
+    sp = _new_split(req.id, L3_TIER, req.device_tokens + front, layer, len(back), like, lay.dtype)
+    layers = sp.layers if sp.layer_split else None
+    reader.submit(sp, lambda lo, hi: storage.read_pages(back[lo:hi], sp.staging[lo:hi], layers))
+    return sp
+
+
+def start_host_split(
+    reader: SplitReader, cache: Any, node: Any, req: Any, front: int, layer: int, page: int
+) -> SplitRestore:
+    """Start copying what a split loads of ``req``'s host hit (ending at ``node`` of the
+    radix ``cache``) to staging: the pages after ``front`` tokens, their layers from
+    ``layer`` on. The host pages stay locked until the restore is closed."""
+    from sglang_cacheflow.sglang.storage import canonical_page_view
+    from sglang_cacheflow.tiers.names import HOST_TIER
+
+    host = cache.cacheflow_host_pages(node)
+    if host is None or len(host[1]) < req.evicted_tokens:
+        raise SplitUnavailable(f"host pages of the hit not found ({host and len(host[1])})")
+    pool, indices = host
+    starts = indices[front : req.evicted_tokens : page].tolist()
+    first = canonical_page_view(pool, int(starts[0]))
+    unlock = cache.inc_host_lock_ref(node).to_dec_params()
+    sp = _new_split(
+        req.id, HOST_TIER, req.device_tokens + front, layer, len(starts), tuple(first.shape),
+        first.dtype, release=lambda: cache.dec_host_lock_ref(node, unlock),
+    )  # fmt: skip
+
+    def read(lo: int, hi: int) -> list[bool]:
+        for i in range(lo, hi):
+            sp.staging[i].copy_(canonical_page_view(pool, int(starts[i]))[layer:])
+        return [True] * (hi - lo)
+
+    reader.submit(sp, read)
+    return sp
 
 
 def write_pages(

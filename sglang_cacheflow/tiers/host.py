@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from sglang_cacheflow.tiers.base import KVTier, LayerRange, Namespace, TierStats, check_batch
+from sglang_cacheflow.tiers.names import HOST_TIER
 
 __all__ = ["HostTier"]
 
@@ -22,7 +23,7 @@ __all__ = ["HostTier"]
 class HostTier(KVTier):
     """LRU pool of at most ``capacity_bytes`` of page data."""
 
-    name = "host"
+    name = HOST_TIER
 
     def __init__(self, capacity_bytes: int) -> None:
         if capacity_bytes <= 0:

@@ -83,3 +83,21 @@ def test_forwards_overlapped_by_loads_give_the_slowdown():
     fitted = cal.model().compute
     assert fitted.overlap_slowdown == pytest.approx(0.4, rel=0.05)
     assert fitted.tokens_per_s == pytest.approx(8000, rel=0.05)
+
+
+def test_restore_overhead_is_learnt_per_tier_and_added_to_its_setup() -> None:
+    prior = CostModel(ModelShape(4, 2, 32, 4), ComputeCost(1e4), {"redis": TierCost(1e8, 1e-3)})
+    cal = Calibrator(prior)
+    assert cal.setup_s("redis") == 0.0
+    def predicted() -> float:  # a load-all restore: the transfer, then the tier's setup
+        model = cal.model()
+        return model.load_s("redis", 256) + model.tiers["redis"].setup_s
+
+    base = prior.load_s("redis", 256)
+    for _ in range(30):  # restores take 50 ms longer than their transfer
+        cal.add_restore("redis", base + 0.05, predicted())
+    assert cal.setup_s("redis") == pytest.approx(0.05, rel=0.05)
+    assert cal.model().tiers["redis"].setup_s == pytest.approx(0.05, rel=0.05)
+    for _ in range(30):  # as fast as the transfer: the extra decays, never below 0
+        cal.add_restore("redis", base, predicted())
+    assert 0.0 <= cal.setup_s("redis") < 0.001

@@ -17,8 +17,9 @@ from sglang_cacheflow.planner import (
     plan,
     validate,
 )
-from sglang_cacheflow.planner.capabilities import LOAD_FRONT_ONLY, RUNTIME, SGLANG
+from sglang_cacheflow.planner.capabilities import RUNTIME
 from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Shape, Shaper
+from sglang_cacheflow.sglang.capabilities import SGLANG
 
 from .strategies import cost_models, requests
 
@@ -29,6 +30,10 @@ EXECUTORS = {
     "layer-only": Capabilities(token_split=False, layer_split=True),
     "everything": Capabilities(token_split=True, layer_split=True, load_front=True),
 }
+# SGLang's HiCache without the project's split restores: load the front of a hit only
+LOAD_FRONT_ONLY = Capabilities(
+    token_split=False, layer_split=False, load_front=True, streamed_tiers=frozenset({"host"})
+)
 TOL = 1e-9
 
 

@@ -29,14 +29,24 @@ def _call(rid: str, n: int = 512) -> dict[str, Any]:
     }
 
 
-def _controller() -> tuple[CacheFlowController, Cache]:
+class Clock:
+    """The controller's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _controller(clock: Clock | None = None) -> tuple[CacheFlowController, Cache]:
     # 512 tokens: recompute 93 ms at 5500 tok/s, load 106 ms at 10 MB/s + 1 ms
     prior = {"tokens_per_s": 5500.0, "redis_GBps": 0.01, "redis_latency_ms": 1.0}
     cfg = parse_config(
         "cacheflow", json.dumps({"redis_url": "redis://h:1/0", "calibrate": False, "prior": prior})
     )
     cache = Cache()
-    return CacheFlowController(cfg, cache, SHAPE, 16), cache
+    return CacheFlowController(cfg, cache, SHAPE, 16, clock=clock or Clock()), cache
 
 
 def test_a_request_alone_splits_and_one_behind_it_plans_against_the_owed_work() -> None:
@@ -47,25 +57,27 @@ def test_a_request_alone_splits_and_one_behind_it_plans_against_the_owed_work() 
     # prefetch, which can only bring the front, is not issued)
     assert first.shape in ("token split 256+256", "layer split 2/4"), first.shape
     assert first.split is not None and cache.issued == {} and ctl.splits["first"] is first
-    busy = ctl.busy(ctl._owed_at)
+    busy = ctl.owed.busy()
     assert busy["compute"] == pytest.approx(256 / 5500, rel=0.01)
     assert busy["redis"] == pytest.approx(256 * 2048 / 1e7 + 1e-3, rel=0.01)
     ctl.plan_prefetches([_call("second")])  # right behind it: both resources still owe
     second = ctl.storage_plans["second"]
     assert second.predicted_s > first.predicted_s
-    after = ctl.busy(ctl._owed_at)
+    after = ctl.owed.busy()
     assert after["compute"] > busy["compute"] and after["redis"] > busy["redis"]
     assert second.split is not None  # a split too, against what the first still owes
 
 
 def test_owed_work_runs_down_with_time() -> None:
-    ctl, _ = _controller()
+    clock = Clock()
+    ctl, _ = _controller(clock)
     ctl.plan_prefetches([_call("first")])
-    t = ctl._owed_at
-    assert ctl.busy(t + 0.02)["compute"] < ctl.busy(t)["compute"]
-    assert ctl.busy(t + 1.0) == {}
+    owed = ctl.owed.busy()
+    clock.now += 0.02
+    assert ctl.owed.busy()["compute"] == pytest.approx(owed["compute"] - 0.02)
+    clock.now += 1.0
+    assert ctl.owed.busy() == {}
     # a request arriving once the resources are free again is planned like the first
-    ctl._owed_at -= 1.0
     ctl.plan_prefetches([_call("later")])
     assert ctl.storage_plans["later"].shape == ctl.storage_plans["first"].shape
 
@@ -75,13 +87,13 @@ def test_decisions_of_requests_that_left_the_queue_are_dropped() -> None:
         def __init__(self) -> None:
             self.waiting_queue: list[Any] = []
 
-    ctl, _ = _controller()
+    clock = Clock()
+    ctl, _ = _controller(clock)
     ctl.plan_prefetches([_call("aborted"), _call("waiting")])
     assert set(ctl.storage_plans) == {"aborted", "waiting"}
     ctl.begin_admission(_Scheduler())  # just planned: kept, it may not be queued yet
     assert set(ctl.storage_plans) == {"aborted", "waiting"}
-    for d in ctl.storage_plans.values():
-        d.t0 -= 120.0
+    clock.now += 120.0
     sched = _Scheduler()
     sched.waiting_queue = [Handle("waiting")]
     sched.waiting_queue[0].finished = lambda: True  # type: ignore[attr-defined]
@@ -123,4 +135,4 @@ def test_prefills_queued_ahead_count_as_owed_compute() -> None:
     # alone it splits its span; behind a busy compute resource it loads all of it
     assert a.split is not None and b.shape == "load all"
     # counted once: the next round sees the queue afresh, not also as owed work
-    assert loaded.busy(loaded._owed_at)["compute"] < queued + 0.1
+    assert loaded.owed.busy()["compute"] < queued + 0.1

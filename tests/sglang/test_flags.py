@@ -43,7 +43,7 @@ def test_defaults_and_round_trip() -> None:
 @pytest.mark.parametrize(
     ("policy", "config", "needle"),
     [
-        ("fastest", None, "choose one of cacheflow, cake, load, recompute"),
+        ("fastest", None, "choose one of recompute, load, cake, cacheflow"),
         ("cake", '{"force_shape": "diagonal"}', "unknown shape 'diagonal'"),
         ("cacheflow", '{"force_shape": "token", "force_recompute": 2}', "within [0, 1]"),
         ("cacheflow", '{"split_wait_s": 0}', "split_wait_s must be > 0"),

@@ -1,10 +1,11 @@
 """Tensor parallelism: every rank takes the identical restore decision.
 
-The fast unit test (real ``--tp 2`` servers: ``test_tp_server.py``): this drives the decision
-path itself in two gloo processes: each rank's controller is fed different local
-measurements (compute and L3 timings) and different local L3 hit lengths, plans a round of arrivals, and records the
-prefetches it would issue. With the TP CPU group the decisions are identical and cost one
-collective for the whole round; planning on each rank's own view gives different decisions.
+The fast unit test (real ``--tp 2`` servers: ``test_tp_server.py``). It drives the decision
+path itself in two gloo processes: each rank's controller is fed different local measurements
+(compute and L3 timings) and different local L3 hit lengths, plans a round of arrivals, and
+records the prefetches it would issue. With the TP CPU group the decisions are identical and
+cost one collective for the whole round; planning on each rank's own view gives different
+decisions.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """RedisHiCacheStorage against SGLang 0.5.23's real backend factory, storage config and
 MHA host pool (constructed on CPU with the CPU host allocator from
-``sglang_cacheflow.cpu.allocator``), and a real redis-server."""
+``sglang_cacheflow.sglang.cpu.allocator``), and a real redis-server."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sglang.srt.mem_cache.pool_host import common as pool_common
 from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 from sglang.srt.mem_cache.storage import StorageBackendFactory
 
-from sglang_cacheflow.cpu.allocator import alloc_host_buffer
+from sglang_cacheflow.sglang.cpu.allocator import alloc_host_buffer
 from sglang_cacheflow.sglang.storage import RedisHiCacheStorage, canonical_page_view
 from sglang_cacheflow.testing.redis import RedisServer
 from sglang_cacheflow.tiers.redis import RedisTier, RedisTierError

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sglang_cacheflow.cpu.memory import pointer_rows, pointers, tensor_rows
+from sglang_cacheflow.sglang.cpu.memory import pointer_rows, pointers, tensor_rows
 
 _DEFAULT_BLOCK_QUOTA = 2
 _DEFAULT_WARPS = 32

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from sglang_cacheflow.cpu.install import install
+from sglang_cacheflow.sglang.cpu.install import install
 
 # (module, function) of every spawn target this module stands in for.
 TARGETS: tuple[tuple[str, str], ...] = (

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from sglang_cacheflow.cpu import kernels, speculative
-from tests.cpu import triton_reference as ref
+from sglang_cacheflow.sglang.cpu import kernels, speculative
+from tests.sglang.cpu import triton_reference as ref
 
 pytestmark = pytest.mark.slow
 

@@ -79,6 +79,6 @@ def install_requested_fault() -> None:
         return
     if fault != ZERO_HOST_LOADS:
         raise ValueError(f"unknown {FAULT_ENV} value {fault!r}; known: {ZERO_HOST_LOADS}")
-    from sglang_cacheflow.cpu.imports import when_imported
+    from sglang_cacheflow.sglang.cpu.imports import when_imported
 
     when_imported("sglang.srt.mem_cache.pool_host.base", _patch_host_pool_base)

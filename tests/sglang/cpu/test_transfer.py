@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_cacheflow.cpu import transfer
+from sglang_cacheflow.sglang.cpu import transfer
 
 LAYERS, HEADS, DIM = 3, 2, 8
 DEVICE_SIZE, HOST_SIZE = 40, 64

@@ -23,7 +23,7 @@ PROBE = textwrap.dedent(
 
     (plugin,) = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "cacheflow"]
     plugin.load()()
-    from sglang_cacheflow.cpu import imports, install
+    from sglang_cacheflow.sglang.cpu import imports, install
 
     state = {
         "sgl_kernel": "sgl_kernel" in sys.modules,
@@ -100,8 +100,8 @@ def test_cpu_engine_gets_every_piece(tmp_path: Path) -> None:
     assert state["cpu_patches"]  # waiting for their modules before the imports
     assert state["pending_but_imported"] == []  # applied by each import
     assert state["amx"] is False and state["convert_weight_packed"] is False
-    assert state["transfer_module"] == "sglang_cacheflow.cpu.transfer"
-    assert state["allocator"] == "sglang_cacheflow.cpu.allocator"
+    assert state["transfer_module"] == "sglang_cacheflow.sglang.cpu.transfer"
+    assert state["allocator"] == "sglang_cacheflow.sglang.cpu.allocator"
     assert state["backend"] is True and state["choice"] is True
-    assert state["spawn_target"] == "sglang_cacheflow.cpu.processes"
-    assert state["kernel_module"] == "sglang_cacheflow.cpu.kernels"
+    assert state["spawn_target"] == "sglang_cacheflow.sglang.cpu.processes"
+    assert state["kernel_module"] == "sglang_cacheflow.sglang.cpu.kernels"

@@ -15,10 +15,10 @@ What :func:`install` does, once per process:
   on a small CPU machine the device pool itself is host RAM);
 - registers the ``cacheflow_cpu`` attention backend and its CLI choice;
 - lets several ranks share the machine's cores (``--tp 2`` on one NUMA node) with
-  collectives on gloo (:mod:`sglang_cacheflow.cpu.parallel`);
-- routes SGLang's spawned subprocesses through :mod:`sglang_cacheflow.cpu.processes`;
+  collectives on gloo (:mod:`sglang_cacheflow.sglang.cpu.parallel`);
+- routes SGLang's spawned subprocesses through :mod:`sglang_cacheflow.sglang.cpu.processes`;
 - installs the test fault named by ``SGLANG_CACHEFLOW_FAULT``, if any
-  (:mod:`sglang_cacheflow.cpu.faults`).
+  (:mod:`sglang_cacheflow.sglang.cpu.faults`).
 
 :func:`should_install` says whether a process needs any of it: SGLang runs its
 CPU engine (``SGLANG_USE_CPU_ENGINE=1`` on an x86-64 or arm64 host) and no real
@@ -42,7 +42,7 @@ STAND_IN_MARKER = "__sglang_cacheflow_cpu__"
 """Attribute set on the ``sgl_kernel`` stand-in module, to tell it from the real one."""
 
 ATTENTION_BACKEND = "cacheflow_cpu"
-"""``--attention-backend`` value of :class:`sglang_cacheflow.cpu.attention.CpuAttnBackend`."""
+"""``--attention-backend`` value of the backend in :mod:`sglang_cacheflow.sglang.cpu.attention`."""
 
 HOST_POOL_MODULES: tuple[str, ...] = (
     "sglang.srt.mem_cache.pool_host.mha",
@@ -95,9 +95,9 @@ def _stand_in_module(name: str, functions: dict[str, object], *, package: bool) 
 
 def install_sgl_kernel() -> ModuleType:
     """Register the ``sgl_kernel`` stand-in in ``sys.modules`` and return it."""
-    from sglang_cacheflow.cpu.kernels import KERNEL_FUNCTIONS
-    from sglang_cacheflow.cpu.speculative import SPECULATIVE_FUNCTIONS
-    from sglang_cacheflow.cpu.transfer import KVCACHEIO_FUNCTIONS
+    from sglang_cacheflow.sglang.cpu.kernels import KERNEL_FUNCTIONS
+    from sglang_cacheflow.sglang.cpu.speculative import SPECULATIVE_FUNCTIONS
+    from sglang_cacheflow.sglang.cpu.transfer import KVCACHEIO_FUNCTIONS
 
     existing = sys.modules.get("sgl_kernel")
     if existing is not None:
@@ -115,7 +115,7 @@ def install_sgl_kernel() -> ModuleType:
 
 
 def _bind_transfers(module: ModuleType) -> None:
-    from sglang_cacheflow.cpu.transfer import KVCACHEIO_FUNCTIONS
+    from sglang_cacheflow.sglang.cpu.transfer import KVCACHEIO_FUNCTIONS
 
     for name, fn in KVCACHEIO_FUNCTIONS.items():
         if not hasattr(module, name):
@@ -123,13 +123,13 @@ def _bind_transfers(module: ModuleType) -> None:
 
 
 def _register_allocator(module: ModuleType) -> None:
-    from sglang_cacheflow.cpu.allocator import alloc_host_buffer
+    from sglang_cacheflow.sglang.cpu.allocator import alloc_host_buffer
 
     module.ALLOC_MEMORY_FUNCS["cpu"] = alloc_host_buffer
 
 
 def _register_attention_backend(module: ModuleType) -> None:
-    from sglang_cacheflow.cpu.attention import create_cpu_attn_backend
+    from sglang_cacheflow.sglang.cpu.attention import create_cpu_attn_backend
 
     module.register_attention_backend(ATTENTION_BACKEND)(create_cpu_attn_backend)
 
@@ -157,7 +157,7 @@ def install() -> bool:
         if not should_install():
             return False
         _installed = True
-    from sglang_cacheflow.cpu.imports import when_imported
+    from sglang_cacheflow.sglang.cpu.imports import when_imported
 
     install_sgl_kernel()
     for name in HOST_POOL_MODULES:
@@ -168,15 +168,15 @@ def install() -> bool:
     when_imported("sglang.srt.arg_groups.choices", _add_attention_choice)
     when_imported("sglang.srt.layers.attention.attention_registry", _register_attention_backend)
 
-    from sglang_cacheflow.cpu import parallel
+    from sglang_cacheflow.sglang.cpu import parallel
 
     parallel.install(when_imported)
 
-    from sglang_cacheflow.cpu.faults import install_requested_fault
+    from sglang_cacheflow.sglang.cpu.faults import install_requested_fault
 
     install_requested_fault()
 
-    from sglang_cacheflow.cpu import processes
+    from sglang_cacheflow.sglang.cpu import processes
 
     for module_name, _ in processes.TARGETS:
         when_imported(module_name, processes.substitute)

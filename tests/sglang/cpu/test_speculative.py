@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 
-from sglang_cacheflow.cpu import speculative as spec
+from sglang_cacheflow.sglang.cpu import speculative as spec
 
 TOPK, DEPTH, N = 2, 3, 5  # draft_token_num N: the root plus 4 selected tokens
 

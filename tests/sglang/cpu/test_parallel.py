@@ -1,4 +1,4 @@
-"""Core shares of the ranks of a CPU server (``sglang_cacheflow.cpu.parallel``); the binding
+"""Core shares of the ranks of a CPU server (``sglang_cacheflow.sglang.cpu.parallel``); the binding
 itself runs in the ``--tp 2`` server tests (tests/sglang/test_tp_server.py)."""
 
 from __future__ import annotations
@@ -7,7 +7,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sglang_cacheflow.cpu.parallel import default_binding, format_cores, parse_cores, split_cores
+from sglang_cacheflow.sglang.cpu.parallel import (
+    default_binding,
+    format_cores,
+    parse_cores,
+    split_cores,
+)
 
 
 def test_two_ranks_on_two_cores_get_one_each() -> None:

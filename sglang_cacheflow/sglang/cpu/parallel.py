@@ -5,7 +5,7 @@ SGLang 0.5.23 stops a CPU server with more ranks than NUMA nodes unless
 binding through ``sgl_kernel`` ops this machine lacks. It also builds an NCCL
 communicator for every TP group off NPU/XPU, and torch's CUDA build ships libnccl,
 so a CPU rank fails with "Expected a cuda device, but got: cpu". Installed into
-every process of a CPU server (:mod:`sglang_cacheflow.cpu.install`), this module:
+every process of a CPU server (:mod:`sglang_cacheflow.sglang.cpu.install`), this module:
 
 - gives each rank an equal share of the cores this process may run on when the
   variable is unset and ranks outnumber NUMA nodes (``"0|1"`` for two ranks on two

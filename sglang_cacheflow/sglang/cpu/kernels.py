@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_cacheflow.cpu.memory import pointer_rows, pointers
+from sglang_cacheflow.sglang.cpu.memory import pointer_rows, pointers
 
 
 def copy_all_layer_kv_cache_cpu(

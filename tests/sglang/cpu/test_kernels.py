@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_cacheflow.cpu.kernels import assign_req_to_token_pool_cpu, copy_all_layer_kv_cache_cpu
+from sglang_cacheflow.sglang.cpu.kernels import (
+    assign_req_to_token_pool_cpu,
+    copy_all_layer_kv_cache_cpu,
+)
 
 
 def _pool(seed: int) -> list[torch.Tensor]:

@@ -1,6 +1,6 @@
 """Run SGLang's own Triton kernels on CPU (Triton's interpreter) for the cross-check test.
 
-``python tests/cpu/triton_reference.py OUT`` builds the cases of
+``python tests/sglang/cpu/triton_reference.py OUT`` builds the cases of
 :func:`cases`, runs the Triton originals of the CPU ops under
 ``TRITON_INTERPRET=1`` and saves every output tensor to ``OUT`` (``torch.save``).
 It must run in its own interpreter: the variable has to be set before Triton is

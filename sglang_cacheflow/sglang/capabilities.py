@@ -1,0 +1,17 @@
+"""What SGLang 0.5.23 with ``--enable-cacheflow`` can run: the restore shapes the planner may
+choose for it (see docs/sglang.md, "Split restores")."""
+
+from __future__ import annotations
+
+from sglang_cacheflow.planner.capabilities import Capabilities
+from sglang_cacheflow.tiers.names import HOST_TIER
+
+SGLANG = Capabilities(
+    token_split=True, layer_split=True, load_front=True, streamed_tiers=frozenset({HOST_TIER})
+)
+"""The extend loads the front of a hit (host loads stream per layer through
+``LayerDoneCounter``; a storage prefetch lands whole pages in host memory first) and
+recomputes the back. Split restores run as a first chunk that recomputes the front (token
+split) or the bottom layers of the span (layer split) while the project's reader brings the
+rest into staging memory, spliced into the request's KV slots before the new tokens extend
+(so a split's load is not streamed)."""
