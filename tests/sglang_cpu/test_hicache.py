@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from sglang_cacheflow.cpu.faults import FAULT_ENV, FAULT_FILE_ENV, ZERO_HOST_LOADS
-from sglang_cacheflow.cpu.install import HICACHE_RESERVE_ENV
+from sglang_cacheflow.sglang.cpu.faults import FAULT_ENV, FAULT_FILE_ENV, ZERO_HOST_LOADS
+from sglang_cacheflow.sglang.cpu.install import HICACHE_RESERVE_ENV
 from sglang_cacheflow.testing.server import SGLangServer
 from tests.fixtures.sglang import StartServer
 
