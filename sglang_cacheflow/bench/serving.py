@@ -207,7 +207,7 @@ def check_answers(runs: Sequence[Run]) -> None:
 
 
 def report(runs: Sequence[Run], meta: dict[str, Any]) -> dict[str, Any]:
-    """The JSON document of a benchmark (schema in docs/bench.md)."""
+    """The JSON document of a benchmark (schema in docs/bench-command.md)."""
     return {
         "meta": {
             **meta,

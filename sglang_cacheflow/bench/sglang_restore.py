@@ -43,7 +43,6 @@ from sglang_cacheflow.planner import POLICIES
 __all__ = ["add_arguments", "run"]
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",

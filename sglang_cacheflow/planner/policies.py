@@ -57,7 +57,7 @@ def _forced(kind: str, recompute: float) -> Chooser:
 
     def choose(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
         if kind == LAYER:
-            split = round(recompute * s.L)
+            split = round(recompute * s.num_layers)
         else:
             want = recompute * s.evicted if kind == TOKEN else (1 - recompute) * s.evicted
             split = min(s.grid, key=lambda g: (abs(g - want), g))
@@ -95,7 +95,7 @@ def _schedule(
 
 def _isolated_estimate(s: Shaper) -> float:
     """Harmonic-mean restore time alone plus the prefill: the shortest-first sort key."""
-    tc = s.cost.recompute_s(s.d, s.evicted)
+    tc = s.cost.recompute_s(s.device_tokens, s.evicted)
     tio = max((s.cost.load_s(t, b - a) for t, a, b in s.ranges), default=0.0)
     both = tc * tio / (tc + tio) if tc + tio > 0 else 0.0
     return both + s.prefill_s
@@ -113,7 +113,7 @@ def _request_splits(
 
     def worth(s: Shaper) -> float:
         tio = max((s.cost.load_s(t, b - a) for t, a, b in s.ranges), default=0.0)
-        return s.cost.recompute_s(s.d, s.evicted) / max(tio, 1e-12)
+        return s.cost.recompute_s(s.device_tokens, s.evicted) / max(tio, 1e-12)
 
     ranked = sorted(shapers, key=worth, reverse=True)
     out: list[Schedule] = []

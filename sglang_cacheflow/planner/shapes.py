@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sglang_cacheflow.planner.capabilities import Capabilities
 from sglang_cacheflow.planner.cost import CostModel
@@ -63,18 +64,30 @@ class Outcome:
     io_free: dict[str, float]  # new clocks of the tiers this shape loads from
 
 
+class TierRange(NamedTuple):
+    """One evicted range of a request and what loading from its tier costs."""
+
+    tier: str
+    start: int  # absolute token positions [start, end)
+    end: int
+    latency_s: float
+    s_per_token_layer: float  # transfer seconds of one token's KV in one layer
+    streamed: bool  # the tier's loads arrive layer by layer
+    setup_s: float
+
+
 class Shaper:
     """Prices and emits the shapes of one request under one cost model."""
 
     __slots__ = (
-        "L",
-        "bpt",
+        "bytes_per_token",
         "caps",
         "cost",
-        "d",
+        "device_tokens",
         "evicted",
         "grid",
         "new",
+        "num_layers",
         "prefill_s",
         "ranges",
         "req",
@@ -87,20 +100,19 @@ class Shaper:
         self.req = req
         self.cost = cost
         self.caps = caps
-        self.L = cost.shape.num_layers
-        self.bpt = cost.shape.kv_bytes_per_token
-        self.d = req.device_tokens
+        self.num_layers = cost.shape.num_layers
+        self.bytes_per_token = cost.shape.kv_bytes_per_token
+        self.device_tokens = req.device_tokens
         self.evicted = req.evicted_tokens
         self.new = req.new_tokens
         self.ranges = req.tier_ranges()
-        # per range: (tier, start, end, latency, seconds per token per layer, streamed, setup)
         self.tiers = [
-            (
+            TierRange(
                 t,
                 a,
                 b,
                 cost.tier(t).latency_s,
-                self.bpt / (cost.tier(t).bandwidth_Bps * self.L),
+                self.bytes_per_token / (cost.tier(t).bandwidth_Bps * self.num_layers),
                 caps.streams(t),
                 cost.tier(t).setup_s,
             )
@@ -108,7 +120,7 @@ class Shaper:
         ]
         self.prefill_s = cost.recompute_s(req.evicted_end, req.new_tokens)
         # Split points: chunk boundaries in absolute positions (page aligned), plus both ends.
-        d, e = self.d, self.evicted
+        d, e = self.device_tokens, self.evicted
         first = (d // chunk_tokens + 1) * chunk_tokens
         self.grid = [0, *range(first - d, e, chunk_tokens), e] if e else [0]
 
@@ -128,7 +140,7 @@ class Shaper:
         clocks of the tiers used. (Hot path of the search: plain arithmetic, no calls.)"""
         ready = NEG
         free: dict[str, float] = {}
-        L = self.L
+        L = self.num_layers
         nl = L - l0
         if nl <= 0:
             return ready, free
@@ -174,7 +186,7 @@ class Shaper:
         pairs = n * lo + n * (n - 1) / 2
         dur = (
             (l1 - l0)
-            / self.L
+            / self.num_layers
             * (c.step_s + n / c.tokens_per_s + c.attention_s_per_token_pair * pairs)
         )
         if overlapped:
@@ -187,7 +199,7 @@ class Shaper:
         self, kind: str, split: int, tc: float, io: dict[str, float], steps: list[Step] | None
     ) -> tuple[float, float, float, dict[str, float]]:
         """(compute ready A, load ready B, TTFT, new tier clocks) of one shape."""
-        d, end, L = self.d, self.d + self.evicted, self.L
+        d, end, L = self.device_tokens, self.device_tokens + self.evicted, self.num_layers
         cper = self.prefill_s / L
         if kind == TOKEN:
             mid = d + split
@@ -255,7 +267,7 @@ class Shaper:
         and loading everything drops the back's forward. Between jumps the TTFT is convex
         (a max of convex pieces: pipelined loads grow linearly, the back's recompute
         shrinks convexly)."""
-        cuts = sorted({t[1] - self.d for t in self.tiers} | {self.evicted})
+        cuts = sorted({t.start - self.device_tokens for t in self.tiers} | {self.evicted})
         segs: list[list[int]] = []
         cur: list[int] = []
         ci = 0
@@ -321,11 +333,11 @@ class Shaper:
         falling in l (one per tier and per end of the layer range), so A(l) >= B(l) holds
         from the largest crossing point of A with those lines on.
         """
-        L = self.L
-        if len({t[0] for t in self.tiers}) < len(self.tiers):  # a tier's loads queue up
+        L = self.num_layers
+        if len({t.tier for t in self.tiers}) < len(self.tiers):  # a tier's loads queue up
             return self._crossing(LAYER, list(range(L + 1)), tc, io)
         # for 0 < l < L the bottom layers run while the top ones stream in
-        c_layer = self.cost.recompute_s(self.d, self.evicted) / L
+        c_layer = self.cost.recompute_s(self.device_tokens, self.evicted) / L
         c_layer *= 1.0 + self.cost.compute.overlap_slowdown
         cper = self.prefill_s / L
         cross = 0.0
@@ -359,8 +371,8 @@ class Shaper:
         g, n = self.grid, len(self.grid) - 1
         if n == 0:
             return 0
-        d = self.d
-        t0 = max((io.get(t[0], 0.0) for t in self.tiers), default=0.0)
+        d = self.device_tokens
+        t0 = max((io.get(t.tier, 0.0) for t in self.tiers), default=0.0)
 
         slow = 1.0 + self.cost.compute.overlap_slowdown  # the I/O worker runs alongside
 
@@ -374,7 +386,7 @@ class Shaper:
             for _tier, a, b, lat, per_tok, _s, _setup in self.tiers:
                 x = max(a, lo)
                 if x < b:
-                    t += (b - x) * per_tok * self.L
+                    t += (b - x) * per_tok * self.num_layers
                     # one latency per chunk whose first token lies in [max(a, lo), b)
                     t += lat * (bisect_left(g, b - d) - bisect_left(g, x - d))
             return t

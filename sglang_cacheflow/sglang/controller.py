@@ -53,7 +53,7 @@ from sglang_cacheflow.planner import (
     plan,
 )
 from sglang_cacheflow.sglang.capabilities import SGLANG
-from sglang_cacheflow.sglang.flags import CacheFlowConfig, tier_prior
+from sglang_cacheflow.sglang.config import CacheFlowConfig, tier_prior
 from sglang_cacheflow.sglang.metrics import RestoreMetrics
 from sglang_cacheflow.sglang.owed import OwedWork
 from sglang_cacheflow.sglang.split import (

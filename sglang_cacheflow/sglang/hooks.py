@@ -53,8 +53,9 @@ def create_cacheflow_cache(ctx: Any) -> Any:
     from sglang.srt.mem_cache.registry import create_unified_radix_cache
 
     from sglang_cacheflow.planner import ModelShape
+    from sglang_cacheflow.sglang.config import check_page_size
     from sglang_cacheflow.sglang.controller import CacheFlowController, set_current_controller
-    from sglang_cacheflow.sglang.flags import check_page_size, config_from_server_args
+    from sglang_cacheflow.sglang.flags import config_from_server_args
     from sglang_cacheflow.sglang.radix_cache import CacheFlowRadixCache
 
     cfg = config_from_server_args(ctx.server_args)

@@ -89,6 +89,7 @@ def test_restore_overhead_is_learnt_per_tier_and_added_to_its_setup() -> None:
     prior = CostModel(ModelShape(4, 2, 32, 4), ComputeCost(1e4), {"redis": TierCost(1e8, 1e-3)})
     cal = Calibrator(prior)
     assert cal.setup_s("redis") == 0.0
+
     def predicted() -> float:  # a load-all restore: the transfer, then the tier's setup
         model = cal.model()
         return model.load_s("redis", 256) + model.tiers["redis"].setup_s

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from sglang_cacheflow.planner import ModelShape
+from sglang_cacheflow.sglang.config import parse_config
 from sglang_cacheflow.sglang.controller import CacheFlowController
-from sglang_cacheflow.sglang.flags import parse_config
 from tests.sglang.fakes import Cache, Handle
 
 SHAPE = ModelShape(num_layers=4, num_kv_heads=2, head_dim=32, dtype_bytes=4)  # 2 KiB/token

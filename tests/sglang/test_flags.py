@@ -7,14 +7,13 @@ import json
 
 import pytest
 
-from sglang_cacheflow.sglang.flags import (
-    ENV_CONFIG,
+from sglang_cacheflow.sglang.config import (
     CacheFlowConfig,
     ConfigError,
     check_page_size,
     parse_config,
-    rewrite_argv,
 )
+from sglang_cacheflow.sglang.flags import ENV_CONFIG, rewrite_argv
 
 
 def test_defaults_and_round_trip() -> None:

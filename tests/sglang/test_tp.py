@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sglang_cacheflow.planner import ModelShape
+from sglang_cacheflow.sglang.config import parse_config
 from sglang_cacheflow.sglang.controller import CacheFlowController
-from sglang_cacheflow.sglang.flags import parse_config
 from sglang_cacheflow.sglang.split import agree_pages
 from sglang_cacheflow.sglang.tp import reduce_round
 from tests.sglang.fakes import Cache, Handle
