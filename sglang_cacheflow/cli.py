@@ -10,8 +10,14 @@ from pathlib import Path
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("sglang_cacheflow.bench.demo", "the main job: returning chats on SGLang, per policy"),
-    "bench": ("sglang_cacheflow.bench.command", "TTFT of returning turns on a real SGLang server"),
+    "demo": (
+        "sglang_cacheflow.bench.sglang.demo",
+        "the main job: returning chats on SGLang, per policy",
+    ),
+    "bench": (
+        "sglang_cacheflow.bench.sglang.returning_turns",
+        "TTFT of returning turns on a real SGLang server",
+    ),
     "plan": ("sglang_cacheflow.cli", "print each policy's restore plan for a scenario file"),
     "planner-bench": ("sglang_cacheflow.bench.planner", "planner speed and plan quality"),
     "tier-bench": ("sglang_cacheflow.bench.tiers", "KV tier throughput and latency"),
@@ -20,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "restore time per policy on the reference runtime (context x emulated bandwidth)",
     ),
     "sglang-bench": (
-        "sglang_cacheflow.bench.sglang_restore",
+        "sglang_cacheflow.bench.sglang.restore",
         "TTFT of restored turns in SGLang: policies x emulated L3 bandwidth, alone and batched",
     ),
     "patch-sglang": (

@@ -3,7 +3,7 @@
 Compute runs on the calling thread (on CUDA, the current stream): the RECOMPUTE and PREFILL
 steps of every request in the order of their predicted start. LOAD steps go to an
 :class:`~sglang_cacheflow.runtime.io.IOEngine` (a few threads per tier). Before a forward
-runs layer ``l`` it waits on the request's :class:`~sglang_cacheflow.runtime.board.Board`
+runs layer ``l`` it waits on the request's :class:`~sglang_cacheflow.runtime.readiness.Readiness`
 for the KV it reads at ``l`` and nothing else, so a prefill starts on layer 0 while the top
 layers are still loading. Cells a tier failed to deliver are recomputed from the embedding
 (a *repair*: the lost tokens through layers ``0..l`` over the restored prefix), counted in
@@ -32,10 +32,10 @@ from sglang_cacheflow.planner import (
     validate,
 )
 from sglang_cacheflow.planner.capabilities import RUNTIME as RUNTIME_CAPABILITIES
-from sglang_cacheflow.runtime.board import FAILED, READY, REPAIRED, Board
 from sglang_cacheflow.runtime.io import IOEngine, LoadTask, split_load
 from sglang_cacheflow.runtime.kv import KVCache
 from sglang_cacheflow.runtime.model import ModelAdapter
+from sglang_cacheflow.runtime.readiness import FAILED, READY, REPAIRED, Readiness
 from sglang_cacheflow.runtime.request import RestoreRequest
 from sglang_cacheflow.runtime.tp import TPGroup
 from sglang_cacheflow.tiers.base import KVTier, Namespace
@@ -96,11 +96,11 @@ class RoundResult:
 
 
 @dataclass
-class _Live:
+class _InFlight:
     """Per-request state while a round runs."""
 
     req: RestoreRequest
-    board: Board
+    readiness: Readiness
     hidden: torch.Tensor | None = None  # (evicted, hidden) states between layer ranges
     hidden_layer: np.ndarray | None = None  # output layer each row of ``hidden`` holds
     logits: torch.Tensor | None = None
@@ -201,14 +201,14 @@ class Executor:
         """Validate ``the_plan`` for ``requests`` and run it; returns logits and timings."""
         L = self.model.num_layers
         validate(the_plan, [r.planner_request() for r in requests], L)
-        live = {r.id: _Live(r, Board(L, r.device_tokens, r.evicted_end)) for r in requests}
+        live = {r.id: _InFlight(r, Readiness(L, r.device_tokens, r.evicted_end)) for r in requests}
         order = list(the_plan.order) or [r.id for r in requests]
         seq: list[tuple[float, int, str, int, Step]] = []
         for rid in order:
             for idx, step in enumerate(the_plan.requests[rid].steps):
                 seq.append((step.start_s, len(seq), rid, idx, step))
                 if step.action is Action.RECOMPUTE:
-                    live[rid].board.own(step.start, step.end, step.layer_start, step.layer_end)
+                    live[rid].readiness.own(step.start, step.end, step.layer_start, step.layer_end)
         seq.sort(key=lambda x: (x[0], x[1]))
         tasks: list[LoadTask] = []
         for _, _, rid, idx, step in seq:
@@ -230,7 +230,7 @@ class Executor:
                         g0,
                         g1,
                         r.kv,
-                        live[rid].board,
+                        live[rid].readiness,
                         r.page_hashes,
                     )
                 )
@@ -273,7 +273,11 @@ class Executor:
             lv = live[rid]
             rp = the_plan.requests[rid]
             assert lv.logits is not None
-            restore_s = max(lv.board.last_ready - t0, 0.0) if lv.board.end > lv.board.start else 0.0
+            restore_s = (
+                max(lv.readiness.last_ready - t0, 0.0)
+                if lv.readiness.end > lv.readiness.start
+                else 0.0
+            )
             results[rid] = RequestResult(
                 rid, lv.logits, lv.done_s - t0, restore_s, rp.predicted_ttft_s, rp.shape
             )
@@ -283,8 +287,8 @@ class Executor:
         if self.model.info.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def _compute(self, lv: _Live, step: Step, stats: RestoreStats, io: IOEngine) -> StepTiming:
-        r, board = lv.req, lv.board
+    def _compute(self, lv: _InFlight, step: Step, stats: RestoreStats, io: IOEngine) -> StepTiming:
+        r, board = lv.req, lv.readiness
         d, e, L = r.device_tokens, r.evicted_end, self.model.num_layers
         a, b, l0, l1 = step.start, step.end, step.layer_start, step.layer_end
         waited = 0.0
@@ -342,10 +346,10 @@ class Executor:
         )
 
     # -- readiness and repair --------------------------------------------------------------
-    def _ensure(self, lv: _Live, layer: int, a: int, b: int, stats: RestoreStats) -> None:
+    def _ensure(self, lv: _InFlight, layer: int, a: int, b: int, stats: RestoreStats) -> None:
         """Return once the KV of tokens ``[a, b)`` at ``layer`` is in place, repairing any
         cells a tier failed to deliver (agreed on by every TP rank)."""
-        board = lv.board
+        board = lv.readiness
         lo, hi = max(a, board.start), min(b, board.end)
         if lo >= hi:
             return
@@ -358,10 +362,10 @@ class Executor:
         for x, y in board.failed_runs(layer, lo, hi, failed):
             self._repair(lv, x, y, layer, stats)
 
-    def _repair(self, lv: _Live, x: int, y: int, layer: int, stats: RestoreStats) -> None:
+    def _repair(self, lv: _InFlight, x: int, y: int, layer: int, stats: RestoreStats) -> None:
         """Recompute tokens ``[x, y)`` through layers ``0..layer`` over the restored prefix,
         storing K and V only at the layers where they were lost."""
-        r, board = lv.req, lv.board
+        r, board = lv.req, lv.readiness
         for j in range(layer + 1):
             self._ensure(lv, j, r.device_tokens, x, stats)
         lost = set(board.failed_layers(x, y, layer))

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sglang_cacheflow.runtime.board import FAILED, READY, Board
 from sglang_cacheflow.runtime.kv import KVCache
+from sglang_cacheflow.runtime.readiness import FAILED, READY, Readiness
 from sglang_cacheflow.tiers.base import KVTier, Namespace
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class LoadTask:
     l0: int
     l1: int
     kv: KVCache
-    board: Board
+    readiness: Readiness
     page_hashes: Sequence[str]
 
 
@@ -155,7 +155,7 @@ class IOEngine:
                 nbytes, failed = self._run(tier, task, stream)
             except Exception:  # a tier must not raise, but a restore never trusts one that does
                 logger.exception("load of %s [%d, %d) failed", task.request, task.start, task.end)
-                task.board.mark(task.start, task.end, task.l0, task.l1, FAILED)
+                task.readiness.mark(task.start, task.end, task.l0, task.l1, FAILED)
                 nbytes, failed = 0, -(-(task.end - task.start) // task.kv.page_tokens)
             t1 = time.perf_counter()
             self.stats.add(nbytes, failed)
@@ -212,12 +212,12 @@ class IOEngine:
         for (_p, lo, hi, _s), hit in zip(spans, ok, strict=True):
             if hit:
                 nbytes += out_bytes(kv, hi - lo, task.l1 - task.l0)
-                task.board.mark(lo, hi, task.l0, task.l1, READY)
+                task.readiness.mark(lo, hi, task.l0, task.l1, READY)
             else:
                 failed += 1
-                task.board.mark(lo, hi, task.l0, task.l1, FAILED)
+                task.readiness.mark(lo, hi, task.l0, task.l1, FAILED)
         for lo, hi in missing:
-            task.board.mark(lo, hi, task.l0, task.l1, FAILED)
+            task.readiness.mark(lo, hi, task.l0, task.l1, FAILED)
         return nbytes, failed
 
 

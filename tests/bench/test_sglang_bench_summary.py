@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_cacheflow.bench.sglang_restore import (
+from sglang_cacheflow.bench.sglang.restore import (
     _average,
     _shapes,
     _within,

@@ -5,7 +5,7 @@ safetensors folder with its tokenizer and chat template). The chat endpoint
 must apply the chat template and answer correctly; a long prompt sent twice
 must be served from the prefix cache the second time with the same answer.
 Latency figures live in ``docs/benchmarks.md`` (``python -m
-sglang_cacheflow.bench.cpu_attention``), not here.
+sglang_cacheflow.bench.sglang.cpu_attention``), not here.
 """
 
 from __future__ import annotations

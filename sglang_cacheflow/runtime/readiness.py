@@ -3,7 +3,7 @@
 Every cell of the evicted span ``[start, end)`` x layers starts *pending* and is owned by the
 plan step that restores it. I/O workers mark the cells of a finished load *ready* or
 *failed* (a miss, a corrupt page, a dead tier); the compute worker marks what it recomputes
-and what it repairs. :meth:`Board.wait` blocks until no cell of a range is pending and
+and what it repairs. :meth:`Readiness.wait` blocks until no cell of a range is pending and
 returns which of them failed, so a forward waits only for the layer and tokens it reads.
 """
 
@@ -22,7 +22,7 @@ class RestoreStalledError(RuntimeError):
     cannot run in order), or a load did not finish in time."""
 
 
-class Board:
+class Readiness:
     """Cell states of one request's evicted span."""
 
     def __init__(self, num_layers: int, start: int, end: int) -> None:

@@ -16,7 +16,7 @@ the server start-up time, end-to-end latencies of ordinary requests (16 and 256
 prompt tokens with 8 new tokens) and the decode rate (32 tokens after a 16-token
 prompt). Writes JSON and prints a table::
 
-    python -m sglang_cacheflow.bench.cpu_attention --out out/cpu_attention.json
+    python -m sglang_cacheflow.bench.sglang.cpu_attention --out out/cpu_attention.json
 """
 
 from __future__ import annotations

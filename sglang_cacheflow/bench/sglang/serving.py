@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sglang_cacheflow.bench.client import Result, replay
+from sglang_cacheflow.bench.sglang.client import Result, replay
 from sglang_cacheflow.bench.workloads import Session
 
 RESERVE = "SGLANG_CACHEFLOW_HICACHE_RESERVE_GB"

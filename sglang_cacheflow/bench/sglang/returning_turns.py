@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sglang_cacheflow.bench import workloads as wl
-from sglang_cacheflow.bench.serving import (
+from sglang_cacheflow.bench.sglang.serving import (
     Run,
     ServerSpec,
     check_answers,

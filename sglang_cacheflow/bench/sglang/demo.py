@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sglang_cacheflow.bench import command
+from sglang_cacheflow.bench.sglang import returning_turns
 
 DEFAULTS = {
     "workload": "sharegpt",
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     parser = argparse.ArgumentParser()
-    command.add_arguments(parser)
+    returning_turns.add_arguments(parser)
     bench_args = parser.parse_args([])
     for key, value in DEFAULTS.items():
         setattr(bench_args, key, value)
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         "Cake's order recomputes the front of a returning prefix while its back is read; "
         "CacheFlow picks, per request, that, a loaded front or a pure mode.\n"
     )
-    code = command.run(bench_args)
+    code = returning_turns.run(bench_args)
     doc = json.loads((args.out / "bench.json").read_text())
     means = {
         r["policy"]: r["summary"]["mean_ttft_returning_s"]
