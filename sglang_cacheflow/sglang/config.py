@@ -23,7 +23,7 @@ FLAG_CONFIG = "--cacheflow-config"
 
 POLICY_CHOICES = POLICIES  # the names the patch lists too (tests/sglang/test_patch.py)
 
-STORAGE_MODULE = "sglang_cacheflow.sglang.l3"
+STORAGE_MODULE = "sglang_cacheflow.sglang.storage"
 STORAGE_CLASS = "CacheFlowRedisStorage"
 
 _TIER_PRIORS = {HOST_TIER: (5.0, 0.0), L3_TIER: (0.5, 1.0)}  # (GB/s, latency ms) per tier

@@ -161,7 +161,7 @@ class CacheFlowRadixCache(UnifiedRadixCache):
 
     def cacheflow_storage(self) -> Any:
         """The project's L3 backend of this process
-        (:class:`~sglang_cacheflow.sglang.l3.CacheFlowRedisStorage`), or None."""
+        (:class:`~sglang_cacheflow.sglang.storage.CacheFlowRedisStorage`), or None."""
         backend = getattr(self.cache_controller, "storage_backend", None)
         if backend is None or getattr(backend, "ns", None) is None:
             return None

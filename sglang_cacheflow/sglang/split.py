@@ -182,7 +182,7 @@ def start_l3_split(
     page: int,
 ) -> SplitRestore:  # fmt: skip
     """Start reading what a split loads of ``req``'s L3 span (a planner ``Request``) through
-    ``storage`` (:class:`~sglang_cacheflow.sglang.l3.CacheFlowRedisStorage`): the pages after
+    ``storage`` (:class:`~sglang_cacheflow.sglang.storage.CacheFlowRedisStorage`): the pages after
     ``front`` tokens of the span, their layers from ``layer`` on. ``keys``: the span's page
     keys."""
     from sglang_cacheflow.tiers.names import L3_TIER

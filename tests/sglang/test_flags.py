@@ -34,7 +34,7 @@ def test_defaults_and_round_trip() -> None:
     assert CacheFlowConfig.from_json(full.to_json()) == full
     assert full.prior["redis_GBps"] == 1.25
     extra = full.storage_extra_config()
-    assert extra["module_path"] == "sglang_cacheflow.sglang.l3"
+    assert extra["module_path"] == "sglang_cacheflow.sglang.storage"
     assert extra["link"] == "10gbps+0.2ms" and extra["streams"] == 4
     assert extra["prefetch_threshold"] == 32
 
