@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,12 +37,6 @@ LINK = "96mbps+1ms"
 # admitted, so host restores were rare; at 2x little ever reached Redis. 1.5x and 4 turns
 # gave both in each of three runs (2300-2500 tokens from host, 370-530 from Redis).
 HOST_RATIO = "1.5"
-
-
-@pytest.fixture(scope="module")
-def l3() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

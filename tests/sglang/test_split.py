@@ -17,7 +17,6 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +53,6 @@ SHAPES = {
     "load-all": (("load_front", 0.0), "load all"),
     "recompute-all": (("load_front", 1.0), "recompute all"),
 }
-
-
-@pytest.fixture(scope="module")
-def l3() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 def _cacheflow(

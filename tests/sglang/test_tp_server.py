@@ -15,7 +15,6 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +44,6 @@ COMMON = ("--dtype", "float32", "--page-size", "16", "--max-total-tokens", "1024
 TP2 = ("--tp", "2")
 RESTORED = "sglang:cacheflow_restored_tokens_total"
 FALLBACKS = "sglang:cacheflow_fallbacks_total"
-
-
-@pytest.fixture(scope="module")
-def l3() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +101,15 @@ def test_tp2_conversations_restore_from_host_and_redis_like_tp1(
         server.stop()
 
 
+def _spliced_alike(log: str) -> int:
+    """The tokens the one split restore in ``log`` spliced, the same on both ranks."""
+    spliced = re.findall(r"(TP[01])\] cacheflow split rid=\S+: [^;]+; loaded (\d+) of", log)
+    counts = dict(spliced)
+    assert len(spliced) == 2 and set(counts) == {"TP0", "TP1"}, spliced
+    assert counts["TP0"] == counts["TP1"], spliced
+    return int(counts["TP0"])
+
+
 def _rank_keys(client: redis.Redis, rank: int) -> list[bytes]:
     return sorted(client.scan_iter(match=f"*:tp{rank}of2:*", count=10_000))
 
@@ -135,12 +137,8 @@ def test_record_corrupted_for_one_rank_only(
         # counted once (rank 0 keeps the metrics), though rank 0's own read was whole
         assert total(after, FALLBACKS) - total(before, FALLBACKS) == 1, after
         assert total(after, FALLBACKS, reason="split_read_failed") >= 1, after
-        log = server.log_text()
         # both ranks spliced the same pages: what rank 1 got, agreed by MIN
-        spliced = re.findall(r"(TP[01])\] cacheflow split rid=\S+: [^;]+; loaded (\d+) of", log)
-        counts = {rank: n for rank, n in spliced}
-        assert set(counts) == {"TP0", "TP1"} and counts["TP0"] == counts["TP1"], spliced
-        assert int(counts["TP0"]) < PREFIX // 2
+        assert _spliced_alike(server.log_text()) < PREFIX // 2
         # the next turn is served from the restored prefix on both ranks alike
         nxt = back + got["output_ids"] + p["next+"]
         assert_same_replies([ask(reference, nxt)], [ask(server, nxt)])
@@ -190,10 +188,7 @@ def test_one_rank_loses_redis_in_the_middle_of_a_split_read(
         admin.config_set("maxclients", maxclients)
         after = metrics(server)
         assert total(after, FALLBACKS) - total(before, FALLBACKS) == 1, after
-        log = server.log_text()
-        spliced = re.findall(r"(TP[01])\] cacheflow split rid=\S+: [^;]+; loaded (\d+) of", log)
-        assert len(spliced) == 2 and spliced[0][1] == spliced[1][1], spliced
-        assert int(spliced[0][1]) < PREFIX // 2
+        assert _spliced_alike(server.log_text()) < PREFIX // 2
         # rank 1 reconnects: the server goes on serving like TP=1
         assert_same_replies([ask(reference, p["fill2"])], [ask(server, p["fill2"])])
         time.sleep(1.0)
