@@ -217,7 +217,10 @@ class ReplyReader:
         if kind == b"+":
             return rest
         if kind == b":":
-            return int(rest)
+            try:
+                return int(rest)
+            except ValueError:  # found by tests/tiers/test_fuzz.py
+                raise RespProtocolError(f"bad integer reply {rest[:32]!r}") from None
         raise RespProtocolError(f"expected a status or integer reply, got {(kind + rest)[:64]!r}")
 
     def _expect_crlf(self) -> None:
