@@ -11,6 +11,7 @@ missing, corrupt or unreachable page, only for bad arguments.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -63,8 +64,13 @@ class Namespace:
 
     @property
     def prefix(self) -> str:
-        """Key prefix, e.g. ``cf1:Llama-3.1-8B:L32-kv-t256-h8-d128-bf16:tp0of1``."""
-        model = _MODEL_CHARS.sub("-", self.model.strip("/")).strip("-") or "model"
+        """Key prefix, e.g. ``cf1:Llama-3.1-8B:L32-kv-t256-h8-d128-bf16:tp0of1``. A model name
+        with characters a key does not take is cleaned and suffixed with a digest of the
+        exact name (``cf1:meta-llama-Llama-3.1-8B-1f2e3d4c:...``)."""
+        raw = self.model.strip("/")
+        model = _MODEL_CHARS.sub("-", raw).strip("-") or "model"
+        if model != raw:  # "org/m" and "org-m" must not share keys once cleaned alike
+            model += "-" + hashlib.blake2b(self.model.encode(), digest_size=4).hexdigest()
         parts = ["cf1", model, self.layout.tag, f"tp{self.tp_rank}of{self.tp_size}"]
         if self.pp_size > 1:
             parts.append(f"pp{self.pp_rank}of{self.pp_size}")
