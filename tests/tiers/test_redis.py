@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import redis
 import torch
 
 from sglang_cacheflow.testing.redis import RedisCluster, RedisServer
@@ -276,6 +277,37 @@ def test_unreachable_server_and_bad_urls_name_the_url() -> None:
         RedisTierConfig(url="redis://x", streams=0)
     with pytest.raises(ValueError, match='need "url"'):
         RedisTierConfig.from_dict({"backend_name": "redis"})
+
+
+def test_acl_user_its_key_pattern_and_no_password_in_logs(
+    fresh_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL user (the form a shared Redis gives each tenant): it works within its key
+    pattern, a wrong password is a clear error, and the password never shows in logs."""
+    admin = redis.Redis(host="127.0.0.1", port=fresh_redis.port)
+    admin.acl_setuser("kv", enabled=True, passwords=["+s3cr3t"], keys=["cf1:*"],
+                      commands=["+@all"])  # fmt: skip
+    admin.acl_setuser("other", enabled=True, passwords=["+s3cr3t"], keys=["elsewhere:*"],
+                      commands=["+@all"])  # fmt: skip
+    layout = PageLayout(2, 4, 1, 8, torch.bfloat16)
+    page = random_pages(layout, 1)[0]
+    ns = unique_ns(layout)
+    port = fresh_redis.port
+    caplog.set_level(logging.DEBUG)
+    with RedisTier(f"redis://kv:s3cr3t@127.0.0.1:{port}/0") as tier:
+        assert tier.put(ns, "aa", page)
+        assert_same(tier.get(ns, "aa"), page)
+    with pytest.raises(RedisTierError, match=r"redis://kv:\*\*\*@") as e:
+        RedisTier(f"redis://kv:wrong@127.0.0.1:{port}/0")
+    assert "wrong" not in str(e.value)
+    # a user whose key pattern excludes the tier's keys: refused writes and reads are
+    # counted failures and misses, not exceptions
+    with RedisTier(f"redis://other:s3cr3t@127.0.0.1:{port}/0") as tier:
+        assert tier.put(ns, "bb", page) is False
+        assert tier.get(ns, "aa") is None
+        stats = tier.stats.snapshot()
+        assert stats["put_failures"] == 1 and stats["misses"] == 1
+    assert "s3cr3t" not in caplog.text
 
 
 def test_url_forms_password_db_unix_and_ttl() -> None:
