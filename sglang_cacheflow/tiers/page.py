@@ -14,9 +14,13 @@ one record: a header followed by the raw bytes of its layers, layer after layer:
 
 The key digest (xxh3-64 of the record's own key) catches a record stored under another
 key; per-layer checksums let a reader verify any layer sub-range it fetched with a ranged
-read without the rest of the block. Nothing here is pickled: a record is a struct and the
-tensor's bytes. :func:`verify_header` and :func:`verify_layers` raise
-:class:`CorruptRecordError`, which tiers turn into a counted miss.
+read without the rest of the block. With a MAC key (from a secret), the layer and header
+sums are keyed BLAKE3 truncated to 64 bits instead of xxh3-64: a writer without the secret
+cannot make a record that verifies, and a reader with the key refuses records written
+without it (and the other way round); the threat model is in docs/tiers.md. Nothing here
+is pickled: a record is a struct and the tensor's bytes. :func:`verify_header` and
+:func:`verify_layers` raise :class:`CorruptRecordError`, which tiers turn into a counted
+miss.
 """
 
 from __future__ import annotations
@@ -248,9 +252,31 @@ def key_digest(key: str | bytes) -> int:
     return xxhash.xxh3_64_intdigest(key.encode() if isinstance(key, str) else key)
 
 
+MAC_CONTEXT = "sglang-cacheflow 2026-11 KV record MAC"
+"""BLAKE3 key derivation context: a secret of any length becomes the 32-byte MAC key."""
+
+
+def mac_key_from_secret(secret: bytes) -> bytes:
+    """The 32-byte keyed-BLAKE3 key of a configured secret."""
+    import blake3
+
+    return blake3.blake3(secret, derive_key_context=MAC_CONTEXT).digest()
+
+
+def _sum(data: memoryview | bytes | bytearray, mac_key: bytes | None) -> int:
+    """The 64-bit sum a record stores for ``data``: xxh3, or keyed BLAKE3 with a MAC key
+    (:func:`mac_key_from_secret`)."""
+    if mac_key is None:
+        return xxhash.xxh3_64_intdigest(data)
+    import blake3
+
+    return int.from_bytes(blake3.blake3(data, key=mac_key).digest(8), "little")
+
+
 def encode_block(
-    key: str | bytes, layout: PageLayout, page: torch.Tensor, layer_start: int, layer_count: int
-) -> bytearray:
+    key: str | bytes, layout: PageLayout, page: torch.Tensor, layer_start: int, layer_count: int,
+    mac_key: bytes | None = None,
+) -> bytearray:  # fmt: skip
     """One record for layers ``[layer_start, layer_start + layer_count)`` of ``page``
     (a full page tensor of ``layout``). The tensor's bytes are copied once, straight into
     the record; strided pages (e.g. views of a host pool) are fine."""
@@ -261,17 +287,14 @@ def encode_block(
     src = _as_numpy(page[layer_start : layer_start + layer_count])
     np.copyto(payload.view(src.dtype).reshape(src.shape), src)
     mv = memoryview(buf)
-    sums = [
-        xxhash.xxh3_64_intdigest(mv[hlen + i * lb : hlen + (i + 1) * lb])
-        for i in range(layer_count)
-    ]
+    sums = [_sum(mv[hlen + i * lb : hlen + (i + 1) * lb], mac_key) for i in range(layer_count)]
     _FIXED.pack_into(
         buf, 0, MAGIC, FORMAT_VERSION, hlen, DTYPE_CODES[layout.dtype], layout.components,
         layout.num_layers, layer_start, layer_count, layout.page_tokens, layout.kv_heads,
         layout.head_dim, lb, key_digest(key),
     )  # fmt: skip
     struct.pack_into(f"<{layer_count}Q", buf, _FIXED.size, *sums)
-    struct.pack_into("<Q", buf, hlen - 8, xxhash.xxh3_64_intdigest(mv[: hlen - 8]))
+    struct.pack_into("<Q", buf, hlen - 8, _sum(mv[: hlen - 8], mac_key))
     return buf
 
 
@@ -281,9 +304,11 @@ def verify_header(
     layout: PageLayout,
     layer_start: int,
     layer_count: int,
+    mac_key: bytes | None = None,
 ) -> BlockHeader:
     """Parse and check the header at the front of ``data`` against what the reader expects
-    (layout, block position, key). Raises :class:`CorruptRecordError` with the reason."""
+    (layout, block position, key; the MAC with ``mac_key``). Raises
+    :class:`CorruptRecordError` with the reason."""
     hlen = BlockHeader.size_for(layer_count)
     if data is None:
         raise CorruptRecordError("record is missing")
@@ -298,8 +323,9 @@ def verify_header(
     if version != FORMAT_VERSION:
         raise CorruptRecordError(f"format version {version}, this reader knows {FORMAT_VERSION}")
     (stored_sum,) = struct.unpack_from("<Q", mv, hlen - 8)
-    if stored_hlen != hlen or stored_sum != xxhash.xxh3_64_intdigest(mv[: hlen - 8]):
-        raise CorruptRecordError("header checksum mismatch")
+    if stored_hlen != hlen or stored_sum != _sum(mv[: hlen - 8], mac_key):
+        what = "MAC" if mac_key is not None else "checksum"
+        raise CorruptRecordError(f"header {what} mismatch")
     expected = (
         DTYPE_CODES[layout.dtype], layout.components, layout.num_layers, layer_start,
         layer_count, layout.page_tokens, layout.kv_heads, layout.head_dim, layout.layer_bytes,
@@ -316,18 +342,23 @@ def verify_header(
 
 
 def verify_layers(
-    header: BlockHeader, payload: bytes | memoryview | None, first: int, count: int
+    header: BlockHeader,
+    payload: bytes | memoryview | None,
+    first: int,
+    count: int,
+    mac_key: bytes | None = None,
 ) -> None:
     """Check that ``payload`` holds exactly layers ``[first, first + count)`` of the block
-    (indices relative to the block) with their stored checksums."""
+    (indices relative to the block) with their stored checksums (MACs with ``mac_key``)."""
     lb = header.layer_bytes
     if payload is None or len(payload) != lb * count:
         got = 0 if payload is None else len(payload)
         raise CorruptRecordError(f"payload is {got} bytes, expected {lb * count}")
     mv = memoryview(payload)
     for i in range(count):
-        if xxhash.xxh3_64_intdigest(mv[i * lb : (i + 1) * lb]) != header.checksums[first + i]:
-            raise CorruptRecordError(f"checksum mismatch in layer {header.layer_start + first + i}")
+        if _sum(mv[i * lb : (i + 1) * lb], mac_key) != header.checksums[first + i]:
+            what = "MAC" if mac_key is not None else "checksum"
+            raise CorruptRecordError(f"{what} mismatch in layer {header.layer_start + first + i}")
 
 
 def copy_bytes_into(out: torch.Tensor, data: bytes | bytearray | memoryview, offset: int) -> None:

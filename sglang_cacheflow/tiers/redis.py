@@ -65,6 +65,7 @@ class RedisTier(KVTier):
         self.url = redact_url(config.url)
         self._stats = TierStats()
         self._log = ErrorLog(logger, self._stats)
+        self._mac_key = config.mac_key()  # before connecting: a missing secret is a config error
         self._client = connect(config)
         self._batch = BatchEngine(self._client, config, self._log, self.url)
         self._closed = False
@@ -110,7 +111,7 @@ class RedisTier(KVTier):
             for i, h in enumerate(page_hashes)
             for b, (start, count) in enumerate(blocks)
         ]
-        writes = PutCommands(layout, pages, self.config.ttl_s)
+        writes = PutCommands(layout, pages, self.config.ttl_s, self._mac_key)
         status = self._batch.execute(ops, len(page_hashes), writes)
         ok = [s == Status.HIT for s in status]
         n_ok = sum(ok)
@@ -138,7 +139,7 @@ class RedisTier(KVTier):
                     Op(i, _block_key(ns, h, b), count * lb, kind, start, bcount,
                        first, count, start + first - l0)
                 )  # fmt: skip
-        reads = GetCommands(layout, outs, self._log, self.url)
+        reads = GetCommands(layout, outs, self._log, self.url, self._mac_key)
         status = self._batch.execute(ops, len(page_hashes), reads)
         if reads.corrupt_keys and self.config.evict_corrupt:
             self._delete_keys(reads.corrupt_keys)

@@ -31,15 +31,23 @@ class PutCommands:
     """``SET`` of each block record, encoded from its page as the command is built."""
 
     def __init__(
-        self, layout: PageLayout, pages: Sequence[torch.Tensor], ttl_s: float | None
+        self,
+        layout: PageLayout,
+        pages: Sequence[torch.Tensor],
+        ttl_s: float | None,
+        mac_key: bytes | None = None,
     ) -> None:
+        self._mac_key = mac_key
         self._layout = layout
         self._pages = pages
         self._px = int(ttl_s * 1000) if ttl_s is not None else None
 
     def _record(self, op: Op) -> memoryview:
         page = self._pages[op.page]
-        return memoryview(encode_block(op.key, self._layout, page, op.block_start, op.block_count))
+        record = encode_block(
+            op.key, self._layout, page, op.block_start, op.block_count, self._mac_key
+        )
+        return memoryview(record)
 
     def issue(self, pipe: Any, op: Op) -> None:
         pipe.set(op.key, self._record(op), px=self._px)
@@ -63,8 +71,14 @@ class GetCommands:
     layers verify; records that fail are logged and collected in :attr:`corrupt_keys`."""
 
     def __init__(
-        self, layout: PageLayout, outs: Sequence[torch.Tensor], log: ErrorLog, url: str
+        self,
+        layout: PageLayout,
+        outs: Sequence[torch.Tensor],
+        log: ErrorLog,
+        url: str,
+        mac_key: bytes | None = None,
     ) -> None:
+        self._mac_key = mac_key
         self._layout = layout
         self._outs = outs
         self._log = log
@@ -88,8 +102,10 @@ class GetCommands:
     def _verify(self, op: Op, head: bytes | memoryview, payload: bytes | memoryview) -> Status:
         """HIT when the record header and the checksums of the wanted layers verify."""
         try:
-            header = verify_header(head, op.key, self._layout, op.block_start, op.block_count)
-            verify_layers(header, payload, op.first, op.count)
+            header = verify_header(
+                head, op.key, self._layout, op.block_start, op.block_count, self._mac_key
+            )
+            verify_layers(header, payload, op.first, op.count, self._mac_key)
         except CorruptRecordError as e:
             return self._corrupt(op, e)
         return Status.HIT

@@ -7,11 +7,12 @@ and options".
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from sglang_cacheflow.tiers.page import PageLayout, split_blocks
+from sglang_cacheflow.tiers.page import PageLayout, mac_key_from_secret, split_blocks
 
 __all__ = [
     "URL_SCHEMES",
@@ -61,6 +62,9 @@ class RedisTierConfig:
     ``pipeline_depth``: groups of ``pipeline_bytes`` in flight per connection on the direct
     path (sent before the replies of the previous ones are read). ``client_name``: set on
     every connection (``CLIENT SETNAME``), so that ``CLIENT LIST`` tells whose it is.
+    ``mac_key_env``: the environment variable holding a secret; records are then
+    authenticated with keyed BLAKE3 instead of checksummed with xxh3 (docs/tiers.md,
+    "Threat model"), and only servers holding the same secret read each other's records.
     """
 
     url: str
@@ -77,6 +81,7 @@ class RedisTierConfig:
     direct_io: bool = True
     pipeline_depth: int = 1
     client_name: str | None = None
+    mac_key_env: str | None = None
 
     def __post_init__(self) -> None:
         if self.streams < 1:
@@ -98,6 +103,30 @@ class RedisTierConfig:
         if "url" not in options:
             raise ValueError('Redis tier options need "url", e.g. "redis://127.0.0.1:6379/0"')
         return cls(**{k: v for k, v in options.items() if k in names})
+
+    def mac_key(self) -> bytes | None:
+        """The MAC key derived from the secret in ``mac_key_env`` (None without one); the
+        variable must be set and hold at least 16 bytes."""
+        if self.mac_key_env is None:
+            return None
+        value = os.environ.get(self.mac_key_env, "")
+        hint = f"e.g. `export {self.mac_key_env}=$(openssl rand -hex 32)`"
+        if not value:
+            raise RedisTierError(
+                f"mac_key_env names {self.mac_key_env}, which is not set: export a secret of "
+                f"at least 16 bytes in it ({hint})"
+            )
+        if len(value.encode()) < 16:
+            raise RedisTierError(
+                f"{self.mac_key_env} holds {len(value.encode())} bytes; a secret needs at "
+                f"least 16 ({hint})"
+            )
+        try:
+            return mac_key_from_secret(value.encode())
+        except ImportError:
+            raise RedisTierError(
+                "authenticated records (mac_key_env) need blake3: pip install blake3"
+            ) from None
 
     def layers_per_block_for(self, layout: PageLayout) -> int:
         if self.layers_per_block is not None:
