@@ -26,6 +26,7 @@ from types import TracebackType
 
 __all__ = [
     "RedisCluster",
+    "RedisSentinel",
     "RedisServer",
     "RedisUnavailableError",
     "free_port",
@@ -267,6 +268,35 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.cleanup()
+
+
+@dataclass
+class RedisSentinel(RedisServer):
+    """A private Redis Sentinel watching the master on ``master_port`` as ``service``, with
+    quorum 1 and a fast failover (tests kill the master and wait for its replica to take
+    over). :attr:`url` is the tier URL that reaches the master through it."""
+
+    master_port: int = 0
+    service: str = "cacheflow"
+    down_after_ms: int = 500
+    failover_timeout_ms: int = 2000
+
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://127.0.0.1:PORT/SERVICE``."""
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}"
+
+    def _command(self, server_bin: str) -> list[str]:
+        assert self.workdir is not None
+        conf = self.workdir / "sentinel.conf"  # sentinel rewrites it as the topology changes
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.workdir}\n"
+            f"logfile {self.workdir / 'redis.log'}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+        )
+        return [server_bin, str(conf), "--sentinel"]
 
 
 @dataclass

@@ -26,6 +26,7 @@ from redis.connection import (
     SSLConnection,
     UnixDomainSocketConnection,
 )
+from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
 from sglang_cacheflow.tiers.base import TierStats
 from sglang_cacheflow.tiers.redis_config import RedisTierConfig
@@ -152,7 +153,13 @@ class _Outcome:
 
 # redis-py connection classes whose ``_sock`` is a plain, TLS or unix stream socket that
 # carries RESP2 with nothing else on it (no client-side cache, no RESP3 push messages).
-_DIRECT_CLASSES = (Connection, SSLConnection, UnixDomainSocketConnection)
+_DIRECT_CLASSES = (
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    SentinelManagedConnection,  # the master's connection, found through the sentinels
+    SentinelManagedSSLConnection,
+)
 
 
 def _direct_capable(pool: ConnectionPool) -> bool:

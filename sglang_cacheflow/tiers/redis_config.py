@@ -23,7 +23,15 @@ __all__ = [
     "redact_url",
 ]
 
-URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+URL_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
 
 
 class RedisTierError(RuntimeError):
@@ -149,7 +157,9 @@ class RedisAddress:
 
     cluster: bool
     url: str = ""
-    nodes: tuple[tuple[str, int], ...] = ()
+    nodes: tuple[tuple[str, int], ...] = ()  # cluster startup nodes, or the sentinels
+    service: str | None = None  # the master's name at the sentinels
+    db: int = 0
     username: str | None = None
     password: str | None = None
     ssl: bool = False
@@ -171,6 +181,8 @@ def parse_url(url: str, cluster: bool | None = None) -> RedisAddress:
             f"{', '.join(s + '://' for s in URL_SCHEMES)}"
         )
     query = parse_qs(parts.query)
+    if scheme.endswith("+sentinel"):
+        return _sentinel_address(parts, query, shown)
     if cluster is None:
         flag = query.get("cluster", ["false"])[-1].lower()
         cluster = scheme.endswith("+cluster") or flag in ("1", "true", "yes")
@@ -178,12 +190,7 @@ def parse_url(url: str, cluster: bool | None = None) -> RedisAddress:
         return RedisAddress(cluster=False, url=_strip_query_key(url, "cluster"))
     if scheme == "unix":
         raise RedisTierError(f"Redis Cluster cannot be reached over a unix socket: {shown}")
-    netloc = parts.netloc
-    username = password = None
-    if "@" in netloc:
-        userinfo, netloc = netloc.rsplit("@", 1)
-        user, _, pw = userinfo.partition(":")
-        username, password = unquote(user) or None, unquote(pw) or None
+    netloc, username, password = _credentials(parts.netloc)
     if not netloc:
         raise RedisTierError(f"Redis Cluster URL {shown} names no host")
     db = parts.path.strip("/")
@@ -195,6 +202,43 @@ def parse_url(url: str, cluster: bool | None = None) -> RedisAddress:
         username=username,
         password=password,
         ssl=scheme.startswith("rediss"),
+        ssl_cert_reqs=query["ssl_cert_reqs"][-1] if "ssl_cert_reqs" in query else None,
+    )
+
+
+def _credentials(netloc: str) -> tuple[str, str | None, str | None]:
+    """``(hosts, username, password)`` of a URL's ``[user[:password]@]hosts``."""
+    if "@" not in netloc:
+        return netloc, None, None
+    userinfo, hosts = netloc.rsplit("@", 1)
+    user, _, pw = userinfo.partition(":")
+    return hosts, unquote(user) or None, unquote(pw) or None
+
+
+def _sentinel_address(parts: Any, query: dict[str, list[str]], shown: str) -> RedisAddress:
+    """``redis+sentinel://[user:password@]h1:p1[,h2:p2...]/service[/db]``: the sentinels,
+    and the credentials and database of the master they name."""
+    hosts, username, password = _credentials(parts.netloc)
+    path = [p for p in parts.path.split("/") if p]
+    if not hosts or not path or len(path) > 2:
+        raise RedisTierError(
+            f"Sentinel URL {shown} must read redis+sentinel://host:port[,host:port...]/"
+            "SERVICE[/DB], e.g. redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster"
+        )
+    try:
+        db = int(path[1]) if len(path) == 2 else 0
+    except ValueError:
+        raise RedisTierError(
+            f"Sentinel URL {shown}: database {path[1]!r} is not a number"
+        ) from None
+    return RedisAddress(
+        cluster=False,
+        nodes=tuple(_parse_hosts(hosts, shown)),
+        service=path[0],
+        db=db,
+        username=username,
+        password=password,
+        ssl=parts.scheme.lower().startswith("rediss"),
         ssl_cert_reqs=query["ssl_cert_reqs"][-1] if "ssl_cert_reqs" in query else None,
     )
 

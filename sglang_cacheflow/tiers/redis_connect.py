@@ -10,6 +10,7 @@ from typing import Any, TypeAlias, TypeGuard
 
 import redis
 import redis.cluster
+import redis.sentinel
 from redis._parsers import Encoder
 from redis.backoff import ExponentialBackoff
 from redis.connection import ConnectionPool, PythonRespSerializer
@@ -39,6 +40,8 @@ def connect(config: RedisTierConfig) -> Client:
     try:
         if address.cluster:
             client: Client = _cluster_client(address, config, options)
+        elif address.service is not None:
+            client = _sentinel_client(address, config, options)
         else:
             pool = redis.BlockingConnectionPool.from_url(
                 address.url,
@@ -88,6 +91,25 @@ def _cluster_client(
     if address.ssl_cert_reqs is not None:
         kwargs["ssl_cert_reqs"] = address.ssl_cert_reqs
     return redis.cluster.RedisCluster(**kwargs)
+
+
+def _sentinel_client(
+    address: RedisAddress, config: RedisTierConfig, options: dict[str, Any]
+) -> redis.Redis:
+    """The master the sentinels name; its pool asks them again after a failover."""
+    sentinels = redis.sentinel.Sentinel(
+        list(address.nodes),
+        socket_timeout=config.connect_timeout_s,
+        socket_connect_timeout=config.connect_timeout_s,
+    )
+    kwargs: dict[str, Any] = dict(
+        db=address.db, username=address.username, password=address.password, **options
+    )
+    if address.ssl:
+        kwargs["ssl"] = True
+        if address.ssl_cert_reqs is not None:
+            kwargs["ssl_cert_reqs"] = address.ssl_cert_reqs
+    return sentinels.master_for(address.service, redis_class=redis.Redis, **kwargs)
 
 
 def is_cluster(client: Client) -> TypeGuard[redis.cluster.RedisCluster]:

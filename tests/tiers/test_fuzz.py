@@ -28,6 +28,8 @@ from sglang_cacheflow.tiers.redis import RedisTier
 from sglang_cacheflow.tiers.resp import ReplyReader, RespProtocolError, RespReplyError
 from tests.tiers.helpers import page_hashes, random_pages, unique_ns
 
+pytestmark = pytest.mark.redis
+
 LAYOUT = PageLayout(3, 4, 2, 8, torch.float16)
 KEY = "fuzz-key"
 PAGE = random_pages(LAYOUT, 1, seed=7)[0]

@@ -25,6 +25,8 @@ from sglang_cacheflow.tiers.page import (
 from sglang_cacheflow.tiers.redis import RedisTier, RedisTierError
 from tests.tiers.helpers import page_hashes, random_pages, unique_ns
 
+pytestmark = pytest.mark.redis
+
 LAYOUT = PageLayout(4, 8, 2, 16, torch.bfloat16)
 SECRET = b"0123456789abcdef0123456789abcdef"
 MAC_KEY = mac_key_from_secret(SECRET)

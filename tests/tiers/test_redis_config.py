@@ -78,7 +78,10 @@ def test_bad_urls_name_the_redacted_url(url: str, cluster: bool | None, message:
 
 
 def test_schemes_and_redaction() -> None:
-    assert all(parse_url(f"{s}://h:1").cluster == s.endswith("+cluster") for s in URL_SCHEMES)
+    for s in URL_SCHEMES:  # a sentinel URL names the master's service too
+        address = parse_url(f"{s}://h:1/svc" if s.endswith("+sentinel") else f"{s}://h:1")
+        assert address.cluster == s.endswith("+cluster")
+        assert (address.service is not None) == s.endswith("+sentinel")
     assert redact_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
     assert redact_url("redis://pw@h:1/0") == "redis://***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"

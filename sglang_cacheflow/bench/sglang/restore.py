@@ -232,7 +232,7 @@ def _shapes(log: str) -> dict[str, int]:
     return out
 
 
-def _kv_bytes_per_token(model: Path, dtype: str) -> int:
+def kv_bytes_per_token(model: Path, dtype: str) -> int:
     config = json.loads((model / "config.json").read_text())
     heads = config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
                         "recompute")  # fmt: skip
     if args.links == "auto":
         assert recompute is not None
-        per_rank = _kv_bytes_per_token(model, args.dtype) / args.tp
+        per_rank = kv_bytes_per_token(model, args.dtype) / args.tp
         bits = balanced_link(args.prefix, per_rank, recompute["single_mean_s"])
         links = [_link(bits * float(f)) for f in args.link_factors.split(",") if f]
         print(f"balanced link: {_link(bits)} (recompute of {args.prefix} tokens took "

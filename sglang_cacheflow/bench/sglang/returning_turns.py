@@ -37,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--l3-gbps",
         default="10",
-        help="emulated Redis link bandwidths in Gbit/s, comma-separated; 'none' for the raw link",
+        help="emulated Redis link bandwidths in Gbit/s, comma-separated; 'none' for the raw "
+        "link; 'auto': the link balanced against the recompute measured here (the recompute "
+        "policy runs first, then the others over a link on which loading a returning turn's "
+        "KV takes as long as recomputing it did)",
     )
     parser.add_argument("--redis-url", help="use this Redis (default: a private redis-server)")
     parser.add_argument("--no-redis", action="store_true", help="host tier only")
@@ -73,6 +76,19 @@ def parse_gbps(text: str) -> list[float | None]:
         part = part.strip().lower()
         out.append(None if part in ("none", "raw") else float(part))
     return out
+
+
+def balanced_gbps(run: Run, model: Path, dtype: str | None) -> float:
+    """The link (Gbit/s) over which the KV a ``recompute`` run recomputed for its returning
+    turns loads in the time those turns took to their first token."""
+    from sglang_cacheflow.bench.sglang.restore import kv_bytes_per_token
+
+    turns = [r for r in run.results if r.returning and not r.error and r.ttft_s > 0]
+    if not turns:
+        raise SystemExit("error: --l3-gbps auto: the recompute run had no returning turn")
+    tokens = sum(r.prompt_tokens - r.cached_tokens for r in turns)
+    seconds = sum(r.ttft_s for r in turns)
+    return tokens * kv_bytes_per_token(model, dtype or "bfloat16") * 8 / seconds / 1e9
 
 
 def build_sessions(args: argparse.Namespace, model: Path) -> tuple[list[wl.Session], str]:
@@ -219,7 +235,10 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model or convert_smollm2()  # the tokenizer, also for --url
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    bandwidths = parse_gbps(args.l3_gbps)
+    auto = args.l3_gbps.strip().lower() == "auto"
+    if auto:  # the recompute run measures the balance point: it runs first
+        policies = ["recompute", *(p for p in policies if p != "recompute")]
+    bandwidths: list[float | None] = [None] if auto else parse_gbps(args.l3_gbps)
     sessions, described = build_sessions(args, model)
     total = sum(len(s.turns) for s in sessions)
     extra = ("--dtype", args.dtype) if getattr(args, "dtype", None) else ()
@@ -256,6 +275,10 @@ def run(args: argparse.Namespace) -> int:
     with redis_for(args) as redis_url, Progress() as progress:
         for gbps in bandwidths if redis_url else [None]:
             for policy in policies:
+                if auto and redis_url and runs and gbps is None:  # recompute has run
+                    gbps = round(balanced_gbps(runs[0], model, getattr(args, "dtype", None)), 3)
+                    runs[0].bandwidth_gbps = bandwidths[0] = gbps
+                    print(f"balanced L3 link: {gbps:g} Gbit/s, from the recompute run")
                 link = "none" if gbps is None else f"{gbps:g} Gbit/s (emulated)"
                 task = progress.add_task(f"{policy:>9}, L3 {link}", total=total)
                 runs.append(

@@ -1,0 +1,50 @@
+"""The demo's "answers = ref" column measures restores: 100% when they are right, less when
+the restored KV is wrong.
+
+Two small ``sglang-cacheflow bench`` runs of the demo's setup (fp32, pools too small for the
+chats, so earlier turns come back from host memory): policies ``recompute`` (the reference:
+no reuse) and ``load`` (every hit loaded). In the second run the servers zero the KV of every
+host -> device load (``SGLANG_CACHEFLOW_FAULT=zero-host-loads``, the project's fault hook):
+the reference never loads, so its answers stand, and ``load``'s must then differ.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sglang_cacheflow.cli import main
+from sglang_cacheflow.sglang.cpu.faults import FAULT_ENV, ZERO_HOST_LOADS
+
+pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow]
+
+ARGS = [
+    "--workload", "agent", "--policies", "recompute,load", "--dtype", "float32",
+    "--sessions", "6", "--turns", "2", "--requests", "12", "--max-prompt-tokens", "256",
+    "--max-new-tokens", "4", "--concurrency", "2", "--request-rate", "20",
+    "--max-total-tokens", "640", "--hicache-ratio", "1", "--l3-gbps", "1",
+]  # fmt: skip
+
+
+def _bench(model: Path, redis_url: str, out: Path) -> dict[str, Any]:
+    code = main(["bench", *ARGS, "--model", str(model), "--redis-url", redis_url,
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    runs = json.loads((out / "bench.json").read_text())["runs"]
+    return {r["policy"]: r["summary"] for r in runs}
+
+
+def test_answers_match_only_when_restores_are_right(
+    smollm2_path: Path, redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = _bench(smollm2_path, redis_server.url, tmp_path / "good")
+    assert good["load"]["tokens_loaded"] > 0  # the check is only as good as what it restored
+    assert good["recompute"]["answers_match"] == 1.0 and good["load"]["answers_match"] == 1.0
+    monkeypatch.setenv(FAULT_ENV, ZERO_HOST_LOADS)
+    bad = _bench(smollm2_path, redis_server.url, tmp_path / "bad")
+    assert bad["load"]["tokens_loaded"] > 0
+    assert bad["recompute"]["answers_match"] == 1.0
+    assert bad["load"]["answers_match"] < 1.0, bad["load"]
