@@ -1,9 +1,9 @@
 """The demo's "answers = ref" column measures restores: 100% when they are right, less when
 the restored KV is wrong.
 
-Two small ``sglang-cacheflow bench`` runs of the demo's setup (fp32, pools too small for the
-chats, so earlier turns come back from host memory): policies ``recompute`` (the reference:
-no reuse) and ``load`` (every hit loaded). In the second run the servers zero the KV of every
+Two ``sglang-cacheflow bench`` runs of the demo's setup (fp32, pools too small for the
+chats, so earlier turns come back from host memory and Redis): policies ``recompute`` (the
+reference: no reuse) and ``load`` (every hit loaded). In the second run the servers zero the KV of every
 host -> device load (``SGLANG_CACHEFLOW_FAULT=zero-host-loads``, the project's fault hook):
 the reference never loads, so its answers stand, and ``load``'s must then differ.
 """
@@ -21,11 +21,11 @@ from sglang_cacheflow.sglang.cpu.faults import FAULT_ENV, ZERO_HOST_LOADS
 
 pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow]
 
-ARGS = [
-    "--workload", "agent", "--policies", "recompute,load", "--dtype", "float32",
-    "--sessions", "6", "--turns", "2", "--requests", "12", "--max-prompt-tokens", "256",
-    "--max-new-tokens", "4", "--concurrency", "2", "--request-rate", "20",
-    "--max-total-tokens", "640", "--hicache-ratio", "1", "--l3-gbps", "1",
+ARGS = [  # the demo's setup (sglang_cacheflow/bench/sglang/demo.py), two policies
+    "--workload", "sharegpt", "--policies", "recompute,load", "--dtype", "float32",
+    "--sessions", "8", "--turns", "3", "--max-prompt-tokens", "1536", "--max-new-tokens", "8",
+    "--concurrency", "8", "--max-total-tokens", "2048", "--hicache-ratio", "1",
+    "--l3-gbps", "1",
 ]  # fmt: skip
 
 
