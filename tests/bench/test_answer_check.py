@@ -3,9 +3,9 @@ the restored KV is wrong.
 
 Two ``sglang-cacheflow bench`` runs of the demo's setup (fp32, pools too small for the
 chats, so earlier turns come back from host memory and Redis): policies ``recompute`` (the
-reference: no reuse) and ``load`` (every hit loaded). In the second run the servers zero the KV of every
-host -> device load (``SGLANG_CACHEFLOW_FAULT=zero-host-loads``, the project's fault hook):
-the reference never loads, so its answers stand, and ``load``'s must then differ.
+reference: no reuse) and ``load`` (every hit loaded). In the second run the servers zero the
+KV of every host -> device load (``SGLANG_CACHEFLOW_FAULT=zero-host-loads``, the project's
+fault hook): the reference never loads, so its answers stand, and ``load``'s must differ.
 """
 
 from __future__ import annotations
