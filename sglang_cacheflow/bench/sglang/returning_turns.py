@@ -20,6 +20,7 @@ from sglang_cacheflow.bench.sglang.serving import (
     run_against,
     run_one,
 )
+from sglang_cacheflow.tiers.names import HOST_TIER, L3_TIER
 
 DEFAULT_POLICIES = ("recompute", "load", "cacheflow")
 """Policies run unless ``--policies`` names others (see ``planner.POLICIES``)."""
@@ -161,6 +162,11 @@ def shapes_text(restores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(shapes.items())) or "-"
 
 
+def loaded_by_tier(restores: dict[str, float]) -> str:
+    """``1948 / 73``: tokens loaded from host memory and from Redis, from /metrics."""
+    return " / ".join(f"{restores.get(f'load:{t}', 0.0):.0f}" for t in (HOST_TIER, L3_TIER))
+
+
 def summary_table(runs: Sequence[Run], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -169,7 +175,8 @@ def summary_table(runs: Sequence[Run], title: str) -> None:
     t = Table(title=title)
     columns = (
         "policy", "L3 link (emulated)", "returning turns", "mean TTFT ms", "p90 TTFT ms",
-        "loaded tok", "recomputed tok", "restore shapes", "answers = ref", "wall s",
+        "loaded tok (host / Redis)", "recomputed tok", "restore shapes", "answers = ref",
+        "wall s",
     )  # fmt: skip
     for col in columns:
         t.add_column(col, justify="left" if col == "policy" else "right")
@@ -185,7 +192,7 @@ def summary_table(runs: Sequence[Run], title: str) -> None:
             str(s["returning_turns"]),
             "-" if mean is None else f"{mean * 1e3:.0f}",
             "-" if p90 is None else f"{p90 * 1e3:.0f}",
-            f"{s['tokens_loaded']:.0f}",
+            f"{s['tokens_loaded']:.0f} ({loaded_by_tier(r.restores)})",
             f"{s['tokens_recomputed']:.0f}",
             shapes_text(r.restores),
             "-" if match is None else f"{match:.0%}",
