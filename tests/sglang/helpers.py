@@ -119,9 +119,11 @@ def to_redis(server: SGLangServer, p: dict[str, list[int]], l3: RedisServer | No
     Redis in the background, through the emulated link: wait until it has landed. (An idle
     scheduler with --sleep-on-idle handles HiCache's acknowledgements once a second, and only
     then starts the backup to Redis: the key count must hold still for longer than that.)"""
+    # what earlier turns back up lands first, so that the keys added next are this prompt's
+    before = wait_for_backups(l3.url, settle_s=2.5, limit_s=60) if l3 is not None else 0
     ask(server, p["redis"])
-    if l3 is not None:
-        wait_for_backups(l3.url, settle_s=2.5, limit_s=60)
+    if l3 is not None:  # its pages are new keys (one each, at least)
+        wait_for_backups(l3.url, settle_s=2.5, limit_s=60, at_least=before + PREFIX // 16)
     for i in range(2, 6):
         ask(server, p[f"fill{i}"])
     if l3 is not None:
