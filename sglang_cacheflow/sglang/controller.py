@@ -172,7 +172,7 @@ class CacheFlowController:
         self.clock = clock
         self.owed = OwedWork(clock)
         self.splits: dict[str, Decision] = {}  # split restores not yet spliced, by rid
-        self.reader = SplitReader()
+        self.reader = SplitReader(on_read=self._split_read)
         self.queue: Sequence[Any] = ()  # the scheduler's waiting queue, as of the last round
         self._queued_s = 0.0  # queued prefill seconds counted in the last round's busy
         self._log = logger.info if cfg.log_decisions else logger.debug
@@ -591,6 +591,11 @@ class CacheFlowController:
         stats = tier.stats.snapshot()
         return stats["errors"] + stats["corrupt"] + stats["misses"]
 
+    def _split_read(self, sp: SplitRestore) -> None:
+        """A split restore's read ended (reader thread): calibrate the tier from it."""
+        nbytes = sp.landed_pages * sp.page_tokens * sp.layer_share * self.shape.kv_bytes_per_token
+        self.observe_transfer(sp.tier, nbytes, sp.read_s)
+
     def split_of(self, rid: str) -> SplitRestore | None:
         """``rid``'s split restore not yet spliced, if any."""
         d = self.splits.get(rid)
@@ -638,10 +643,7 @@ class CacheFlowController:
             sp.close()
         # a layer split loads a share of each token: count that share as loaded
         l0, l1 = sp.layers
-        share = (l1 - l0) / l1 if sp.layer_split else 1.0
-        if sp.tier == HOST_TIER and got:
-            nbytes = got * share * self.shape.kv_bytes_per_token
-            self.observe_transfer(HOST_TIER, nbytes, sp.read_s)
+        share = sp.layer_share
         self.metrics.restored("load", sp.tier, got * share)
         self.metrics.restored("recompute", sp.tier, d.evicted - got * share)
         self._log(

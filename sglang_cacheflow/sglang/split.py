@@ -95,6 +95,12 @@ class SplitRestore:
         return self.tokens // self.page_tokens
 
     @property
+    def layer_share(self) -> float:
+        """The share of each token's KV loaded: the loaded layers over all of them."""
+        l0, l1 = self.layers
+        return (l1 - l0) / l1 if self.layer_split else 1.0
+
+    @property
     def layer_split(self) -> int | None:
         """``l`` of a layer split (layers ``[0, l)`` recomputed), None for a token split."""
         return self.layers[0] if self.layers[0] > 0 else None
@@ -115,10 +121,18 @@ class SplitRestore:
 
 class SplitReader:
     """A background thread that reads the backs of split restores, one after another in the
-    order the plan serves them (the tier is one I/O channel in the plan)."""
+    order the plan serves them (the tier is one I/O channel in the plan). ``on_read(sp)``
+    is called once a restore's read has ended, before the splice may use it: the whole read
+    is one transfer for calibration (one latency, as the planner prices a load), however
+    many tier calls it took."""
 
-    def __init__(self, pages_per_read: int = PAGES_PER_READ) -> None:
+    def __init__(
+        self,
+        pages_per_read: int = PAGES_PER_READ,
+        on_read: Callable[[SplitRestore], None] | None = None,
+    ) -> None:
         self.pages_per_read = max(1, pages_per_read)
+        self.on_read = on_read
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cacheflow-split")
 
     def submit(self, sp: SplitRestore, read: ReadPages) -> None:
@@ -143,7 +157,11 @@ class SplitReader:
             sp.error = repr(e)
         finally:
             sp.read_s = time.perf_counter() - start
-            sp.done.set()
+            try:
+                if self.on_read is not None and sp.landed_pages:
+                    self.on_read(sp)
+            finally:
+                sp.done.set()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -313,7 +313,7 @@ class CacheFlowRedisStorage(RedisHiCacheStorage):
 
     - ``"link"`` in the extra config (e.g. ``"1gbps+0.5ms"``): the tier behaves like that
       link (:class:`~sglang_cacheflow.tiers.shaping.ShapedTier`), for benchmarks;
-    - every page read timed and reported to the process's restore controller, which
+    - every prefetch timed and reported to the process's restore controller, which
       calibrates the L3 bandwidth and latency of its cost model from them;
     - :meth:`read_pages`: ranged reads into a split restore's staging memory.
 
@@ -350,15 +350,12 @@ class CacheFlowRedisStorage(RedisHiCacheStorage):
         """Read ``keys`` into ``pages`` (pages, layers, 2, tokens, heads, dim), e.g. a split
         restore's staging memory, through the link the tier is seen through; only the layer
         range ``layers`` (default: all) is read. One bool per page (a missing or corrupted
-        page is False). Timed for calibration like prefetches."""
+        page is False). Not timed here: a split restore reads its pages in several calls
+        and reports the whole read as one transfer, the unit the planner prices."""
         ns = self.ns
         if ns is None:
             raise RuntimeError("register_mem_pool_host() must be called before any I/O")
-        start = time.perf_counter()
-        ok = self.tier.batch_get_into(ns, keys, list(pages), layers)
-        l0, l1 = ns.layout.check_layers(layers)
-        self._report(sum(ok) * (l1 - l0) / ns.layout.num_layers, time.perf_counter() - start)
-        return ok
+        return self.tier.batch_get_into(ns, keys, list(pages), layers)
 
     def _report(self, pages: float, seconds: float) -> None:
         from sglang_cacheflow.sglang.controller import current_controller

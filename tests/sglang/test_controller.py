@@ -7,6 +7,7 @@ The controller is driven directly, with the radix cache reduced to the two calls
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from sglang_cacheflow.planner import ModelShape
 from sglang_cacheflow.sglang.config import parse_config
 from sglang_cacheflow.sglang.controller import CacheFlowController
-from tests.sglang.fakes import Cache, Handle
+from tests.sglang.fakes import Cache, Handle, Storage
 
 SHAPE = ModelShape(num_layers=4, num_kv_heads=2, head_dim=32, dtype_bytes=4)  # 2 KiB/token
 
@@ -39,13 +40,16 @@ class Clock:
         return self.now
 
 
-def _controller(clock: Clock | None = None) -> tuple[CacheFlowController, Cache]:
+def _controller(
+    clock: Clock | None = None, calibrate: bool = False, cache: Cache | None = None
+) -> tuple[CacheFlowController, Cache]:
     # 512 tokens: recompute 93 ms at 5500 tok/s, load 106 ms at 10 MB/s + 1 ms
     prior = {"tokens_per_s": 5500.0, "redis_GBps": 0.01, "redis_latency_ms": 1.0}
     cfg = parse_config(
-        "cacheflow", json.dumps({"redis_url": "redis://h:1/0", "calibrate": False, "prior": prior})
+        "cacheflow",
+        json.dumps({"redis_url": "redis://h:1/0", "calibrate": calibrate, "prior": prior}),
     )
-    cache = Cache()
+    cache = cache or Cache()
     return CacheFlowController(cfg, cache, SHAPE, 16, clock=clock or Clock()), cache
 
 
@@ -136,3 +140,34 @@ def test_prefills_queued_ahead_count_as_owed_compute() -> None:
     assert a.split is not None and b.shape == "load all"
     # counted once: the next round sees the queue afresh, not also as owed work
     assert loaded.owed.busy()["compute"] < queued + 0.1
+
+
+class _SlowStorage(Storage):
+    """Every tier call takes 10 ms (a round trip) and is counted."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def read_pages(self, keys: list[str], pages: Any, layers: Any = None) -> list[bool]:
+        self.calls += 1
+        time.sleep(0.01)
+        return super().read_pages(keys, pages, layers)
+
+
+def test_a_split_read_calibrates_the_tier_as_one_transfer() -> None:
+    # The reader reads a split's back in several tier calls; the planner prices the load as
+    # one transfer with one latency, so calibration must see one transfer of all its bytes
+    # (per-call samples taught it a per-call latency it then charged only once).
+    storage = _SlowStorage()
+    cache = Cache()
+    cache.cacheflow_storage = lambda: storage  # type: ignore[method-assign]
+    ctl, _ = _controller(calibrate=True, cache=cache)
+    ctl.plan_prefetches([_call("r")])
+    sp = ctl.split_of("r")
+    assert sp is not None and sp.done.wait(5.0) and sp.landed_pages == sp.pages
+    assert storage.calls > 1
+    nbytes = sp.tokens * sp.layer_share * SHAPE.kv_bytes_per_token
+    redis = ctl.cost_model().tier("redis")
+    # one sample: the prior latency (1 ms) stays, the bandwidth is what the whole read took
+    assert redis.latency_s == pytest.approx(1e-3)
+    assert redis.bandwidth_Bps == pytest.approx(nbytes / (sp.read_s - 1e-3), rel=1e-6)
