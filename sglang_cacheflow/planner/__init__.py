@@ -9,8 +9,9 @@ from sglang_cacheflow.planner.calibration import Calibrator
 from sglang_cacheflow.planner.capabilities import RUNTIME, Capabilities
 from sglang_cacheflow.planner.cost import ComputeCost, CostModel, ModelShape, TierCost
 from sglang_cacheflow.planner.plan import Action, Plan, RequestPlan, Step
-from sglang_cacheflow.planner.policies import POLICIES, plan
+from sglang_cacheflow.planner.policies import POLICIES, plan, reuses_evicted_kv
 from sglang_cacheflow.planner.request import Request, Span
+from sglang_cacheflow.planner.shapes import ShapeKind
 from sglang_cacheflow.planner.validate import PlanError, validate
 
 __all__ = [
@@ -27,10 +28,12 @@ __all__ = [
     "PlanError",
     "Request",
     "RequestPlan",
+    "ShapeKind",
     "Span",
     "Step",
     "TierCost",
     "fluid_bound",
     "plan",
+    "reuses_evicted_kv",
     "validate",
 ]

@@ -22,15 +22,23 @@ from sglang_cacheflow.planner.capabilities import RUNTIME, Capabilities
 from sglang_cacheflow.planner.cost import CostModel
 from sglang_cacheflow.planner.plan import COMPUTE, Plan, RequestPlan, Step
 from sglang_cacheflow.planner.request import Request
-from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Outcome, Shape, Shaper
+from sglang_cacheflow.planner.shapes import (
+    LAYER,
+    LOAD_FRONT,
+    TOKEN,
+    Outcome,
+    Shape,
+    ShapeKind,
+    Shaper,
+)
 
 POLICIES = ("recompute", "load", "cake", "cacheflow")
-SHAPE_KINDS = (TOKEN, LAYER, LOAD_FRONT)
+SHAPE_KINDS = tuple(ShapeKind)
 
 Chooser = Callable[[Shaper, float, dict[str, float]], tuple[Shape, Outcome]]
 
 
-def _fixed(kind: str, full: bool) -> Chooser:
+def _fixed(kind: ShapeKind, full: bool) -> Chooser:
     def choose(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
         shape = Shape(kind, s.evicted if full else 0)
         return shape, s.run(shape, tc, io)
@@ -51,7 +59,7 @@ def _best(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
     return s.best(tc, io)
 
 
-def _forced(kind: str, recompute: float) -> Chooser:
+def _forced(kind: ShapeKind, recompute: float) -> Chooser:
     """Every request takes ``kind`` with about ``recompute`` of its span recomputed (the
     nearest split point; the fraction is of tokens, or of layers for a layer split)."""
 
@@ -173,7 +181,7 @@ def plan(
     t0 = time.perf_counter()
     shapers = [Shaper(r, cost, capabilities, chunk_tokens) for r in requests]
     if force is not None:
-        best = _schedule(shapers, _forced(*force), busy)
+        best = _schedule(shapers, _forced(ShapeKind(force[0]), force[1]), busy)
     elif policy == "recompute":
         best = _schedule(shapers, _recompute_all, busy)
     elif policy == "load":
@@ -204,6 +212,15 @@ def plan(
         order=tuple(served),
         owed_s=owed,
     )
+
+
+def reuses_evicted_kv(policy: str) -> bool:
+    """Whether ``policy`` may load evicted KV at all (every policy but ``recompute``). An
+    executor that meets evicted KV its plan did not cover (SGLang: the host pages in front
+    of an L3 span planned on arrival) loads it only if so."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return policy != "recompute"
 
 
 def check_forced_shape(kind: str, recompute: float, capabilities: Capabilities) -> None:

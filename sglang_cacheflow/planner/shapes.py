@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import NamedTuple
 
 from sglang_cacheflow.planner.capabilities import Capabilities
@@ -28,13 +29,22 @@ from sglang_cacheflow.planner.cost import CostModel
 from sglang_cacheflow.planner.plan import Action, Step
 from sglang_cacheflow.planner.request import Request
 
-TOKEN, LAYER, LOAD_FRONT = "token", "layer", "load_front"
+
+class ShapeKind(StrEnum):
+    """How a shape divides a span between recompute and load (module doc)."""
+
+    TOKEN = "token"  # recompute the front tokens, load the back (Cake's order)
+    LAYER = "layer"  # recompute the bottom layers of every token, load the top ones
+    LOAD_FRONT = "load_front"  # load the front tokens, recompute the back with the new ones
+
+
+TOKEN, LAYER, LOAD_FRONT = ShapeKind.TOKEN, ShapeKind.LAYER, ShapeKind.LOAD_FRONT
 NEG = float("-inf")
 
 
 @dataclass(frozen=True, slots=True)
 class Shape:
-    kind: str  # TOKEN | LAYER | LOAD_FRONT
+    kind: ShapeKind
     split: int  # tokens (TOKEN, LOAD_FRONT) or layers (LAYER), counted from the span's start
 
     def describe(self, evicted: int, num_layers: int) -> str:
@@ -196,7 +206,7 @@ class Shaper:
         return at + dur
 
     def _price(
-        self, kind: str, split: int, tc: float, io: dict[str, float], steps: list[Step] | None
+        self, kind: ShapeKind, split: int, tc: float, io: dict[str, float], steps: list[Step] | None
     ) -> tuple[float, float, float, dict[str, float]]:
         """(compute ready A, load ready B, TTFT, new tier clocks) of one shape."""
         d, end, L = self.device_tokens, self.device_tokens + self.evicted, self.num_layers

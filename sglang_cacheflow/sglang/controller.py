@@ -51,6 +51,7 @@ from sglang_cacheflow.planner import (
     Span,
     TierCost,
     plan,
+    reuses_evicted_kv,
 )
 from sglang_cacheflow.sglang.capabilities import SGLANG
 from sglang_cacheflow.sglang.config import CacheFlowConfig, tier_prior
@@ -294,7 +295,7 @@ class CacheFlowController:
                 self.host_caps[req.rid] = 0
                 continue
             if req.rid in self.storage_plans:
-                if self.cfg.policy == "recompute":  # no reuse of evicted KV, on host either
+                if not reuses_evicted_kv(self.cfg.policy):  # its host pages are not planned
                     self.host_caps[req.rid] = 0
                 continue
             if cache.enable_storage and cache.has_ongoing_prefetch(req.cache_request_handle):

@@ -15,6 +15,7 @@ from sglang_cacheflow.planner import (
     TierCost,
     fluid_bound,
     plan,
+    reuses_evicted_kv,
     validate,
 )
 from sglang_cacheflow.planner.capabilities import RUNTIME
@@ -335,3 +336,23 @@ def test_a_forced_shape_the_executor_cannot_run_is_refused():
         plan([req], llama8b(), "cacheflow", SGLANG, force=("token", 1.5))
     with pytest.raises(ValueError, match="unknown shape"):
         plan([req], llama8b(), "cacheflow", SGLANG, force=("diagonal", 0.5))
+
+
+@settings(max_examples=60, deadline=None)
+@given(reqs=requests(), cost=cost_models())
+def test_reuses_evicted_kv_says_which_policies_ever_load(reqs, cost):
+    # The executor applies this fact to evicted KV its plan did not cover; it must agree
+    # with what plan() does: a policy that never reuses never loads, `load` always does.
+    for policy in policies_for(SGLANG):
+        loaded = sum(
+            s.tokens
+            for rp in plan(reqs, cost, policy, SGLANG).requests.values()
+            for s in rp.steps
+            if s.action.value == "load"
+        )
+        if not reuses_evicted_kv(policy):
+            assert loaded == 0, policy
+        elif policy == "load":
+            assert loaded == sum(r.evicted_tokens for r in reqs)
+    with pytest.raises(ValueError, match="unknown policy"):
+        reuses_evicted_kv("lru")
