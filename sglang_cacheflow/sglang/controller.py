@@ -33,28 +33,24 @@ cost model, L3 hit lengths, busy seconds) are reduced with one collective per pl
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from sglang_cacheflow.planner import (
-    Action,
-    Calibrator,
-    ComputeCost,
     CostModel,
     ModelShape,
     Plan,
     Request,
     Span,
-    TierCost,
     plan,
     reuses_evicted_kv,
 )
 from sglang_cacheflow.sglang.capabilities import SGLANG
-from sglang_cacheflow.sglang.config import CacheFlowConfig, tier_prior
+from sglang_cacheflow.sglang.config import CacheFlowConfig
+from sglang_cacheflow.sglang.costs import CostTracker
+from sglang_cacheflow.sglang.decision import Decision, describe, loaded_tokens, planned_split
 from sglang_cacheflow.sglang.metrics import RestoreMetrics
 from sglang_cacheflow.sglang.owed import OwedWork
 from sglang_cacheflow.sglang.split import (
@@ -88,54 +84,6 @@ def set_current_controller(ctl: CacheFlowController | None) -> None:
     _CONTROLLER = ctl
 
 
-@dataclass
-class Decision:
-    """One request's restore decision, kept until its first forward has run."""
-
-    rid: str
-    tier: str  # where the evicted span was: host or redis
-    t0: float  # when it was planned (the controller's clock)
-    predicted_s: float
-    evicted: int
-    planned_load: int
-    shape: str
-    work: dict[str, float]  # planned seconds per resource, owed until it has run
-    alone: bool = False  # planned with nothing else owed: its restore time is its own
-    split: SplitRestore | None = None  # Cake's order: the back is read while the front computes
-    l3_faults: int = 0  # the L3 tier's fault count when planned (tells a refusal from a fault)
-
-
-def planned_split(plan_: Plan, req: Request) -> tuple[int, int] | None:
-    """``(front, layer)`` of a split restore the plan gives ``req``: a token split recomputes
-    its span's first ``front`` tokens and loads the rest (``layer`` 0); a layer split
-    recomputes layers ``[0, layer)`` of the whole span and loads the others (``front`` 0).
-    None when the plan loads the span's front, all of it or nothing."""
-    loads = [s for s in plan_.requests[req.id].steps if s.action is Action.LOAD]
-    if not loads:
-        return None
-    layer = min(s.layer_start for s in loads)
-    if layer > 0:
-        return 0, layer
-    start = min(s.start for s in loads)
-    if start <= req.device_tokens or max(s.end for s in loads) < req.evicted_end:
-        return None
-    return start - req.device_tokens, 0
-
-
-def prior_cost(cfg: CacheFlowConfig, shape: ModelShape) -> CostModel:
-    p = cfg.prior
-    return CostModel(
-        shape,
-        ComputeCost(p["tokens_per_s"], p["attention_s_per_token_pair"], p["step_s"]),
-        {tier: TierCost.from_gbps(*tier_prior(p, tier)) for tier in (HOST_TIER, L3_TIER)},
-    )
-
-
-def _loaded_tokens(plan_: Plan, rid: str) -> int:
-    steps = plan_.requests[rid].steps
-    return sum(s.tokens for s in steps if s.action is Action.LOAD)
-
-
 class CacheFlowController:
     """See the module doc. ``cache`` is the process's
     :class:`~sglang_cacheflow.sglang.radix_cache.CacheFlowRadixCache`."""
@@ -158,9 +106,7 @@ class CacheFlowController:
         self.page_size = max(1, page_size)
         self.tp_group = tp_group
         self.tp_rank = tp_rank
-        self.prior = prior_cost(cfg, shape)
-        self.calibrator = Calibrator(self.prior)
-        self._lock = threading.Lock()
+        self.costs = CostTracker(cfg, shape)
         self.metrics = RestoreMetrics(enable_metrics and tp_rank == 0)
         self.host_caps: dict[str, int] = {}
         self._round: dict[str, Decision] = {}
@@ -178,13 +124,7 @@ class CacheFlowController:
         self._queued_s = 0.0  # queued prefill seconds counted in the last round's busy
         self._log = logger.info if cfg.log_decisions else logger.debug
 
-    # -- cost model ----------------------------------------------------------------------
-
-    def cost_model(self) -> CostModel:
-        if not self.cfg.calibrate:
-            return self.prior
-        with self._lock:
-            return self.calibrator.model()
+    # -- planning ------------------------------------------------------------------------
 
     def _round_inputs(
         self, hits: Sequence[int], now: float, planned: set[str]
@@ -195,7 +135,7 @@ class CacheFlowController:
         self.rounds += 1
         if self.tp_group is not None:
             self.collectives += 1
-        cost = self.cost_model()
+        cost = self.costs.model()
         busy = self.owed.busy(now)
         self._queued_s = self.queued_prefill_s(cost, planned)
         if self._queued_s > 0:
@@ -216,59 +156,7 @@ class CacheFlowController:
                 total += cost.recompute_s(req.prefix_len, n)
         return total
 
-    def observe_compute(
-        self, prefix_lens: Sequence[int], extend_lens: Sequence[int], s: float
-    ) -> None:
-        """An extend forward over requests with these prefix and extend lengths took ``s``.
-
-        A batch enters the compute fit as one sample with its token count and its number of
-        attended (query, key) pairs, which is what the cost model charges for.
-        """
-        n = float(sum(extend_lens))
-        if not self.cfg.calibrate or n <= 0 or s <= 0:
-            return
-        pairs = sum(e * p + e * (e - 1) / 2 for p, e in zip(prefix_lens, extend_lens, strict=False))
-        prefix = (pairs - n * (n - 1) / 2) / n
-        with self._lock:
-            predicted = self.calibrator.model().recompute_s(prefix, n)
-            self.calibrator.add_compute(prefix, int(n), s)  # type: ignore[arg-type]
-        logger.debug(
-            "cacheflow calibration: forward of %d tokens over %d requests took %.2f ms "
-            "(predicted %.2f ms)", n, len(extend_lens), s * 1e3, predicted * 1e3,
-        )  # fmt: skip
-
-    def observe_transfer(self, tier: str, nbytes: float, s: float) -> None:
-        if not self.cfg.calibrate or nbytes <= 0 or s <= 0:
-            return
-        with self._lock:
-            predicted = self.calibrator.model().load_s(tier, nbytes / self.shape.kv_bytes_per_token)
-            self.calibrator.add_transfer(tier, nbytes, s)
-        logger.debug(
-            "cacheflow calibration: %s transfer of %d bytes took %.2f ms (predicted %.2f ms)",
-            tier, int(nbytes), s * 1e3, predicted * 1e3,
-        )  # fmt: skip
-
     # -- decisions -----------------------------------------------------------------------
-
-    def _describe(self, plan_: Plan, req: Request, tier: str, cost: CostModel, n: int) -> None:
-        rp = plan_.requests[req.id]
-        e = req.evicted_tokens
-        # a layer range counts its share of a token (e.g. layer split 2/4: half of each)
-        load = round(rp.tokens_by_action(self.shape.num_layers).get(f"load:{tier}", 0.0))
-        alone_load = cost.load_s(tier, e) + cost.recompute_s(req.evicted_end, req.new_tokens)
-        alone_rc = cost.recompute_s(req.device_tokens, e + req.new_tokens)
-        t = cost.tier(tier)
-        self._log(
-            "cacheflow restore rid=%s policy=%s: device %d, %d evicted on %s, %d new -> "
-            "load %d from %s, recompute %d (%s, #%d of %d in round); predicted %.2f ms "
-            "(alone: load all %.2f ms, recompute all %.2f ms; compute %.0f tok/s + %.2g s/pair, "
-            "%s %.3f GB/s + %.2f ms)",
-            req.id, plan_.policy, req.device_tokens, e, tier, req.new_tokens, load, tier,
-            e - load, rp.shape, plan_.order.index(req.id) + 1, n, rp.predicted_ttft_s * 1e3,
-            alone_load * 1e3, alone_rc * 1e3, cost.compute.tokens_per_s,
-            cost.compute.attention_s_per_token_pair, tier, t.bandwidth_Bps / 1e9,
-            t.latency_s * 1e3,
-        )  # fmt: skip
 
     def _plan(self, reqs: list[Request], cost: CostModel, busy: dict[str, float]) -> Plan:
         return plan(
@@ -322,7 +210,7 @@ class CacheFlowController:
         plan_ = self._plan(reqs, cost, busy)
         by_rid = {r.rid: r for r in cands}
         for req in reqs:
-            load = min(self._align(_loaded_tokens(plan_, req.id)), req.evicted_tokens)
+            load = min(self._align(loaded_tokens(plan_, req.id)), req.evicted_tokens)
             rp = plan_.requests[req.id]
             split = None
             shape = planned_split(plan_, req)
@@ -344,7 +232,7 @@ class CacheFlowController:
             self._round[req.id] = d
             if split is not None:
                 self.splits[req.id] = d
-            self._describe(plan_, req, HOST_TIER, cost, len(reqs))
+            self._log(describe(plan_, req, HOST_TIER, cost))
 
     def _drop_stale(self, waiting: Sequence[Any], chunked: Any = None) -> None:
         """Forget decisions of requests that left the queue without being admitted (an
@@ -422,19 +310,25 @@ class CacheFlowController:
         while len(self.pending) > _MAX_TRACKED:
             self.pending.popitem(last=False)
 
-    def forward_done(self, batch: Any, seconds: float, all_layers: bool = True) -> None:
-        """An extend forward of ``batch`` finished: calibrate (from forwards through all
-        layers), and measure its restores."""
+    def forward_done(
+        self,
+        batch: Any,
+        seconds: float,
+        layers: int | None = None,
+        started: float | None = None,
+    ) -> None:
+        """An extend forward of ``batch`` through its first ``layers`` layers (default all),
+        begun at ``started`` (``perf_counter()``), took ``seconds``: calibrate, and measure
+        its restores. A forward that split reads ran beside calibrates the overlap
+        slowdown the planner charges a split's recompute."""
         mode = batch.forward_mode
         if not mode.is_extend():
             return
-        if (
-            all_layers
-            and not mode.is_mixed()
-            and batch.prefix_lens is not None
-            and batch.extend_lens
-        ):
-            self.observe_compute(batch.prefix_lens, batch.extend_lens, seconds)
+        if not mode.is_mixed() and batch.prefix_lens is not None and batch.extend_lens:
+            overlapped = started is not None and self.reader.busy_since(started)
+            self.costs.observe_compute(
+                batch.prefix_lens, batch.extend_lens, seconds, layers, overlapped
+            )
         if not self.pending:
             return
         now = self.clock()
@@ -446,11 +340,8 @@ class CacheFlowController:
                 continue
             measured = now - d.t0
             self.metrics.restore_time(d.predicted_s, measured)
-            if self.cfg.calibrate and d.alone and d.tier == L3_TIER and d.planned_load > 0:
-                # what an L3 load costs beyond its transfer: SGLang's hit query, hand-offs
-                # between its prefetch threads and the scheduler, admission
-                with self._lock:
-                    self.calibrator.add_restore(L3_TIER, measured, d.predicted_s)
+            if d.alone and d.tier == L3_TIER and d.planned_load > 0:
+                self.costs.observe_restore(L3_TIER, measured, d.predicted_s)
             self._log(
                 "cacheflow restore rid=%s done: measured %.2f ms, predicted %.2f ms (%s)",
                 d.rid, measured * 1e3, d.predicted_s * 1e3, d.shape,
@@ -519,7 +410,7 @@ class CacheFlowController:
         self.owed.set(owed, now)
         for rid in plan_.order:
             req = next(r for r in reqs if r.id == rid)
-            load = min(self._align(_loaded_tokens(plan_, rid)), req.evicted_tokens)
+            load = min(self._align(loaded_tokens(plan_, rid)), req.evicted_tokens)
             rp = plan_.requests[rid]
             split = None
             shape = planned_split(plan_, req)
@@ -544,7 +435,7 @@ class CacheFlowController:
             self.metrics.planned(self.cfg.policy, d.shape)  # L3 decisions are not re-planned
             while len(self.storage_plans) > _MAX_TRACKED:
                 self.storage_plans.popitem(last=False)
-            self._describe(plan_, req, L3_TIER, cost, len(reqs))
+            self._log(describe(plan_, req, L3_TIER, cost))
             if load > 0 and shape is None:
                 call = dict(by_id[rid])
                 call["new_input_tokens"] = call["new_input_tokens"][:load]
@@ -595,7 +486,7 @@ class CacheFlowController:
     def _split_read(self, sp: SplitRestore) -> None:
         """A split restore's read ended (reader thread): calibrate the tier from it."""
         nbytes = sp.landed_pages * sp.page_tokens * sp.layer_share * self.shape.kv_bytes_per_token
-        self.observe_transfer(sp.tier, nbytes, sp.read_s)
+        self.costs.observe_transfer(sp.tier, nbytes, sp.read_s)
 
     def split_of(self, rid: str) -> SplitRestore | None:
         """``rid``'s split restore not yet spliced, if any."""

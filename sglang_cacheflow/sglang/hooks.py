@@ -270,7 +270,7 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
             if stack is not None:
                 stack.end_layer = saved
         elapsed = time.perf_counter() - start
-        _safe("forward bookkeeping", lambda: ctl.forward_done(batch, elapsed, top is None))
+        _safe("forward bookkeeping", lambda: ctl.forward_done(batch, elapsed, top, start))
         return out
 
     return forward_batch_generation
@@ -293,9 +293,9 @@ def _wrap_start_loading(original: Callable[..., Any]) -> Callable[..., Any]:
         elapsed = time.perf_counter() - start
         from sglang_cacheflow.tiers.names import HOST_TIER
 
+        nbytes = tokens * ctl.shape.kv_bytes_per_token
         _safe(
-            "host transfer timing",
-            lambda: ctl.observe_transfer(HOST_TIER, tokens * ctl.shape.kv_bytes_per_token, elapsed),
+            "host transfer timing", lambda: ctl.costs.observe_transfer(HOST_TIER, nbytes, elapsed)
         )
         return out
 

@@ -362,7 +362,7 @@ class CacheFlowRedisStorage(RedisHiCacheStorage):
 
         ctl = current_controller()
         if ctl is not None and self.ns is not None:
-            ctl.observe_transfer(L3_TIER, pages * self.ns.layout.page_bytes, seconds)
+            ctl.costs.observe_transfer(L3_TIER, pages * self.ns.layout.page_bytes, seconds)
 
     def clear(self) -> bool:
         if self.ns is not None:

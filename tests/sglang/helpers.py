@@ -1,8 +1,10 @@
-"""What the server tests share: restore metrics, reply comparison, and the conversations
-they send (multi-turn rounds, and prefixes that return from host memory and from Redis)."""
+"""What the server tests share: how their servers are launched, restore metrics, reply
+comparison, and the conversations they send (multi-turn rounds, and prefixes that return from
+host memory and from Redis)."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +15,32 @@ import redis
 
 from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
 from sglang_cacheflow.testing.server import SGLangServer
+from tests.fixtures.sglang import StartServer
+
+ENV = {"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"}
+COMMON = ("--dtype", "float32", "--page-size", "16", "--max-total-tokens", "1024")
+RESTORED = "sglang:cacheflow_restored_tokens_total"
+FALLBACKS = "sglang:cacheflow_fallbacks_total"
+
+
+def reference_server(start: StartServer, model: Any, *args: str) -> SGLangServer:
+    """No radix cache: every prefill computes the whole prompt (the replies to match)."""
+    return start(model, *COMMON, *args, "--disable-radix-cache", env=ENV)
+
+
+def cacheflow_server(
+    start: StartServer, model: Any, l3: RedisServer, *args: str, host_ratio: str = "1.5",
+    **config: Any,
+) -> SGLangServer:  # fmt: skip
+    """``--enable-cacheflow`` with ``l3`` emptied first (nothing from earlier servers), pages
+    of 16 and a chunk of one page, decisions logged; ``config`` adds or overrides keys of
+    ``--cacheflow-config`` and ``args`` adds server flags (e.g. ``--tp 2``)."""
+    redis.Redis(host="127.0.0.1", port=l3.port).flushall()
+    cfg = {"redis_url": l3.url, "chunk_tokens": 16, "log_decisions": True, **config}
+    return start(
+        model, *COMMON, *args, "--hicache-ratio", host_ratio, "--enable-metrics",
+        "--enable-cacheflow", "--cacheflow-config", json.dumps(cfg), env=ENV,
+    )  # fmt: skip
 
 
 def metrics(server: SGLangServer) -> dict[str, float]:

@@ -133,7 +133,7 @@ def test_prefills_queued_ahead_count_as_owed_compute() -> None:
     loaded.end_arrivals()
     loaded.plan_prefetches([_call("restore")])
     queued = (1024 + 88) / 5500  # the prefills ahead; the restore itself is being planned
-    assert loaded.queued_prefill_s(loaded.cost_model(), {"restore"}) == pytest.approx(queued)
+    assert loaded.queued_prefill_s(loaded.costs.model(), {"restore"}) == pytest.approx(queued)
     a, b = idle.storage_plans["restore"], loaded.storage_plans["restore"]
     assert b.predicted_s > queued > a.predicted_s  # the restore's first token comes after them
     # alone it splits its span; behind a busy compute resource it loads all of it
@@ -167,7 +167,21 @@ def test_a_split_read_calibrates_the_tier_as_one_transfer() -> None:
     assert sp is not None and sp.done.wait(5.0) and sp.landed_pages == sp.pages
     assert storage.calls > 1
     nbytes = sp.tokens * sp.layer_share * SHAPE.kv_bytes_per_token
-    redis = ctl.cost_model().tier("redis")
+    redis = ctl.costs.model().tier("redis")
     # one sample: the prior latency (1 ms) stays, the bandwidth is what the whole read took
     assert redis.latency_s == pytest.approx(1e-3)
     assert redis.bandwidth_Bps == pytest.approx(nbytes / (sp.read_s - 1e-3), rel=1e-6)
+
+
+def test_forwards_beside_reads_calibrate_the_overlap_slowdown() -> None:
+    ctl, _ = _controller(calibrate=True)
+    costs = ctl.costs
+    for n in (64, 128, 256, 512):  # alone: 1 ms + 5500 tokens a second
+        costs.observe_compute([0], [n], 1e-3 + n / 5500)
+    assert costs.model().compute.overlap_slowdown == 0.0
+    # a layer split's chunk through 2 of 4 layers, beside a read, 30% slower than alone
+    for n in (256, 512):
+        costs.observe_compute([0], [n], 1.3 * (1e-3 + n / 5500) / 2, layers=2, overlapped=True)
+    model = costs.model()
+    assert model.compute.overlap_slowdown == pytest.approx(0.3, rel=1e-3)
+    assert model.compute.tokens_per_s == pytest.approx(5500, rel=1e-3)  # the fit is unmoved

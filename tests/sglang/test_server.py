@@ -8,7 +8,6 @@ prefixes come back from host memory and from Redis.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -21,12 +20,18 @@ import redis
 from sglang_cacheflow.testing.redis import RedisServer
 from sglang_cacheflow.testing.server import CPU_ENV, SGLangServer
 from tests.fixtures.sglang import StartServer
-from tests.sglang.helpers import assert_same_replies, conversations, corrupt, metrics, total
+from tests.sglang.helpers import (
+    assert_same_replies,
+    cacheflow_server,
+    conversations,
+    corrupt,
+    metrics,
+    reference_server,
+    total,
+)
 
 pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow]
 
-ENV = {"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"}
-COMMON = ("--dtype", "float32", "--page-size", "16", "--max-total-tokens", "1024")
 # KV of one token (4 layers, 2 KV heads of 32, fp32) is 2 KiB; at 96 Mbit/s a 256-token span
 # takes about 45 ms to load, one to three times its recompute on this class of machine. A
 # round of 8 returning conversations then recomputes the first ones and loads the ones that
@@ -43,17 +48,10 @@ HOST_RATIO = "1.5"
 def servers(
     sglang_servers: StartServer, tiny_llama_path: Path, l3: RedisServer
 ) -> tuple[SGLangServer, SGLangServer]:
-    reference = sglang_servers(tiny_llama_path, *COMMON, "--disable-radix-cache", env=ENV)
-    cfg = {
-        "redis_url": f"redis://127.0.0.1:{l3.port}/0",
-        "link": LINK,
-        "chunk_tokens": 16,
-        "log_decisions": True,
-        "prior": {"redis_GBps": 0.012, "redis_latency_ms": 1.0},
-    }
-    cacheflow = sglang_servers(
-        tiny_llama_path, *COMMON, "--hicache-ratio", HOST_RATIO, "--enable-metrics",
-        "--enable-cacheflow", "--cacheflow-config", json.dumps(cfg), env=ENV,
+    reference = reference_server(sglang_servers, tiny_llama_path)
+    cacheflow = cacheflow_server(
+        sglang_servers, tiny_llama_path, l3, host_ratio=HOST_RATIO,
+        link=LINK, prior={"redis_GBps": 0.012, "redis_latency_ms": 1.0},
     )  # fmt: skip
     return reference, cacheflow
 

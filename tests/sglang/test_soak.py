@@ -10,7 +10,6 @@ runs it longer (figures in docs/benchmarks.md, "Reliability").
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -25,13 +24,18 @@ import pytest
 from sglang_cacheflow.testing.redis import RedisServer
 from sglang_cacheflow.testing.server import SGLangServer
 from tests.fixtures.sglang import StartServer
-from tests.sglang.helpers import assert_same_replies, conversations, metrics, total
+from tests.sglang.helpers import (
+    assert_same_replies,
+    cacheflow_server,
+    conversations,
+    metrics,
+    reference_server,
+    total,
+)
 
 pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow, pytest.mark.soak]
 
 ROUNDS = int(os.environ.get("SOAK_ROUNDS", "2"))
-ENV = {"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"}
-COMMON = ("--dtype", "float32", "--page-size", "16", "--max-total-tokens", "1024")
 SHAPE = {"n_conv": 6, "turns": 3, "first": 240, "grow": 16, "new": 4}
 
 
@@ -70,15 +74,10 @@ def _rss_mb(server: SGLangServer) -> float:
 def test_conversations_under_redis_faults(
     sglang_servers: StartServer, tiny_llama_path: Path, l3: RedisServer
 ) -> None:
-    reference = sglang_servers(tiny_llama_path, *COMMON, "--disable-radix-cache", env=ENV)
-    cfg = {
-        "redis_url": l3.url,
-        "chunk_tokens": 16,
-        "redis": {"socket_timeout_s": 1.0, "connect_timeout_s": 0.5},
-    }
-    server = sglang_servers(
-        tiny_llama_path, *COMMON, "--hicache-ratio", "1.5", "--enable-metrics",
-        "--enable-cacheflow", "--cacheflow-config", json.dumps(cfg), env=ENV,
+    reference = reference_server(sglang_servers, tiny_llama_path)
+    server = cacheflow_server(
+        sglang_servers, tiny_llama_path, l3,
+        redis={"socket_timeout_s": 1.0, "connect_timeout_s": 0.5},
     )  # fmt: skip
     rss: list[float] = []
     faults: list[str] = []

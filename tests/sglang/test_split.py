@@ -13,7 +13,6 @@ split restore: records corrupted, and the server killed in the middle of a read.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -27,12 +26,16 @@ from sglang_cacheflow.testing.redis import RedisServer
 from sglang_cacheflow.testing.server import SGLangServer
 from tests.fixtures.sglang import StartServer
 from tests.sglang.helpers import (
+    FALLBACKS,
     GROW,
     PREFIX,
+    RESTORED,
     ask,
     assert_same_replies,
+    cacheflow_server,
     corrupt,
     metrics,
+    reference_server,
     returning,
     returning_prompts,
     to_redis,
@@ -41,10 +44,6 @@ from tests.sglang.helpers import (
 
 pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow]
 
-ENV = {"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"}
-COMMON = ("--dtype", "float32", "--page-size", "16", "--max-total-tokens", "1024")
-RESTORED = "sglang:cacheflow_restored_tokens_total"
-FALLBACKS = "sglang:cacheflow_fallbacks_total"
 # (force_shape, force_recompute) -> what the decision log calls it for a 480-token span
 SHAPES = {
     "token-split": (("token", 0.5), "token split 240+240"),
@@ -58,19 +57,9 @@ SHAPES = {
 def _cacheflow(
     start: StartServer, model: Path, l3: RedisServer, link: str, force: tuple[str, float]
 ) -> SGLangServer:
-    redis.Redis(host="127.0.0.1", port=l3.port).flushall()  # nothing from earlier servers
-    cfg = {
-        "redis_url": f"redis://127.0.0.1:{l3.port}/0",
-        "link": link,
-        "chunk_tokens": 16,
-        "log_decisions": True,
-        "force_shape": force[0],
-        "force_recompute": force[1],
-    }
-    return start(
-        model, *COMMON, "--hicache-ratio", "1.5", "--enable-metrics", "--enable-cacheflow",
-        "--cacheflow-config", json.dumps(cfg), env=ENV,
-    )  # fmt: skip
+    return cacheflow_server(
+        start, model, l3, link=link, force_shape=force[0], force_recompute=force[1]
+    )
 
 
 def _decisions(log: str, tier: str) -> list[tuple[int, int, str]]:
@@ -107,7 +96,7 @@ def _check_restores(server: SGLangServer, shape: str, replies: list[Any]) -> Non
 
 def _reference_replies(start: StartServer, model: Path, seed: int) -> list[Any]:
     """The returning conversations of ``seed`` on a server with the radix cache disabled."""
-    ref = start(model, *COMMON, "--disable-radix-cache", env=ENV)
+    ref = reference_server(start, model)
     replies = returning(ref, returning_prompts(seed), None)
     ref.stop()
     return replies
@@ -171,7 +160,7 @@ def test_smollm2_split_restores_exactly(
 
 @pytest.fixture(scope="module")
 def fault_reference(sglang_servers: StartServer, tiny_llama_path: Path) -> SGLangServer:
-    return sglang_servers(tiny_llama_path, *COMMON, "--disable-radix-cache", env=ENV)
+    return reference_server(sglang_servers, tiny_llama_path)
 
 
 def _slow_split_server(

@@ -9,6 +9,7 @@ killed or corrupted mid-read) in ``test_split.py``.
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -112,3 +113,26 @@ def test_write_pages_puts_each_token_in_its_slot_per_layer() -> None:
     for layer in (1, 2):
         assert torch.equal(pool.k_buffer[layer][slots], top[:, layer - 1, 0].reshape(-1, H, D))
         assert torch.equal(pool.v_buffer[layer][slots], top[:, layer - 1, 1].reshape(-1, H, D))
+
+
+def test_the_reader_tells_which_forwards_ran_beside_a_read() -> None:
+    # calibration charges a forward that ran while a read was under way to the overlap
+    # slowdown; the reader says whether one was, and reports each restore's read once
+    reported: list[SplitRestore] = []
+    gate = threading.Event()
+    reader = SplitReader(pages_per_read=2, on_read=reported.append)
+    before = time.perf_counter()
+    assert not reader.busy_since(before)
+
+    def read(lo: int, hi: int) -> list[bool]:
+        gate.wait(10)
+        return [True] * (hi - lo)
+
+    sp = _restore(4)
+    reader.submit(sp, read)
+    assert reader.busy_since(time.perf_counter())  # under way
+    gate.set()
+    assert sp.done.wait(10)
+    assert reported == [sp]  # one report for its two tier calls
+    assert reader.busy_since(before)  # a forward begun before the read ended ran beside it
+    assert not reader.busy_since(time.perf_counter())  # one begun after it did not

@@ -52,10 +52,12 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
     for p in range(8):
         n = 64 + 32 * p
         seconds = n / (40_000.0 if rank == 0 else 8_000.0)
-        ctl.observe_compute([p * 16], [n], seconds)
+        ctl.costs.observe_compute([p * 16], [n], seconds)
     for k in range(1, 6):
         nbytes = k * 1 << 20
-        ctl.observe_transfer("redis", nbytes, nbytes / (0.02e9 if rank == 0 else 0.01e9) + 1e-4)
+        ctl.costs.observe_transfer(
+            "redis", nbytes, nbytes / (0.02e9 if rank == 0 else 0.01e9) + 1e-4
+        )
     ctl.plan_prefetches(_calls(6))
     # two late arrivals, planned behind the first round's work; the ranks read their clocks
     # at different times, so what that work still owes differs unless reduced
@@ -71,7 +73,7 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
         "shapes": {rid: d.shape for rid, d in ctl.storage_plans.items()},
         "collectives": ctl.collectives,
         "rounds": ctl.rounds,
-        "busy": reduce_round(ctl.cost_model(), [], group, busy)[2],
+        "busy": reduce_round(ctl.costs.model(), [], group, busy)[2],
     }
 
 

@@ -11,7 +11,6 @@ rank's, a difference of about 1e-6 in fp32).
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -25,13 +24,17 @@ from sglang_cacheflow.testing.redis import RedisServer
 from sglang_cacheflow.testing.server import SGLangServer
 from tests.fixtures.sglang import StartServer
 from tests.sglang.helpers import (
+    FALLBACKS,
     GROW,
     PREFIX,
+    RESTORED,
     ask,
     assert_same_replies,
+    cacheflow_server,
     conversations,
     corrupt,
     metrics,
+    reference_server,
     returning_prompts,
     to_redis,
     total,
@@ -39,31 +42,15 @@ from tests.sglang.helpers import (
 
 pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow]
 
-ENV = {"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"}
-COMMON = ("--dtype", "float32", "--page-size", "16", "--max-total-tokens", "1024")
-TP2 = ("--tp", "2")
-RESTORED = "sglang:cacheflow_restored_tokens_total"
-FALLBACKS = "sglang:cacheflow_fallbacks_total"
-
 
 @pytest.fixture(scope="module")
 def reference(sglang_servers: StartServer, tiny_llama_path: Path) -> SGLangServer:
     """TP=1, no radix cache: every prefill computes the whole prompt."""
-    return sglang_servers(tiny_llama_path, *COMMON, "--disable-radix-cache", env=ENV)
+    return reference_server(sglang_servers, tiny_llama_path)
 
 
 def _tp2(start: StartServer, model: Path, l3: RedisServer, **cfg: Any) -> SGLangServer:
-    redis.Redis(host="127.0.0.1", port=l3.port).flushall()  # nothing from earlier servers
-    config = {
-        "redis_url": f"redis://127.0.0.1:{l3.port}/0",
-        "chunk_tokens": 16,
-        "log_decisions": True,
-        **cfg,
-    }
-    return start(
-        model, *COMMON, *TP2, "--hicache-ratio", "1.5", "--enable-metrics",
-        "--enable-cacheflow", "--cacheflow-config", json.dumps(config), env=ENV,
-    )  # fmt: skip
+    return cacheflow_server(start, model, l3, "--tp", "2", **cfg)
 
 
 def _decisions_by_rank(log: str) -> dict[str, list[str]]:

@@ -1,0 +1,69 @@
+"""One request's restore decision as the controller keeps it, and what is read off a plan
+for it: the split it takes, the tokens it loads, the line that logs it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sglang_cacheflow.planner import Action, CostModel, Plan, Request
+from sglang_cacheflow.sglang.split import SplitRestore
+
+
+@dataclass
+class Decision:
+    """One request's restore decision, kept until its first forward has run."""
+
+    rid: str
+    tier: str  # where the evicted span was: host or redis
+    t0: float  # when it was planned (the controller's clock)
+    predicted_s: float
+    evicted: int
+    planned_load: int
+    shape: str
+    work: dict[str, float]  # planned seconds per resource, owed until it has run
+    alone: bool = False  # planned with nothing else owed: its restore time is its own
+    split: SplitRestore | None = None  # the part loaded while the rest is recomputed
+    l3_faults: int = 0  # the L3 tier's fault count when planned (tells a refusal from a fault)
+
+
+def planned_split(plan_: Plan, req: Request) -> tuple[int, int] | None:
+    """``(front, layer)`` of a split restore the plan gives ``req``: a token split recomputes
+    its span's first ``front`` tokens and loads the rest (``layer`` 0); a layer split
+    recomputes layers ``[0, layer)`` of the whole span and loads the others (``front`` 0).
+    None when the plan loads the span's front, all of it or nothing."""
+    loads = [s for s in plan_.requests[req.id].steps if s.action is Action.LOAD]
+    if not loads:
+        return None
+    layer = min(s.layer_start for s in loads)
+    if layer > 0:
+        return 0, layer
+    start = min(s.start for s in loads)
+    if start <= req.device_tokens or max(s.end for s in loads) < req.evicted_end:
+        return None
+    return start - req.device_tokens, 0
+
+
+def loaded_tokens(plan_: Plan, rid: str) -> int:
+    """Tokens the plan loads for ``rid`` (any layer range counted as the whole token)."""
+    return sum(s.tokens for s in plan_.requests[rid].steps if s.action is Action.LOAD)
+
+
+def describe(plan_: Plan, req: Request, tier: str, cost: CostModel) -> str:
+    """The decision log line of ``req`` (its fields are documented in docs/sglang.md)."""
+    rp = plan_.requests[req.id]
+    e = req.evicted_tokens
+    # a layer range counts its share of a token (e.g. layer split 2/4: half of each)
+    load = round(rp.tokens_by_action(cost.shape.num_layers).get(f"load:{tier}", 0.0))
+    alone_load = cost.load_s(tier, e) + cost.recompute_s(req.evicted_end, req.new_tokens)
+    alone_recompute = cost.recompute_s(req.device_tokens, e + req.new_tokens)
+    c, t = cost.compute, cost.tier(tier)
+    position = f"#{plan_.order.index(req.id) + 1} of {len(plan_.order)} in round"
+    return (
+        f"cacheflow restore rid={req.id} policy={plan_.policy}: device {req.device_tokens}, "
+        f"{e} evicted on {tier}, {req.new_tokens} new -> load {load} from {tier}, "
+        f"recompute {e - load} ({rp.shape}, {position}); "
+        f"predicted {rp.predicted_ttft_s * 1e3:.2f} ms (alone: load all {alone_load * 1e3:.2f} ms, "
+        f"recompute all {alone_recompute * 1e3:.2f} ms; compute {c.tokens_per_s:.0f} tok/s + "
+        f"{c.attention_s_per_token_pair:.2g} s/pair, {tier} {t.bandwidth_Bps / 1e9:.3f} GB/s + "
+        f"{t.latency_s * 1e3:.2f} ms)"
+    )
