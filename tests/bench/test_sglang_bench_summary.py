@@ -1,17 +1,13 @@
 """sglang-bench's arithmetic: the balanced link, T*, the gains over the better pure mode, and
-what it reads from the decision log."""
+the prediction accuracy it reads from ``/metrics``."""
 
 from __future__ import annotations
 
 import pytest
 
-from sglang_cacheflow.bench.sglang.restore import (
-    _average,
-    _shapes,
-    _within,
-    balanced_link,
-    summarize,
-)
+from sglang_cacheflow.bench.sglang.restore import _average, balanced_link, summarize
+from sglang_cacheflow.bench.sglang.serving import parse_restores, predicted_within
+from sglang_cacheflow.sglang.metrics import RATIO_BUCKETS
 
 
 def test_the_balanced_link_loads_a_prefix_in_the_measured_recompute_time() -> None:
@@ -49,13 +45,24 @@ def test_abba_runs_are_averaged_per_policy() -> None:
     assert avg["servers"] == 2 and len(avg["runs"]) == 2
 
 
-def test_decision_log_reading() -> None:
-    log = (
-        "rid=a ... (token split 240+240, #1 of 2 in round); predicted 10.00 ms\n"
-        "rid=b ... (layer split 15/30, #2 of 2 in round); predicted 20.00 ms\n"
-        "rid=a done: measured 10.50 ms, predicted 10.00 ms (token split 240+240)\n"
-        "rid=b done: measured 30.00 ms, predicted 20.00 ms (layer split 15/30)\n"
-    )
-    assert _shapes(log) == {"token split": 1, "layer split": 1}
-    assert _within(log, 0.10) == 0.5
-    assert _within("", 0.10) is None
+def test_prediction_accuracy_from_the_error_ratio_histogram() -> None:
+    # the histogram the server exports, in a registry of the test's own
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    ratio = Histogram(
+        "sglang:cacheflow_restore_error_ratio", "measured / predicted",
+        buckets=RATIO_BUCKETS, registry=registry,
+    )  # fmt: skip
+    for r in (1.05, 0.95, 1.2, 0.7, 2.0):  # measured / predicted of five restores
+        ratio.observe(r)
+    first = parse_restores(generate_latest(registry).decode())
+    assert predicted_within({}, first, 0.10) == pytest.approx(2 / 5)
+    assert predicted_within({}, first, 0.25) == pytest.approx(3 / 5)
+    for r in (1.0, 1.5):  # between two scrapes: only these count
+        ratio.observe(r)
+    second = parse_restores(generate_latest(registry).decode())
+    assert predicted_within(first, second, 0.10) == pytest.approx(1 / 2)
+    assert predicted_within(second, second, 0.10) is None  # nothing measured in between
+    with pytest.raises(ValueError, match="no bucket"):
+        predicted_within({}, first, 0.3)

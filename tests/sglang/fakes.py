@@ -35,6 +35,8 @@ class Cache:
     """The radix cache: L3 lookups answer ``hits`` (default: the whole span, in whole
     pages), prefetches are recorded in ``issued`` (rid -> tokens)."""
 
+    enable_storage = False  # no SGLang prefetch is under way
+
     def __init__(self, hits: dict[str, int] | None = None) -> None:
         self.hits = hits
         self.issued: dict[str, int] = {}

@@ -16,6 +16,7 @@ import pytest
 from sglang_cacheflow.planner import ModelShape
 from sglang_cacheflow.sglang.config import parse_config
 from sglang_cacheflow.sglang.controller import CacheFlowController
+from sglang_cacheflow.sglang.decision import serve_in_plan_order
 from tests.sglang.fakes import Cache, Handle, Storage
 
 SHAPE = ModelShape(num_layers=4, num_kv_heads=2, head_dim=32, dtype_bytes=4)  # 2 KiB/token
@@ -114,8 +115,13 @@ class _Queued:
         self.output_ids: list[int] = []
         self.prefix_len = prefix_len
 
+    host_hit_length = 0  # nothing in host memory
+
     def finished(self) -> bool:
         return False
+
+    def init_next_round_input(self, cache: Any, cow_mamba: bool = False) -> None:
+        pass
 
 
 def test_prefills_queued_ahead_count_as_owed_compute() -> None:
@@ -185,3 +191,29 @@ def test_forwards_beside_reads_calibrate_the_overlap_slowdown() -> None:
     model = costs.model()
     assert model.compute.overlap_slowdown == pytest.approx(0.3, rel=1e-3)
     assert model.compute.tokens_per_s == pytest.approx(5500, rel=1e-3)  # the fit is unmoved
+
+
+def test_admission_serves_the_planned_restores_in_the_plans_order() -> None:
+    # Three returning requests arrive together, the longest first; the plan serves the
+    # shortest first (its TTFTs assume so), and SGLang admits in queue order (FCFS): the
+    # controller puts the restores in the plan's order, in the places they hold.
+    ctl, _ = _controller()
+    ctl.plan_prefetches([_call("long", 2048), _call("mid", 512), _call("short", 128)])
+    order = sorted(ctl.storage_plans, key=lambda rid: ctl.storage_plans[rid].order)
+    assert order != ["long", "mid", "short"], order  # the plan reorders them
+    queue = [_Queued(rid, 10) for rid in ("long", "new-prompt", "mid", "short")]
+    sched = SimpleNamespace(waiting_queue=queue, chunked_req=None)
+    ctl.begin_admission(sched)
+    assert [r.rid for r in sched.waiting_queue] == [order[0], "new-prompt", *order[1:]]
+    # a request admitted leaves the plans; the others keep their order
+    ctl.storage_plans.pop(order[0])
+    ctl.begin_admission(sched)
+    assert [r.rid for r in sched.waiting_queue][2:] == order[1:]
+
+
+def test_serve_in_plan_order_moves_only_planned_requests() -> None:
+    queue = [_Queued(rid, 1) for rid in ("x", "b", "y", "a", "c")]
+    serve_in_plan_order(queue, {"a": (2, 0), "b": (2, 1), "c": (1, 0)})
+    assert [r.rid for r in queue] == ["x", "c", "y", "a", "b"]
+    serve_in_plan_order(queue, {"a": (0, 0)})  # one planned request: nothing to order
+    assert [r.rid for r in queue] == ["x", "c", "y", "a", "b"]

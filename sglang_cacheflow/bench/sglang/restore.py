@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from sglang_cacheflow.bench.sglang.serving import predicted_within, scrape_restores
 from sglang_cacheflow.planner import POLICIES
 
 __all__ = ["add_arguments", "run"]
@@ -154,7 +154,7 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             "--cacheflow-policy",
             policy,
         ]
-        flags += ["--cacheflow-config", json.dumps(cfg)]
+        flags += ["--enable-metrics", "--cacheflow-config", json.dumps(cfg)]
         server = SGLangServer(model, args=flags, env={"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"})
         with server:
             # warm-up: forwards of several lengths calibrate the compute cost
@@ -169,17 +169,19 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             single: list[float] = []
             together: list[float] = []
             details: list[dict[str, Any]] = []
-            marks: list[tuple[int, int]] = []  # log offsets of each (a) phase
+            first = scrape_restores(server.base_url)
+            idle: dict[str, float] = {}  # the (a) phases' histogram counts, summed
             for r in range(args.repeats):
-                start = len(server.log_text())
                 _flush(server)
+                before = scrape_restores(server.base_url)
                 for ids in convs:
                     tail = [rng.randrange(256) for _ in range(args.new)]
                     t, d = _ttft(server, ids + tail)
                     single.append(t)
                     details.append(d)
                     _flush(server)
-                marks.append((start, len(server.log_text())))
+                for k, v in scrape_restores(server.base_url).items():
+                    idle[k] = idle.get(k, 0.0) + v - before.get(k, 0.0)
                 tails = [[rng.randrange(256) for _ in range(args.new)] for _ in convs]
                 with ThreadPoolExecutor(n) as pool:
                     out = list(
@@ -190,11 +192,16 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
                 together += [t for t, _ in out]
                 details += [d for _, d in out]
                 del r
+            last = scrape_restores(server.base_url)
             log = server.log_text()
     if args.log_dir is not None:
         args.log_dir.mkdir(parents=True, exist_ok=True)
         (args.log_dir / f"{link}-{policy}.log").write_text(log)
-    idle = "".join(log[a:b] for a, b in marks)
+    shapes = {
+        k.removeprefix("shape:"): int(v - first.get(k, 0.0))
+        for k, v in last.items()
+        if k.startswith("shape:") and v > first.get(k, 0.0)
+    }
     return {
         "link": link,
         "policy": policy,
@@ -202,34 +209,14 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
         "single_mean_s": statistics.mean(single),
         "together_mean_s": statistics.mean(together),
         "storage_tokens": sum(int(d.get("storage", 0)) for d in details),
-        "decisions": log.count("cacheflow restore rid="),
-        "shapes": _shapes(log),
-        "predicted_within_10pct": {"single": _within(idle, 0.10), "all": _within(log, 0.10)},
+        "decisions": sum(shapes.values()),
+        "shapes": shapes,
+        "predicted_within_10pct": {
+            "single": predicted_within({}, idle, 0.10),
+            "all": predicted_within(first, last, 0.10),
+        },
+        "predicted_within_25pct": {"all": predicted_within(first, last, 0.25)},
     }
-
-
-_DONE = re.compile(r"done: measured ([\d.]+) ms, predicted ([\d.]+) ms")
-_KINDS = "token split|layer split|load front|load all|recompute all"
-_SHAPE = re.compile(rf"\(((?:{_KINDS})[^,)\n]*), #\d+ of")
-
-
-def _within(log: str, tolerance: float) -> float | None:
-    """Fraction of the restores in ``log`` whose measured time was within ``tolerance`` of
-    the prediction."""
-    pairs = [(float(m), float(p)) for m, p in _DONE.findall(log)]
-    if not pairs:
-        return None
-    return sum(abs(m - p) <= tolerance * p for m, p in pairs) / len(pairs)
-
-
-def _shapes(log: str) -> dict[str, int]:
-    """How many restores of each shape kind the decision log names."""
-    out: dict[str, int] = {}
-    for m in _SHAPE.finditer(log):
-        if m.group(1):
-            kind = " ".join(m.group(1).split()[:2])
-            out[kind] = out.get(kind, 0) + 1
-    return out
 
 
 def kv_bytes_per_token(model: Path, dtype: str) -> int:

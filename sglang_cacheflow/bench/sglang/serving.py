@@ -60,12 +60,17 @@ def link_for(gbps: float | None) -> str | None:
 
 
 def scrape_restores(base_url: str) -> dict[str, float]:
-    """Restore counters from ``/metrics``: ``load:TIER``, ``recompute:TIER``, ``fallbacks``
-    and ``shape:SHAPE`` (restores given each shape)."""
+    """Restore counters from ``/metrics``: ``load:TIER``, ``recompute:TIER``, ``fallbacks``,
+    ``shape:SHAPE`` (restores given each shape) and ``ratio_le:B`` (restores whose measured
+    over predicted time was at most B, the error-ratio histogram's cumulative buckets)."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as resp:
+        return parse_restores(resp.read().decode())
+
+
+def parse_restores(text: str) -> dict[str, float]:
+    """:func:`scrape_restores` of a ``/metrics`` page's text."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -77,7 +82,29 @@ def scrape_restores(base_url: str) -> dict[str, float]:
             elif s.name == "sglang:cacheflow_planned_requests_total":
                 key = f"shape:{s.labels.get('shape')}"
                 out[key] = out.get(key, 0.0) + s.value
+            elif s.name == "sglang:cacheflow_restore_error_ratio_bucket":
+                key = f"ratio_le:{float(s.labels['le']):g}"
+                out[key] = out.get(key, 0.0) + s.value
     return out
+
+
+def predicted_within(
+    before: dict[str, float], after: dict[str, float], tolerance: float
+) -> float | None:
+    """Of the restores measured between two :func:`scrape_restores`, the fraction whose
+    measured time was within ``tolerance`` of the predicted one (measured / predicted in
+    ``(1 - tolerance, 1 + tolerance]``; both bounds must be buckets of the histogram)."""
+
+    def count(le: str) -> float:
+        key = f"ratio_le:{le}"
+        if key not in after:
+            raise ValueError(f"the error-ratio histogram has no bucket {le}")
+        return after[key] - before.get(key, 0.0)
+
+    n = count("inf")
+    if n <= 0:
+        return None
+    return (count(f"{1 + tolerance:g}") - count(f"{1 - tolerance:g}")) / n
 
 
 @dataclass
