@@ -13,7 +13,8 @@ regression of seconds on bytes gives latency and bandwidth; with transfers all o
 the latency keeps its prior and the bandwidth follows the average. What a tier's restores
 cost beyond their transfers (an engine's lookups and hand-offs) is learnt from whole restores
 that ran alone: the residual of measured over predicted, as a moving average added to the
-tier's ``setup_s``.
+tier's ``setup_s``; what a split restore costs beyond its forwards, the same way, to the
+compute's ``split_s``.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class Calibrator:
     setup_rate: float = 0.3  # weight of the newest residual in a tier's setup estimate
     _tiers: dict[str, _TierStats] = field(default_factory=dict)
     _setup: dict[str, float] = field(default_factory=dict)  # learnt extra setup_s per tier
+    _split: float = 0.0  # learnt extra split_s
 
     def add_compute(
         self,
@@ -107,6 +109,13 @@ class Calibrator:
         current = self._setup.get(tier, 0.0)
         residual = max(0.0, current + measured_s - predicted_s)
         self._setup[tier] = current + self.setup_rate * (residual - current)
+
+    def add_split(self, measured_s: float, predicted_s: float) -> None:
+        """A split restore that had the machine to itself took ``measured_s`` where the
+        model predicted ``predicted_s``: move the compute's ``split_s`` (what a split costs
+        beyond its forwards) toward the residual, never below 0."""
+        residual = max(0.0, self._split + measured_s - predicted_s)
+        self._split += self.setup_rate * (residual - self._split)
 
     def setup_s(self, tier: str) -> float:
         """The extra setup learnt for ``tier`` (see :meth:`add_restore`)."""
@@ -147,7 +156,8 @@ class Calibrator:
         if best is None or best[1][1] <= 0:
             return self.prior.compute
         step, per_token, pair = (float(x) for x in best[1])  # plain floats, JSON-ready
-        return ComputeCost(1.0 / per_token, pair, step, self.prior.compute.overlap_slowdown)
+        prior = self.prior.compute
+        return ComputeCost(1.0 / per_token, pair, step, prior.overlap_slowdown, prior.split_s)
 
     def model(self) -> CostModel:
         """The prior with every measured part replaced by its fit."""
@@ -156,4 +166,7 @@ class Calibrator:
         for name, extra in self._setup.items():
             if extra > 0 and name in tiers:
                 tiers[name] = replace(tiers[name], setup_s=tiers[name].setup_s + extra)
-        return replace(self.prior, compute=self.compute_cost(), tiers=tiers)
+        compute = self.compute_cost()
+        if self._split > 0:
+            compute = replace(compute, split_s=compute.split_s + self._split)
+        return replace(self.prior, compute=compute, tiers=tiers)

@@ -45,13 +45,19 @@ class ComputeCost:
     # A forward that runs while loads are in flight is this much slower (the copies compete
     # for memory bandwidth and, on a CPU, for cores); fitted by calibration.
     overlap_slowdown: float = 0.0
+    # What a split restore (part recomputed, part loaded) costs beyond its forwards: the
+    # executor's hand-offs between its chunk and its extend (SGLang: the splice, a scheduler
+    # round); on the compute resource's path. Fitted by calibration.
+    split_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tokens_per_s <= 0:
             raise ValueError(f"compute.tokens_per_s must be > 0, got {self.tokens_per_s}")
-        if min(self.attention_s_per_token_pair, self.step_s, self.overlap_slowdown) < 0:
+        fields = (self.attention_s_per_token_pair, self.step_s, self.overlap_slowdown, self.split_s)
+        if min(fields) < 0:
             raise ValueError(
-                "compute.attention_s_per_token_pair, step_s and overlap_slowdown must be >= 0"
+                "compute.attention_s_per_token_pair, step_s, overlap_slowdown and split_s "
+                "must be >= 0"
             )
 
     def seconds(self, prefix: float, n: float) -> float:

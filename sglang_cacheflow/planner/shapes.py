@@ -230,12 +230,16 @@ class Shaper:
             else:
                 a = tc
                 b, free = self._loads(d, mid, 0, io, cper, steps)
+        # a split's hand-off from its chunk to its extend (0 < split < the span's end)
+        hand_off = 0.0
+        if kind != LOAD_FRONT and 0 < split < (L if kind == LAYER else self.evicted):
+            hand_off = self.cost.compute.split_s
         if self.new:
             prefill = self.prefill_s
             if kind == LOAD_FRONT and split < self.evicted:
                 # the recomputed back and the new tokens are one forward: one fixed cost
                 prefill = max(0.0, prefill - self.cost.compute.step_s)
-            ttft = max(a, b) + prefill
+            ttft = max(a, b) + hand_off + prefill
             if steps is not None:
                 e = self.req.evicted_end
                 steps.append(
@@ -245,6 +249,7 @@ class Shaper:
             ttft = max(free.values(), default=0.0)
             if a > tc:
                 ttft = max(ttft, a)
+            ttft += hand_off
         return a, b, ttft, free
 
     def run(

@@ -353,7 +353,9 @@ class CacheFlowController:
                 continue
             measured = now - d.t0
             self.metrics.restore_time(d.predicted_s, measured)
-            if d.alone and d.tier == L3_TIER and d.planned_load > 0:
+            if d.alone and d.split is not None and d.split.landed_pages == d.split.pages:
+                self.costs.observe_split(measured, d.predicted_s)
+            elif d.alone and d.tier == L3_TIER and d.planned_load > 0:
                 self.costs.observe_restore(L3_TIER, measured, d.predicted_s)
             self._log(
                 "cacheflow restore rid=%s done: measured %.2f ms, predicted %.2f ms (%s)",

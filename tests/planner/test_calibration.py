@@ -102,3 +102,32 @@ def test_restore_overhead_is_learnt_per_tier_and_added_to_its_setup() -> None:
     for _ in range(30):  # as fast as the transfer: the extra decays, never below 0
         cal.add_restore("redis", base, predicted())
     assert 0.0 <= cal.setup_s("redis") < 0.001
+
+
+def test_split_overhead_is_learnt_and_charged_to_split_shapes_only() -> None:
+    # A split restore pays a hand-off between its chunk and its extend that no forward
+    # measures; learnt from split restores that ran alone, charged to split shapes.
+    from sglang_cacheflow.planner import Request, Span
+    from sglang_cacheflow.planner.capabilities import RUNTIME
+    from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Shape, Shaper
+
+    prior = CostModel(ModelShape(4, 2, 32, 4), ComputeCost(1e4), {"redis": TierCost(1e7)})
+    cal = Calibrator(prior)
+    req = Request("r", 0, (Span("redis", 512),), 16)
+
+    def ttft(shape: Shape) -> float:
+        return Shaper(req, cal.model(), RUNTIME, 64).run(shape, 0.0, {}).ttft
+
+    split, whole = Shape(LAYER, 2), Shape(LOAD_FRONT, 0)
+    base_split, base_whole, base_token = ttft(split), ttft(whole), ttft(Shape(TOKEN, 256))
+    for _ in range(30):  # split restores take 40 ms longer than their forwards and read
+        cal.add_split(ttft(split) - cal.model().compute.split_s + 0.04, ttft(split))
+    assert cal.model().compute.split_s == pytest.approx(0.04, rel=0.05)
+    assert ttft(split) == pytest.approx(base_split + 0.04, rel=1e-3)
+    assert ttft(Shape(TOKEN, 256)) == pytest.approx(base_token + 0.04, rel=1e-3)  # Cake's too
+    # pure shapes (recompute all, load all, as a layer or token "split" at an end) do not
+    assert ttft(whole) == base_whole
+    assert ttft(Shape(LAYER, 4)) == ttft(Shape(TOKEN, 512))
+    for _ in range(40):  # as fast as predicted without it: it decays, never below 0
+        cal.add_split(base_split, ttft(split))
+    assert 0.0 <= cal.model().compute.split_s < 0.001
