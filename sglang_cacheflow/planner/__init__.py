@@ -9,7 +9,7 @@ from sglang_cacheflow.planner.calibration import Calibrator
 from sglang_cacheflow.planner.capabilities import RUNTIME, Capabilities
 from sglang_cacheflow.planner.cost import ComputeCost, CostModel, ModelShape, TierCost
 from sglang_cacheflow.planner.plan import Action, Plan, RequestPlan, Step
-from sglang_cacheflow.planner.policies import POLICIES, plan, reuses_evicted_kv
+from sglang_cacheflow.planner.policies import POLICIES, plan, reuses_evicted_kv, serves_in_order
 from sglang_cacheflow.planner.request import Request, Span
 from sglang_cacheflow.planner.shapes import ShapeKind
 from sglang_cacheflow.planner.validate import PlanError, validate
@@ -35,5 +35,6 @@ __all__ = [
     "fluid_bound",
     "plan",
     "reuses_evicted_kv",
+    "serves_in_order",
     "validate",
 ]

@@ -223,6 +223,16 @@ def reuses_evicted_kv(policy: str) -> bool:
     return policy != "recompute"
 
 
+def serves_in_order(policy: str) -> bool:
+    """Whether an executor runs ``policy``'s restores one at a time in the plan's service
+    order (one restore's recompute per forward, as the plan prices the compute resource):
+    ``cacheflow``, whose schedule is that order. The other policies keep the engine's own
+    batching: they are the baselines, what the engine does without CacheFlow's scheduler."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return policy == "cacheflow"
+
+
 def check_forced_shape(kind: str, recompute: float, capabilities: Capabilities) -> None:
     """Refuse a forced shape the executor cannot run, or a fraction outside [0, 1]."""
     if kind not in SHAPE_KINDS:

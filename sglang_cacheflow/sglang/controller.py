@@ -46,6 +46,7 @@ from sglang_cacheflow.planner import (
     Span,
     plan,
     reuses_evicted_kv,
+    serves_in_order,
 )
 from sglang_cacheflow.sglang.capabilities import SGLANG
 from sglang_cacheflow.sglang.config import CacheFlowConfig
@@ -129,6 +130,7 @@ class CacheFlowController:
         self.queue: Sequence[Any] = ()  # the scheduler's waiting queue, as of the last round
         self._queued_s = 0.0  # queued prefill seconds counted in the last round's busy
         self._log = logger.info if cfg.log_decisions else logger.debug
+        self.in_order = serves_in_order(cfg.policy)
 
     # -- planning ------------------------------------------------------------------------
 
@@ -503,6 +505,24 @@ class CacheFlowController:
         """A split restore's read ended (reader thread): calibrate the tier from it."""
         nbytes = sp.landed_pages * sp.page_tokens * sp.layer_share * self.shape.kv_bytes_per_token
         self.costs.observe_transfer(sp.tier, nbytes, sp.read_s)
+
+    def is_restore(self, rid: str) -> bool:
+        """Whether ``rid`` is a planned restore whose first token is not out yet."""
+        return (
+            rid in self.pending or rid in self.splits or rid in self.storage_plans
+            or rid in self._round
+        )  # fmt: skip
+
+    def holds_back(self, rid: str, batch: Sequence[Any]) -> bool:
+        """Whether the restore ``rid`` must wait for a later forward than the one being
+        built of ``batch``: under a policy served in order, a forward carries one restore's
+        recompute, as the plan times them (on a compute-bound engine, batching restores
+        makes the first wait for the last)."""
+        return (
+            self.in_order
+            and self.is_restore(rid)
+            and any(r.rid != rid and self.is_restore(r.rid) for r in batch)
+        )
 
     def split_of(self, rid: str) -> SplitRestore | None:
         """``rid``'s split restore not yet spliced, if any."""

@@ -195,7 +195,11 @@ def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleT
     def _select_prefill_admission(self: Any, req: Any, **kwargs: Any) -> Any:
         admission = original(self, req, **kwargs)
         ctl = _ctl()
-        if ctl is None or not ctl.splits or not isinstance(admission, admission_cls):
+        if ctl is None or not isinstance(admission, admission_cls):
+            return admission
+        if ctl.holds_back(req.rid, self.can_run_list):
+            return other  # one restore per forward, in the plan's order
+        if not ctl.splits:
             return admission
         if any(ctl.layer_chunk(r) for r in self.can_run_list):
             return other  # a layer split's chunk runs alone: the others wait a round

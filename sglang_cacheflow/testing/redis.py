@@ -301,9 +301,12 @@ class RedisSentinel(RedisServer):
 
 @dataclass
 class RedisCluster:
-    """A Redis Cluster of ``nodes`` masters (no replicas) on loopback ports."""
+    """A Redis Cluster of ``nodes`` masters, each with ``replicas`` replicas, on loopback
+    ports (a node is declared failed after 2 s without an answer; a replica then takes
+    over its slots)."""
 
     nodes: int = 3
+    replicas: int = 0
     startup_timeout_s: float = 20.0
     servers: list[RedisServer] = field(default_factory=list, init=False)
 
@@ -322,27 +325,71 @@ class RedisCluster:
             raise ValueError(f"redis-cli --cluster create needs 3 masters, got nodes={self.nodes}")
         _, cli_bin = redis_binaries()
         try:
-            for _ in range(self.nodes):
+            for _ in range(self.nodes * (1 + self.replicas)):
                 self.servers.append(RedisServer(cluster=True).start())
             addrs = [f"127.0.0.1:{s.port}" for s in self.servers]
             subprocess.run(
-                [cli_bin, "--cluster", "create", *addrs, "--cluster-replicas", "0",
-                 "--cluster-yes"],
+                [cli_bin, "--cluster", "create", *addrs, "--cluster-replicas",
+                 str(self.replicas), "--cluster-yes"],
                 capture_output=True, timeout=60, check=True, text=True,
             )  # fmt: skip
             self._wait_ok()
+            if self.replicas:
+                self.wait_replicated()
         except BaseException:
             self.cleanup()
             raise
         return self
 
     def _wait_ok(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
+        if not self.wait_state_ok(self.servers, self.startup_timeout_s):
+            raise RedisUnavailableError("redis cluster did not reach cluster_state:ok")
+
+    @staticmethod
+    def wait_state_ok(servers: list[RedisServer], timeout_s: float) -> bool:
+        """Wait until every one of ``servers`` says ``cluster_state:ok``."""
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all("cluster_state:ok" in s.cli("cluster", "info") for s in self.servers):
+            try:
+                if all("cluster_state:ok" in s.cli("cluster", "info") for s in servers):
+                    return True
+            except subprocess.SubprocessError:
+                pass  # a node busy failing over
+            time.sleep(0.05)
+        return False
+
+    def masters(self) -> list[RedisServer]:
+        """The servers that are masters now (a failover changes which)."""
+        return [s for s in self.servers if s.process is not None and s.process.poll() is None
+                and s.cli("role").startswith("master")]  # fmt: skip
+
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        """A replica of ``master``."""
+        master_id = master.cli("cluster", "myid").strip()
+        for line in master.cli("cluster", "replicas", master_id).splitlines():
+            port = int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+            return next(s for s in self.servers if s.port == port)
+        raise RedisUnavailableError(f"master on port {master.port} has no replica")
+
+    def wait_replicated(self, timeout_s: float = 20.0) -> None:
+        """Wait until every replica has caught up with its master's replication offset."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            behind = 0
+            for m in self.masters():
+                info = dict(
+                    line.split(":", 1) for line in m.cli("info", "replication").split()
+                    if ":" in line
+                )  # fmt: skip
+                offset = int(info["master_repl_offset"])
+                for k in range(int(info["connected_slaves"])):
+                    fields = dict(kv.split("=") for kv in info[f"slave{k}"].split(","))
+                    behind += int(fields["offset"]) < offset
+                behind += int(info["connected_slaves"]) < self.replicas
+            if not behind:
                 return
             time.sleep(0.05)
-        raise RedisUnavailableError("redis cluster did not reach cluster_state:ok")
+        raise RedisUnavailableError("redis cluster replicas did not catch up")
 
     def stop(self) -> None:
         for s in self.servers:

@@ -217,3 +217,22 @@ def test_serve_in_plan_order_moves_only_planned_requests() -> None:
     assert [r.rid for r in queue] == ["x", "c", "y", "a", "b"]
     serve_in_plan_order(queue, {"a": (0, 0)})  # one planned request: nothing to order
     assert [r.rid for r in queue] == ["x", "c", "y", "a", "b"]
+
+
+def test_under_cacheflow_a_forward_carries_one_restore() -> None:
+    # The plan times the compute resource one restore after another; SGLang would batch the
+    # waiting restores into one forward, and on a compute-bound engine the first restore's
+    # first token then waits for the last's recompute.
+    ctl, _ = _controller()
+    ctl.plan_prefetches([_call("a", 512), _call("b", 512)])
+    restore, prompt = Handle("a"), Handle("new-prompt")
+    assert ctl.holds_back("b", [restore])  # a restore behind another waits a forward
+    assert not ctl.holds_back("b", [prompt])  # new prompts batch as SGLang does
+    assert not ctl.holds_back("new-prompt", [restore])
+    assert not ctl.holds_back("a", [restore])  # itself (a chunked request continuing)
+    # the baselines keep SGLang's batching
+    for policy in ("recompute", "load", "cake"):
+        cfg = parse_config(policy, json.dumps({"redis_url": "redis://h:1/0", "calibrate": False}))
+        base = CacheFlowController(cfg, Cache(), SHAPE, 16, clock=Clock())
+        base.plan_prefetches([_call("a", 512), _call("b", 512)])
+        assert base.is_restore("b") and not base.holds_back("b", [restore]), policy

@@ -1,0 +1,130 @@
+"""Redis Cluster under failure, against a real cluster on loopback (3 masters, 1 replica each).
+
+- A master dies in the middle of a batch read (it is stopped while the batch waits on it,
+  then killed): the batch completes with the pages of the other masters, the dead master's
+  pages are counted misses, never wrong data; its replica is promoted and the same tier
+  object reads every page again from the new topology, without a restart.
+- A slot migrates under the tier (what ``redis-cli --cluster reshard`` does, step by step):
+  a page whose keys have moved while the slot is still migrating gets a real ``ASK`` on the
+  direct path and is read through redis-py's cluster pipeline (which follows it); once the
+  migration ends, the new owner serves it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+import torch
+
+from sglang_cacheflow.testing.redis import RedisCluster
+from sglang_cacheflow.tiers import PageLayout
+from sglang_cacheflow.tiers.redis import RedisTier
+from tests.tiers.helpers import page_hashes, random_pages, unique_ns
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+LAYOUT = PageLayout(4, 16, 2, 16, torch.bfloat16)
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return a is not None and torch.equal(a.view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@pytest.fixture
+def cluster() -> Iterator[RedisCluster]:
+    with RedisCluster(nodes=3, replicas=1) as c:
+        yield c
+
+
+def test_master_killed_mid_batch_then_replica_promoted(cluster: RedisCluster) -> None:
+    ns = unique_ns(LAYOUT)
+    pages = random_pages(LAYOUT, 24)
+    h = page_hashes(24)
+    with RedisTier(cluster.url, layers_per_block=2, socket_timeout_s=5.0) as t:
+        assert t.batch_put(ns, h, pages) == [True] * 24
+        cluster.wait_replicated()
+        slots = [t.client.keyslot(t.block_keys(ns, x)[0]) for x in h]
+        victim = next(m for m in cluster.masters() if int(m.cli("dbsize")))
+        replica = cluster.replica_of(victim)
+        owner = {
+            i: t.client.nodes_manager.get_node_from_slot(slot).port for i, slot in enumerate(slots)
+        }
+        lost = {i for i, port in owner.items() if port == victim.port}
+        assert lost and len(lost) < len(h)  # the victim holds some of the pages, not all
+
+        # The batch waits on the stopped master; it dies while the batch is in flight.
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGSTOP)
+        got: list[torch.Tensor | None] = []
+        reader = threading.Thread(target=lambda: got.extend(t.batch_get(ns, h)))
+        errors_before = t.stats.errors + t.stats.misses
+        reader.start()
+        time.sleep(0.5)
+        assert reader.is_alive()  # still waiting on the victim
+        victim.kill()
+        reader.join(timeout=30)
+        assert not reader.is_alive(), "the batch hung on a dead master"
+        assert len(got) == len(h)
+        for i, (page, want) in enumerate(zip(got, pages, strict=True)):
+            if i in lost:
+                assert page is None or _same(page, want), i  # a miss, never wrong data
+            else:
+                assert _same(page, want), i
+        assert any(got[i] is None for i in lost)
+        assert t.stats.errors + t.stats.misses > errors_before  # counted
+
+        # The replica takes over the victim's slots; the same tier finds it.
+        survivors = [s for s in cluster.servers if s is not victim]
+        assert RedisCluster.wait_state_ok(survivors, 30.0), "no failover"
+        assert replica.cli("role").startswith("master")
+        deadline = time.monotonic() + 30
+        while True:
+            again = t.batch_get(ns, h)
+            if all(_same(p, w) for p, w in zip(again, pages, strict=True)):
+                break
+            for p, w in zip(again, pages, strict=True):
+                assert p is None or _same(p, w)  # misses until the map is refreshed
+            assert time.monotonic() < deadline, "the tier did not find the promoted replica"
+            time.sleep(0.2)
+        # and writes go to the new topology too
+        more, mh = random_pages(LAYOUT, 6, seed=1), page_hashes(6)
+        assert t.batch_put(ns, mh, more) == [True] * 6
+        assert all(_same(p, w) for p, w in zip(t.batch_get(ns, mh), more, strict=True))
+
+
+def test_slot_migrating_under_the_tier_answers_ask(redis_cluster: RedisCluster) -> None:
+    ns = unique_ns(LAYOUT)
+    pages = random_pages(LAYOUT, 6)
+    h = page_hashes(6)
+    with RedisTier(redis_cluster.url, layers_per_block=2) as t:
+        assert t.is_cluster and t.direct_io
+        assert t.batch_put(ns, h, pages) == [True] * 6
+        keys = t.block_keys(ns, h[0])
+        slot = t.client.keyslot(keys[0])
+        src = next(
+            s for s in redis_cluster.servers if int(s.cli("cluster", "countkeysinslot", str(slot)))
+        )
+        dst = next(s for s in redis_cluster.servers if s is not src)
+        src_id, dst_id = src.cli("cluster", "myid").strip(), dst.cli("cluster", "myid").strip()
+        # reshard, step by step: the slot is migrating and the page's keys have moved
+        dst.cli("cluster", "setslot", str(slot), "importing", src_id)
+        src.cli("cluster", "setslot", str(slot), "migrating", dst_id)
+        src.cli("migrate", "127.0.0.1", str(dst.port), "", "0", "5000", "keys", *keys)
+        # a real ASK: the source no longer has the key and sends the client to the target
+        with pytest.raises(redis.exceptions.ResponseError, match="ASK"):
+            redis.Redis(port=src.port).get(keys[0])
+        for got, want in zip(t.batch_get(ns, h), pages, strict=True):
+            assert _same(got, want)
+        assert t.stats.errors == 0 and t.stats.misses == 0
+        # the migration ends: the target owns the slot
+        for s in redis_cluster.servers:
+            s.cli("cluster", "setslot", str(slot), "node", dst_id)
+        for got, want in zip(t.batch_get(ns, h, (2, 4)), pages, strict=True):
+            assert _same(got, want[2:4])
+        t.delete(ns, h)
