@@ -334,16 +334,19 @@ class CacheFlowController:
     ) -> None:
         """An extend forward of ``batch`` through its first ``layers`` layers (default all),
         begun at ``started`` (``perf_counter()``), took ``seconds``: calibrate, and measure
-        its restores. A forward that split reads ran beside calibrates the overlap
+        its restores. A split's own chunk that ran beside reads calibrates the overlap
         slowdown the planner charges a split's recompute."""
         mode = batch.forward_mode
         if not mode.is_extend():
             return
         if not mode.is_mixed() and batch.prefix_lens is not None and batch.extend_lens:
             overlapped = started is not None and self.reader.busy_since(started)
-            self.costs.observe_compute(
-                batch.prefix_lens, batch.extend_lens, seconds, layers, overlapped
-            )
+            # The planner charges the slowdown to a split's own chunk: only that forward
+            # measures it. Others beside a read measure neither it nor the machine alone.
+            if not overlapped or any(r.rid in self.splits for r in batch.reqs):
+                self.costs.observe_compute(
+                    batch.prefix_lens, batch.extend_lens, seconds, layers, overlapped
+                )
         if not self.pending:
             return
         now = self.clock()

@@ -7,6 +7,7 @@ The controller is driven directly, with the radix cache reduced to the two calls
 from __future__ import annotations
 
 import json
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -236,3 +237,45 @@ def test_under_cacheflow_a_forward_carries_one_restore() -> None:
         base = CacheFlowController(cfg, Cache(), SHAPE, 16, clock=Clock())
         base.plan_prefetches([_call("a", 512), _call("b", 512)])
         assert base.is_restore("b") and not base.holds_back("b", [restore]), policy
+
+
+class _Mode:
+    def is_extend(self) -> bool:
+        return True
+
+    def is_mixed(self) -> bool:
+        return False
+
+
+def _batch(rid: str, n: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        forward_mode=_Mode(), prefix_lens=[0], extend_lens=[n], reqs=[Handle(rid)]
+    )
+
+
+def test_only_a_splits_own_chunk_beside_a_read_measures_the_overlap() -> None:
+    gate = threading.Event()
+
+    class _Held(Storage):
+        def read_pages(self, keys: list[str], pages: Any, layers: Any = None) -> list[bool]:
+            gate.wait(10)
+            return super().read_pages(keys, pages, layers)
+
+    cache = Cache()
+    cache.cacheflow_storage = lambda: _Held()  # type: ignore[method-assign]
+    ctl, _ = _controller(calibrate=True, cache=cache)
+    alone = {n: 1e-3 + n / 5500 for n in (64, 128, 256, 512)}
+    for n, s in alone.items():  # the reader idle: the machine alone
+        ctl.forward_done(_batch("warm-up", n), s, None, time.perf_counter())
+    ctl.plan_prefetches([_call("r")])  # a split: its read is held under way
+    assert ctl.split_of("r") is not None
+    t0 = time.perf_counter()
+    # another request's forward beside the read, slowed by whatever else runs: not counted
+    ctl.forward_done(_batch("other", 256), 3 * alone[256], None, t0)
+    assert ctl.costs.model().compute.overlap_slowdown == 0.0
+    # the split's own chunk beside its read, 20% slower than alone: the overlap slowdown
+    ctl.forward_done(_batch("r", 512), 1.2 * alone[512], None, t0)
+    gate.set()
+    model = ctl.costs.model()
+    assert model.compute.overlap_slowdown == pytest.approx(0.2, rel=1e-3)
+    assert model.compute.tokens_per_s == pytest.approx(5500, rel=1e-3)
