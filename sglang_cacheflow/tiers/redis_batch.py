@@ -135,6 +135,7 @@ class _Outcome:
     def __init__(self, pages: int) -> None:
         self.status = [Status.HIT] * pages
         self.redirected: list[Op] = []
+        self.lost_server = False  # a stream's server went away (down, failing over)
         self._lock = threading.Lock()
 
     def mark(self, page: int, st: Status) -> None:
@@ -241,16 +242,18 @@ class BatchEngine:
             self._run_pipelined(ops, outcome, commands)
             return outcome.status
         self._run_direct(ops, outcome, commands)
-        if outcome.redirected and is_cluster(self._client):
-            # Slots moved: refresh the slot map for the next batch and let redis-py's
-            # cluster pipeline (which follows MOVED/ASK) run these ops now.
+        if is_cluster(self._client) and (outcome.redirected or outcome.lost_server):
+            # Slots moved, or a master went away (a replica takes its slots over): refresh
+            # the slot map for the next batch. Redirected ops run now through redis-py's
+            # cluster pipeline (which follows MOVED/ASK); a lost server's pages stay misses.
             try:
                 self._client.nodes_manager.initialize()
             except REDIS_ERRORS as e:
                 self._log.error(
                     "Redis tier %s: slot map refresh failed: %r", self._url, e, counted=False
                 )
-            self._run_pipelined(outcome.redirected, outcome, commands)
+            if outcome.redirected:
+                self._run_pipelined(outcome.redirected, outcome, commands)
         return outcome.status
 
     # -- splitting -----------------------------------------------------------------------
@@ -395,6 +398,7 @@ class BatchEngine:
                     if not retried and not isinstance(e, (TimeoutError, redis.TimeoutError)):
                         retried = True  # once, on a fresh connection (server restart)
                         continue
+                    outcome.lost_server = True
                     self._log.error(
                         "Redis tier %s: %d commands failed: %r",
                         self._url, sum(len(g) for g in groups[r:]), e,
