@@ -38,11 +38,15 @@ def test_summary_gains_and_t_star() -> None:
 
 
 def test_abba_runs_are_averaged_per_policy() -> None:
-    a = {**_row("l", "cake", 0.6, 5.0), "shapes": {}}
-    b = {**_row("l", "cake", 0.8, 7.0), "shapes": {}}
+    a = {**_row("l", "cake", 0.6, 5.0), "shapes": {"token split": 3, "load all": 1}}
+    b = {**_row("l", "cake", 0.8, 7.0), "shapes": {"token split": 4}}
+    a["predicted_within_10pct"] = {"single": 1.0, "all": 0.5}
+    b["predicted_within_10pct"] = {"single": 0.5, "all": None}
     avg = _average([a, b])
     assert avg["single_mean_s"] == pytest.approx(0.7) and avg["together_mean_s"] == 6.0
     assert avg["servers"] == 2 and len(avg["runs"]) == 2
+    assert avg["shapes"] == {"token split": 7, "load all": 1}  # every server's restores
+    assert avg["predicted_within_10pct"] == {"single": 0.75, "all": 0.5}
 
 
 def test_prediction_accuracy_from_the_error_ratio_histogram() -> None:

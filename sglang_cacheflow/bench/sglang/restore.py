@@ -196,7 +196,12 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             log = server.log_text()
     if args.log_dir is not None:
         args.log_dir.mkdir(parents=True, exist_ok=True)
-        (args.log_dir / f"{link}-{policy}.log").write_text(log)
+        path = args.log_dir / f"{link}-{policy}.log"
+        k = 1
+        while path.exists():  # A-B-B-A: the second server of a cell keeps its own log
+            k += 1
+            path = args.log_dir / f"{link}-{policy}-{k}.log"
+        path.write_text(log)
     shapes = {
         k.removeprefix("shape:"): int(v - first.get(k, 0.0))
         for k, v in last.items()
@@ -237,9 +242,24 @@ def _link(bits_per_s: float) -> str:
 
 
 def _average(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for the servers of one (link, policy): mean TTFTs and prediction accuracies,
+    restore shapes summed."""
     out = dict(rows[0])
     for key in ("single_mean_s", "together_mean_s"):
         out[key] = statistics.mean(r[key] for r in rows)
+    for key in ("predicted_within_10pct", "predicted_within_25pct"):
+        phases = {p for r in rows for p in r.get(key, {})}
+        out[key] = {
+            p: statistics.mean(vals) if vals else None
+            for p in phases
+            for vals in [[r[key][p] for r in rows if r.get(key, {}).get(p) is not None]]
+        }
+    shapes: dict[str, int] = {}
+    for r in rows:
+        for shape, n in r.get("shapes", {}).items():
+            shapes[shape] = shapes.get(shape, 0) + n
+    out["shapes"] = shapes
+    out["decisions"] = sum(r.get("decisions", 0) for r in rows)
     out["servers"] = len(rows)
     out["runs"] = [{k: r[k] for k in ("single_mean_s", "together_mean_s")} for r in rows]
     return out
