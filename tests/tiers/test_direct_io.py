@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
 from sglang_cacheflow.testing.redis import RedisCluster, RedisServer, free_port
@@ -304,6 +305,24 @@ def test_tls(tls_server: tuple[RedisServer, int]) -> None:
     assert int(server.cli("dbsize")) == 4 * 3
 
 
+def _migrate(cluster: RedisCluster, keys: list[str], slot: int) -> tuple[RedisServer, str]:
+    """Begin moving ``slot`` to another master, step by step as ``redis-cli --cluster
+    reshard`` does, and move ``keys`` (of that slot) there; the slot stays migrating.
+    Returns the source and the target's node id."""
+    src = next(s for s in cluster.servers if int(s.cli("cluster", "countkeysinslot", str(slot))))
+    dst = next(s for s in cluster.servers if s is not src)
+    src_id, dst_id = src.cli("cluster", "myid").strip(), dst.cli("cluster", "myid").strip()
+    dst.cli("cluster", "setslot", str(slot), "importing", src_id)
+    src.cli("cluster", "setslot", str(slot), "migrating", dst_id)
+    src.cli("migrate", "127.0.0.1", str(dst.port), "", "0", "5000", "keys", *keys)
+    return src, dst_id
+
+
+def _end_migration(cluster: RedisCluster, slot: int, dst_id: str) -> None:
+    for s in cluster.servers:
+        s.cli("cluster", "setslot", str(slot), "node", dst_id)
+
+
 def test_cluster_slot_moved_under_the_tier(redis_cluster: RedisCluster) -> None:
     """Move the slot of a page to another master behind the tier's back: the direct path
     gets MOVED, reads the page through redis-py's cluster pipeline (which follows it),
@@ -317,16 +336,9 @@ def test_cluster_slot_moved_under_the_tier(redis_cluster: RedisCluster) -> None:
         assert t.batch_put(ns, h, pages) == [True] * 6
         keys = t.block_keys(ns, h[0])
         slot = t.client.keyslot(keys[0])
-        src = next(
-            s for s in redis_cluster.servers if int(s.cli("cluster", "countkeysinslot", str(slot)))
-        )
-        dst = next(s for s in redis_cluster.servers if s is not src)
-        src_id, dst_id = src.cli("cluster", "myid").strip(), dst.cli("cluster", "myid").strip()
-        dst.cli("cluster", "setslot", str(slot), "importing", src_id)
-        src.cli("cluster", "setslot", str(slot), "migrating", dst_id)
-        src.cli("migrate", "127.0.0.1", str(dst.port), "", "0", "5000", "keys", *keys)
-        for s in redis_cluster.servers:
-            s.cli("cluster", "setslot", str(slot), "node", dst_id)
+        _, dst_id = _migrate(redis_cluster, keys, slot)
+        _end_migration(redis_cluster, slot, dst_id)
+        dst = next(s for s in redis_cluster.servers if s.cli("cluster", "myid").strip() == dst_id)
         for got, want in zip(t.batch_get(ns, h), pages, strict=True):
             assert_same(got, want)
         assert t.stats.errors == 0
@@ -334,6 +346,31 @@ def test_cluster_slot_moved_under_the_tier(redis_cluster: RedisCluster) -> None:
         while t.client.nodes_manager.get_node_from_slot(slot).port != dst.port:
             assert time.monotonic() < deadline, "slot map not refreshed"
             time.sleep(0.05)
+        for got, want in zip(t.batch_get(ns, h, (2, 4)), pages, strict=True):
+            assert_same(got, want[2:4])
+        t.delete(ns, h)
+
+
+def test_cluster_slot_migrating_under_the_tier_answers_ask(redis_cluster: RedisCluster) -> None:
+    """A slot in migration (a reshard under way): the page whose keys have moved gets a
+    real ASK on the direct path and is read through redis-py's cluster pipeline, which
+    follows it; once the slot is reassigned, the new owner serves it."""
+    layout = PageLayout(4, 16, 2, 16, torch.bfloat16)
+    ns = unique_ns(layout)
+    pages = random_pages(layout, 6)
+    h = page_hashes(6)
+    with RedisTier(redis_cluster.url, layers_per_block=2) as t:
+        assert t.batch_put(ns, h, pages) == [True] * 6
+        keys = t.block_keys(ns, h[0])
+        slot = t.client.keyslot(keys[0])
+        src, dst_id = _migrate(redis_cluster, keys, slot)
+        # a real ASK: the source no longer has the key and sends the client to the target
+        with pytest.raises(redis.exceptions.AskError):
+            redis.Redis(port=src.port).get(keys[0])
+        for got, want in zip(t.batch_get(ns, h), pages, strict=True):
+            assert_same(got, want)
+        assert t.stats.errors == 0 and t.stats.misses == 0
+        _end_migration(redis_cluster, slot, dst_id)
         for got, want in zip(t.batch_get(ns, h, (2, 4)), pages, strict=True):
             assert_same(got, want[2:4])
         t.delete(ns, h)
