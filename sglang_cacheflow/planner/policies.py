@@ -141,6 +141,11 @@ def _request_splits(
     return out
 
 
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+
+
 def plan(
     requests: Sequence[Request],
     cost: CostModel,
@@ -162,8 +167,7 @@ def plan(
     an unknown policy, a policy or forced shape the executor cannot run, or requests naming
     a tier the cost model does not know.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    _check_policy(policy)
     if policy == "cake" and not capabilities.token_split:
         raise ValueError(
             "policy 'cake' recomputes the front of a span while loading its back; this "
@@ -218,8 +222,7 @@ def reuses_evicted_kv(policy: str) -> bool:
     """Whether ``policy`` may load evicted KV at all (every policy but ``recompute``). An
     executor that meets evicted KV its plan did not cover (SGLang: the host pages in front
     of an L3 span planned on arrival) loads it only if so."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    _check_policy(policy)
     return policy != "recompute"
 
 
@@ -228,8 +231,7 @@ def serves_in_order(policy: str) -> bool:
     order (one restore's recompute per forward, as the plan prices the compute resource):
     ``cacheflow``, whose schedule is that order. The other policies keep the engine's own
     batching: they are the baselines, what the engine does without CacheFlow's scheduler."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    _check_policy(policy)
     return policy == "cacheflow"
 
 
