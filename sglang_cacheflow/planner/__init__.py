@@ -4,6 +4,13 @@ Imports neither torch nor SGLang, so every rank and every executor can run it. T
 point is :func:`plan`; executors call :func:`validate` on what they receive before running it.
 """
 
+from sglang_cacheflow.planner.blend import (
+    BlendPlan,
+    BlendRequest,
+    BlendRound,
+    Selection,
+    plan_blend,
+)
 from sglang_cacheflow.planner.bound import Bound, fluid_bound
 from sglang_cacheflow.planner.calibration import Calibrator
 from sglang_cacheflow.planner.capabilities import RUNTIME, Capabilities
@@ -18,6 +25,9 @@ __all__ = [
     "POLICIES",
     "RUNTIME",
     "Action",
+    "BlendPlan",
+    "BlendRequest",
+    "BlendRound",
     "Bound",
     "Calibrator",
     "Capabilities",
@@ -28,12 +38,14 @@ __all__ = [
     "PlanError",
     "Request",
     "RequestPlan",
+    "Selection",
     "ShapeKind",
     "Span",
     "Step",
     "TierCost",
     "fluid_bound",
     "plan",
+    "plan_blend",
     "reuses_evicted_kv",
     "serves_in_order",
     "validate",

@@ -61,6 +61,31 @@ class _KVWriter:
         return k, v
 
 
+class _ScatterWriter:
+    """``past_key_values`` for tokens at scattered ``positions`` (sorted): their new K and V
+    go to those positions, attention reads every position up to the last one (chunk reuse:
+    the selected tokens' fresh KV among the reused KV of the others)."""
+
+    is_compileable = False
+
+    def __init__(self, kv: KVCache, positions: torch.Tensor) -> None:
+        self.kv = kv
+        self.positions = positions
+        self.end = int(positions[-1]) + 1
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *_: Any,
+        **__: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kv.scatter(layer_idx, self.positions, key_states, value_states)
+        k = self.kv.keys(layer_idx, self.end).contiguous()
+        return k, self.kv.values(layer_idx, self.end).contiguous()
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     num_layers: int
@@ -142,7 +167,6 @@ class ModelAdapter:
         n = hidden.shape[1]
         device = hidden.device
         positions = torch.arange(start, start + n, device=device).unsqueeze(0)
-        cos_sin = self.rotary_emb(hidden, positions)
         # No mask when there is no prefix (SDPA's is_causal) or one query (it sees every
         # key); a mask would make attention expand the grouped KV heads into a copy.
         mask = None
@@ -151,6 +175,53 @@ class ModelAdapter:
             k = torch.arange(start + n, device=device)[None, :]
             mask = (k <= q).view(1, 1, n, start + n)
         writer = _KVWriter(kv, start, store)
+        return self._layers(hidden, positions, mask, writer, l0, l1, before_layer, after_layer)
+
+    @torch.no_grad()
+    def run_scattered(
+        self,
+        kv: KVCache,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        l0: int,
+        l1: int,
+        *,
+        before_layer: LayerHook | None = None,
+        after_layer: LayerHook | None = None,
+    ) -> torch.Tensor:
+        """Run layers ``[l0, l1)`` over tokens at ``positions`` (sorted, distinct) whose hidden
+        states at the input of ``l0`` are ``hidden`` (``(1, n, hidden)``): causal attention
+        over every position up to each token's own, the others' KV read from ``kv`` (it must
+        be there when ``before_layer(layer)`` returns). Their new K and V are written at
+        their positions. Returns the hidden states at the output of layer ``l1 - 1``."""
+        positions = positions.to(device=hidden.device, dtype=torch.long)
+        if positions.ndim != 1 or positions.numel() != hidden.shape[1]:
+            raise ValueError(
+                f"positions must be 1-D with one entry per token ({hidden.shape[1]}), "
+                f"got shape {tuple(positions.shape)}"
+            )
+        if positions.numel() > 1 and bool((positions[1:] <= positions[:-1]).any()):
+            raise ValueError("positions must be sorted and distinct")
+        end = int(positions[-1]) + 1
+        keys = torch.arange(end, device=hidden.device)[None, :]
+        mask = (keys <= positions[:, None]).view(1, 1, positions.numel(), end)
+        writer = _ScatterWriter(kv, positions)
+        return self._layers(
+            hidden, positions.unsqueeze(0), mask, writer, l0, l1, before_layer, after_layer
+        )
+
+    def _layers(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        writer: _KVWriter | _ScatterWriter,
+        l0: int,
+        l1: int,
+        before_layer: LayerHook | None,
+        after_layer: LayerHook | None,
+    ) -> torch.Tensor:
+        cos_sin = self.rotary_emb(hidden, positions)
         for layer in range(l0, l1):
             if before_layer is not None:
                 before_layer(layer)
