@@ -229,7 +229,11 @@ def test_the_ratio_never_drops_below_the_floor_and_beats_every_other(
         assert p.ratio == rnd.ratio
         assert r.new <= p.recomputed <= r.reused + r.new
         selected = p.recomputed - r.new
-        unread = 0 if selection is Selection.ONLINE else selected
+        unread = {
+            Selection.OFFLINE: selected,
+            Selection.ONLINE: 0,
+            Selection.RANDOM: r.reused if selected == r.reused else 0,
+        }[selection]
         assert p.loaded == r.exact + r.reused - unread
         assert p.ttft_s >= max(p.compute_s, p.load_s) - TOL
     ttfts = [p.ttft_s for p in rnd.plans]
