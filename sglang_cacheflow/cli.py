@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sglang_cacheflow.bench.restore",
         "restore time per policy on the reference runtime (context x emulated bandwidth)",
     ),
+    "blend-bench": (
+        "sglang_cacheflow.bench.blend",
+        "chunk reuse beyond prefixes (CacheBlend, CacheTune): quality and TTFT vs ratio",
+    ),
     "sglang-bench": (
         "sglang_cacheflow.bench.sglang.restore",
         "TTFT of restored turns in SGLang: policies x emulated L3 bandwidth, alone and batched",

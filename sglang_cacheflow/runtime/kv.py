@@ -87,7 +87,9 @@ class KVCache:
         self.data[layer, 0, start : start + n].copy_(k[0].transpose(0, 1))
         self.data[layer, 1, start : start + n].copy_(v[0].transpose(0, 1))
 
-    def scatter(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def scatter(
+        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         """Store ``k``, ``v`` of shape ``(1, kv_heads, n, head_dim)`` at ``positions`` (n)."""
         self.data[layer, 0, positions] = k[0].transpose(0, 1).to(self.data.dtype)
         self.data[layer, 1, positions] = v[0].transpose(0, 1).to(self.data.dtype)

@@ -236,14 +236,14 @@ class ChunkReuse:
                 loads.append(_Load(stored, 0, torch.arange(n), offset + stored.order, 0))
                 continue
             reused += n
-            k = math.ceil(ratio * n - 1e-9)
+            # the offline choice skips whole pages: every choice recomputes that many tokens
+            t = self.store.page_tokens
+            k = min(t * math.ceil(math.ceil(ratio * n - 1e-9) / t), n)
             delta = offset - stored.start
-            if selection is Selection.OFFLINE:  # the best k, rounded up to whole pages
-                skip = min(self.store.page_tokens * math.ceil(k / self.store.page_tokens), n)
-                chosen.append(offset + stored.order[:skip])
-                first = skip // self.store.page_tokens
-                keep = torch.arange(skip, n) - first * self.store.page_tokens
-                loads.append(_Load(stored, first, keep, offset + stored.order[skip:], delta))
+            if selection is Selection.OFFLINE:  # the best k: their pages are not read
+                chosen.append(offset + stored.order[:k])
+                keep = torch.arange(k, n) - (k // t) * t
+                loads.append(_Load(stored, k // t, keep, offset + stored.order[k:], delta))
             elif selection is Selection.RANDOM:
                 picked = random_choice(n, k, gen)
                 chosen.append(offset + picked)
@@ -256,9 +256,7 @@ class ChunkReuse:
                 budgets.append(k)
                 loads.append(_Load(stored, 0, torch.arange(n), offset + stored.order, delta))
         online = selection is Selection.ONLINE and bool(online_pool)
-        loader = _Loader(
-            self.store, kv, loads, self.rotator, 1 if online else 0, layers_per_read
-        )
+        loader = _Loader(self.store, kv, loads, self.rotator, 1 if online else 0, layers_per_read)
         loader.thread.start()
         result = BlendResult(
             logits=torch.empty(0), kv=kv, ttft_s=0.0, selection=selection, ratio=0.0,
@@ -336,4 +334,6 @@ class ChunkReuse:
 
     def _check(self, prompt: BlendPrompt) -> None:
         if not torch.equal(prompt.preamble.reshape(-1).cpu(), self.preamble):
-            raise ValueError("the prompt's preamble differs from the one its chunks were stored after")
+            raise ValueError(
+                "the prompt's preamble differs from the one its chunks were stored after"
+            )

@@ -77,7 +77,9 @@ class ChunkStore:
         at positions ``[start, start + tokens)``; ``scores`` one per token."""
         n = kv.shape[2]
         if scores.shape != (n,):
-            raise ValueError(f"scores must have one entry per token ({n}), got {tuple(scores.shape)}")
+            raise ValueError(
+                f"scores must have one entry per token ({n}), got {tuple(scores.shape)}"
+            )
         scores = scores.detach().to(torch.float32).cpu()
         order = torch.argsort(scores, descending=True, stable=True)
         t = self.page_tokens
