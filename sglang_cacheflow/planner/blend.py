@@ -180,7 +180,7 @@ def _round(
     return BlendRound(plans, ratio, selection)
 
 
-def _check_selection(selection: Selection | str) -> Selection:
+def check_selection(selection: Selection | str) -> Selection:
     try:
         return Selection(selection)
     except ValueError:
@@ -205,7 +205,7 @@ def plan_blend(
     an unknown selection, ``min_ratio`` outside ``[0, 1]`` or a forced ratio outside
     ``[min_ratio, 1]``; ``KeyError`` for a tier the cost model does not know.
     """
-    sel = _check_selection(selection)
+    sel = check_selection(selection)
     if not 0.0 <= min_ratio <= 1.0:
         raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
     if not requests:

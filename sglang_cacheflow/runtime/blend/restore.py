@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from sglang_cacheflow.planner.blend import Selection
+from sglang_cacheflow.planner.blend import Selection, check_selection
 from sglang_cacheflow.runtime.blend.rope import KeyRotator
 from sglang_cacheflow.runtime.blend.selection import (
     key_deviation,
@@ -213,7 +213,7 @@ class ChunkReuse:
     ) -> BlendResult:
         """Restore ``prompt``'s KV from its stored chunks, recomputing ``ratio`` of each
         reused chunk's tokens chosen by ``selection``; ``extra`` leaves room for decoding."""
-        selection = Selection(selection)
+        selection = check_selection(selection)
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ratio must be in [0, 1], got {ratio}")
         self._check(prompt)
