@@ -238,6 +238,7 @@ def ttft(
     per_prompt: int,
     doc_tokens: int,
     link: str,
+    dtype: str = "fp32",
     fixed_ratio: float = 0.15,
     min_ratio: float = 0.15,
     seed: int = 1,
@@ -248,8 +249,8 @@ def ttft(
     from sglang_cacheflow.tiers.redis import RedisTier
     from sglang_cacheflow.tiers.shaping import LinkShape, ShapedTier
 
-    model = load_model("fp32")
-    tok = tokenizer_for("fp32")
+    model = load_model(dtype)
+    tok = tokenizer_for(dtype)
     preamble, pool, items = rag_prompts(tok, prompts, per_prompt, doc_tokens, seed)
     shape = LinkShape.parse(link)
     rows: list[TtftRow] = []
@@ -265,6 +266,7 @@ def ttft(
         }
         cost = calibrated_cost(model, costs)
         meta: dict[str, Any] = {
+            "dtype": dtype,
             "link": shape.describe(),
             "compute": asdict(cost.compute),
             "host_GBps": costs[HOST_TIER].bandwidth_Bps / 1e9,
@@ -378,6 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ttft-docs", type=int, default=6, help="documents per TTFT prompt")
     parser.add_argument("--ttft-doc-tokens", type=int, default=640, help="tokens per TTFT document")
     parser.add_argument("--link", default="10gbps+0.2ms", help="emulated link to Redis")
+    parser.add_argument("--ttft-dtype", default="fp32", choices=list(DTYPES), help="TTFT dtype")
     parser.add_argument("--min-ratio", type=float, default=0.15, help="the planner's quality floor")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--out", type=Path, default=Path("results/blend"), help="output folder")
@@ -406,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
         text += [f"![quality and TTFT vs ratio]({plot(q_rows, args.out / 'blend.png').name})", ""]
     if args.ttft_prompts:
         t_rows, meta = ttft(args.ttft_prompts, args.ttft_docs, args.ttft_doc_tokens, args.link,
-                            min_ratio=args.min_ratio)  # fmt: skip
+                            args.ttft_dtype, min_ratio=args.min_ratio)  # fmt: skip
         report["ttft"] = [asdict(r) for r in t_rows]
         report["ttft_meta"] = meta
         text += ["## TTFT", "", ttft_table(t_rows), "", f"cost model: {json.dumps(meta)}", ""]
