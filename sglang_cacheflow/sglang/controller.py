@@ -1,4 +1,5 @@
-"""The restore controller of one SGLang scheduler process: plans, calibrates, counts.
+"""The restore controller of one SGLang scheduler process: plans and calibrates (what each
+restore then restored is counted by :mod:`~sglang_cacheflow.sglang.accounting`).
 
 It runs in the scheduler thread (the L3 backend reports transfer times from SGLang's prefetch
 thread, under a lock). Per scheduling round it does two kinds of planning, both batch-aware
@@ -48,6 +49,7 @@ from sglang_cacheflow.planner import (
     reuses_evicted_kv,
     serves_in_order,
 )
+from sglang_cacheflow.sglang.accounting import RestoreAccounting
 from sglang_cacheflow.sglang.capabilities import SGLANG
 from sglang_cacheflow.sglang.config import CacheFlowConfig
 from sglang_cacheflow.sglang.costs import CostTracker
@@ -114,7 +116,6 @@ class CacheFlowController:
         self.tp_group = tp_group
         self.tp_rank = tp_rank
         self.costs = CostTracker(cfg, shape)
-        self.metrics = RestoreMetrics(enable_metrics and tp_rank == 0)
         self.host_caps: dict[str, int] = {}
         self._round: dict[str, Decision] = {}
         self.storage_plans: OrderedDict[str, Decision] = OrderedDict()
@@ -130,6 +131,9 @@ class CacheFlowController:
         self.queue: Sequence[Any] = ()  # the scheduler's waiting queue, as of the last round
         self._queued_s = 0.0  # queued prefill seconds counted in the last round's busy
         self._log = logger.info if cfg.log_decisions else logger.debug
+        metrics = RestoreMetrics(enable_metrics and tp_rank == 0)
+        self.account = RestoreAccounting(metrics, self._log)
+        self.metrics = metrics  # what the controller counts itself: planned shapes
         self.in_order = serves_in_order(cfg.policy)
 
     # -- planning ------------------------------------------------------------------------
@@ -281,44 +285,20 @@ class CacheFlowController:
             if d is not None:  # admitted: its planned work is now owed (not re-planned)
                 self.owed.add(d.work, now)
                 self.metrics.planned(self.cfg.policy, d.shape)
-                if d.split is not None:  # counted at the splice
-                    self._track(d)
-                    continue
-                loaded = min(req.host_loaded_length, d.evicted)
-                self.metrics.restored("load", HOST_TIER, loaded)
-                self.metrics.restored("recompute", HOST_TIER, d.evicted - loaded)
-                if loaded < d.planned_load:
-                    self.metrics.fallback("host_load_declined", HOST_TIER, d.planned_load - loaded)
+                if d.split is None:  # else counted at the splice
+                    self.account.host_admitted(d, req)
                 self._track(d)
                 continue
             d = self.storage_plans.pop(req.rid, None)
             if d is None:
                 continue
-            if d.split is not None:  # counted at the splice
-                self._track(d)
-                continue
-            from_l3 = min(int(getattr(req, "storage_hit_length", 0) or 0), d.evicted)
-            self.metrics.restored("load", L3_TIER, from_l3)
-            self.metrics.restored("load", HOST_TIER, max(0, req.host_loaded_length - from_l3))
-            self.metrics.restored("recompute", L3_TIER, d.evicted - from_l3)
-            if from_l3 < d.planned_load:
-                # No tier fault since the plan: SGLang itself fetched less (host memory for
-                # prefetches ran short, or its prefetch policy stopped waiting).
-                fault = self._l3_faults() > d.l3_faults
-                reason = "l3_short" if fault else "l3_prefetch_declined"
-                self.metrics.fallback(reason, L3_TIER, d.planned_load - from_l3)
-                (logger.warning if fault else logger.info)(
-                    "cacheflow: rid=%s got %d of the %d tokens planned from %s (%s); "
-                    "recomputing the rest", req.rid, from_l3, d.planned_load, L3_TIER, reason,
-                )  # fmt: skip
+            if d.split is None:  # else counted at the splice
+                self.account.l3_admitted(d, req, self._l3_faults() > d.l3_faults)
             self._track(d)
 
     def lookup_failed(self, rid: str, tokens: int) -> None:
         """The L3 lookup of ``rid``'s span failed (tier down): its ``tokens`` are recomputed."""
-        self.metrics.fallback("l3_unavailable", L3_TIER, tokens)
-        logger.warning(
-            "cacheflow: rid=%s: %s lookup failed; recomputing its %d tokens", rid, L3_TIER, tokens
-        )
+        self.account.lookup_failed(rid, tokens)
 
     def _track(self, d: Decision) -> None:
         self.pending[d.rid] = d
@@ -357,15 +337,11 @@ class CacheFlowController:
             if d is None:
                 continue
             measured = now - d.t0
-            self.metrics.restore_time(d.predicted_s, measured)
+            self.account.restore_done(d, measured)
             if d.alone and d.split is not None and d.split.landed_pages == d.split.pages:
                 self.costs.observe_split(measured, d.predicted_s)
             elif d.alone and d.tier == L3_TIER and d.planned_load > 0:
                 self.costs.observe_restore(L3_TIER, measured, d.predicted_s)
-            self._log(
-                "cacheflow restore rid=%s done: measured %.2f ms, predicted %.2f ms (%s)",
-                d.rid, measured * 1e3, d.predicted_s * 1e3, d.shape,
-            )  # fmt: skip
         if not self.pending and not self.storage_plans and not self.splits:
             self.owed.clear()
 
@@ -472,7 +448,7 @@ class CacheFlowController:
             storage = self.cache.cacheflow_storage()
             return start_l3_split(self.reader, storage, req, front, layer, keys, self.page_size)
         except SplitUnavailable as e:
-            self._split_unavailable(req, str(e))
+            self.account.split_unavailable(req, str(e))
             return None
 
     def _start_host_split(
@@ -484,16 +460,8 @@ class CacheFlowController:
                 self.reader, self.cache, node, req, front, layer, self.page_size
             )
         except SplitUnavailable as e:
-            self._split_unavailable(req, str(e))
+            self.account.split_unavailable(req, str(e))
             return None
-
-    def _split_unavailable(self, req: Request, why: str) -> None:
-        tier = req.spans[0].tier
-        self.metrics.fallback("split_unavailable", tier, req.evicted_tokens)
-        logger.warning(
-            "cacheflow: rid=%s: split restore from %s not possible (%s); recomputing its %d "
-            "tokens", req.id, tier, why, req.evicted_tokens,
-        )  # fmt: skip
 
     def _l3_faults(self) -> int:
         """Errors, corrupt records and misses of the L3 tier so far (0 without one)."""
@@ -552,8 +520,7 @@ class CacheFlowController:
         if d is None or d.split is None:
             return
         d.split.close()
-        self.metrics.fallback(reason, d.tier, d.split.tokens)
-        logger.info("cacheflow: rid=%s: split restore dropped (%s); recomputing", rid, reason)
+        self.account.split_dropped(rid, d.tier, d.split.tokens, reason)
 
     def after_checkpoint(self, req: Any, tree_cache: Any) -> None:
         """SGLang checkpointed a chunk of ``req``: if it ends a split restore's front, splice
@@ -572,20 +539,4 @@ class CacheFlowController:
                 got, waited, reason = res.tokens, res.waited_s, res.reason
         finally:
             sp.close()
-        # a layer split loads a share of each token: count that share as loaded
-        l0, l1 = sp.layers
-        share = sp.layer_share
-        self.metrics.restored("load", sp.tier, got * share)
-        self.metrics.restored("recompute", sp.tier, d.evicted - got * share)
-        self._log(
-            "cacheflow split rid=%s: %s; loaded %s%d of the %d planned tokens from %s (read "
-            "%.2f ms, waited %.2f ms at the splice)", req.rid, d.shape,
-            f"layers [{l0}, {l1}) of " if sp.layer_split else "", got, sp.tokens, sp.tier,
-            sp.read_s * 1e3, waited * 1e3,
-        )  # fmt: skip
-        if got < sp.tokens:
-            self.metrics.fallback(reason or "split_short", sp.tier, sp.tokens - got)
-            logger.warning(
-                "cacheflow: rid=%s got %d of the %d tokens planned from %s (%s: %s); "
-                "recomputing the rest", req.rid, got, sp.tokens, sp.tier, reason, sp.error,
-            )  # fmt: skip
+        self.account.spliced(d, sp, got, waited, reason)
