@@ -228,7 +228,7 @@ def host_cost(reuse: ChunkReuse, doc: Document) -> TierCost:
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()
-        store.read(stored, 0, layers, outs)
+        store.read([(stored, 0)], layers, outs)
         best = min(best, time.perf_counter() - t)
     return TierCost(len(outs) * store.layout.page_bytes / best)
 

@@ -126,34 +126,40 @@ class _Loader:
 
     def _run(self) -> None:
         try:
+            loads = [x for x in self.loads if x.keep.numel() and self._pages(x) > 0]
             for l0 in range(self.first_layer, self.kv.num_layers, self.layers_per_read):
                 l1 = min(l0 + self.layers_per_read, self.kv.num_layers)
-                for load in self.loads:
-                    if not self._read(load, l0, l1):
-                        self.failed = True
-                        return
+                if loads and not self._read(loads, l0, l1):
+                    self.failed = True
+                    return
                 for layer in range(l0, l1):
                     self.ready[layer].set()
         finally:
             for event in self.ready:  # a failure wakes the forward, which then checks
                 event.set()
 
-    def _read(self, load: _Load, l0: int, l1: int) -> bool:
+    def _pages(self, load: _Load) -> int:
+        return load.chunk.pages(self.store.page_tokens) - load.first_page
+
+    def _read(self, loads: list[_Load], l0: int, l1: int) -> bool:
+        """Layers ``[l0, l1)`` of every load: one tier call, then each chunk's tokens placed
+        at their positions with their keys moved by the chunk's delta."""
         layout = self.store.layout
-        pages = load.chunk.pages(layout.page_tokens) - load.first_page
-        if pages <= 0 or load.keep.numel() == 0:
-            return True
-        outs = [layout.empty((l0, l1)) for _ in range(pages)]
-        if not all(self.store.read(load.chunk, load.first_page, (l0, l1), outs)):
+        counts = [self._pages(x) for x in loads]
+        outs = [layout.empty((l0, l1)) for _ in range(sum(counts))]
+        parts = [(x.chunk, x.first_page) for x in loads]
+        if not all(self.store.read(parts, (l0, l1), outs)):
             return False
-        self.loaded_bytes += pages * (l1 - l0) * layout.layer_bytes
-        data = torch.cat(outs, dim=2)[:, :, load.keep]  # (layers, 2, kept, heads, dim)
-        keys = data[:, 0]
-        if load.delta:
-            keys = self.rotator.rotate(keys, load.delta)
-        device = self.kv.device
-        self.kv.data[l0:l1, 0, load.positions] = keys.to(device)
-        self.kv.data[l0:l1, 1, load.positions] = data[:, 1].to(device)
+        self.loaded_bytes += len(outs) * (l1 - l0) * layout.layer_bytes
+        device, at = self.kv.device, 0
+        for load, count in zip(loads, counts, strict=True):
+            pages, at = outs[at : at + count], at + count
+            data = torch.cat(pages, dim=2)[:, :, load.keep]  # (layers, 2, kept, heads, dim)
+            keys = data[:, 0]
+            if load.delta:
+                keys = self.rotator.rotate(keys, load.delta)
+            self.kv.data[l0:l1, 0, load.positions] = keys.to(device)
+            self.kv.data[l0:l1, 1, load.positions] = data[:, 1].to(device)
         return True
 
     def wait(self, layer: int) -> None:

@@ -117,10 +117,18 @@ class ChunkStore:
         return _decode_meta(key, raw, tokens)
 
     def read(
-        self, chunk: StoredChunk, first_page: int, layers: LayerRange, outs: list[torch.Tensor]
+        self,
+        parts: list[tuple[StoredChunk, int]],
+        layers: LayerRange,
+        outs: list[torch.Tensor],
     ) -> list[bool]:
-        """Read layers ``layers`` of the chunk's pages ``[first_page, pages)`` into ``outs``."""
-        hashes = self.kv_hashes(chunk.key, first_page, chunk.pages(self.page_tokens))
+        """Read layers ``layers`` of each ``(chunk, first_page)``'s pages ``[first_page,
+        pages)`` into ``outs`` (one per page, in that order): one tier call for all."""
+        hashes = [
+            h
+            for chunk, first in parts
+            for h in self.kv_hashes(chunk.key, first, chunk.pages(self.page_tokens))
+        ]
         return self.tier.batch_get_into(self.namespace, hashes, outs, layers)
 
 
