@@ -113,13 +113,10 @@ def _price(
     """``(recomputed, loaded, compute_s, load_s)`` of one request at ``ratio``."""
     selected = _selected(req.reused, ratio)
     before = req.resident + req.exact
-    # A selected token sits on average half-way into the reused chunks; the new tokens see
-    # the whole context and each other (causally).
-    pairs = (
-        selected * (before + req.reused / 2)
-        + req.new * (before + req.reused)
-        + req.new * (req.new - 1) / 2
-    )
+    # The recomputed tokens sit at scattered positions, so attention runs with a mask by
+    # position over the whole context (the runtime's SDPA, SGLang's custom-mask extend):
+    # every (query, key) pair is computed, the masked ones included.
+    pairs = (selected + req.new) * (before + req.reused + req.new)
     compute_s = _forward_s(cost.compute, selected + req.new, pairs)
     if selection is Selection.ONLINE:
         # The deviation that picks the tokens is measured on one fully recomputed layer,

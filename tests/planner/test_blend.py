@@ -82,7 +82,7 @@ def test_pricing_follows_the_formulas():
     cost = model()
     (p,) = plan_blend([rag("slow")], cost, ratio=0.25).plans
     sel, before = 1024, 512 + 256
-    pairs = sel * (before + 4096 / 2) + 64 * (before + 4096) + 64 * 63 / 2
+    pairs = (sel + 64) * (before + 4096 + 64)  # a mask over the whole context
     assert p.recomputed == sel + 64
     assert p.compute_s == pytest.approx(1e-3 + (sel + 64) / 5000 + 1e-9 * pairs)
     assert p.loaded == 256 + 4096 - sel
