@@ -196,7 +196,11 @@ def test_a_missing_chunk_is_recomputed_and_counted():
     got = reuse.restore(prompt, Selection.OFFLINE, 1.0)
     assert got.missing_chunks == 1 and not got.fallback
     assert got.reused == 70  # chunk 2 is no longer reused: it is recomputed in full
+    assert got.recomputed == 70  # counted apart from the reused tokens recomputed
     assert logprob_diff(got.logits, want) < 1e-4
+    for selection in Selection:  # its tokens are computed whatever the choice
+        plain = reuse.restore(prompt, selection, 0.0)
+        assert (plain.missing_chunks, plain.recomputed) == (1, 0)
 
 
 def test_a_page_lost_mid_restore_falls_back_to_full_recompute():

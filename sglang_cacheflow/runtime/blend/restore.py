@@ -227,7 +227,7 @@ class ChunkReuse:
         kv = self._new_kv(prompt.tokens + extra)
         gen = torch.Generator().manual_seed(seed)
         loads, chosen, budgets = [], [], []
-        reused = exact = missing = 0
+        reused = exact = missing = missing_tokens = 0
         online_pool: list[torch.Tensor] = []  # positions the online choice picks from
         for index, (chunk, offset) in enumerate(zip(prompt.chunks, prompt.offsets, strict=True)):
             n = chunk.numel()
@@ -235,6 +235,7 @@ class ChunkReuse:
             positions = torch.arange(offset, offset + n)
             if stored is None:  # not stored (or unreadable): this chunk is recomputed
                 missing += 1
+                missing_tokens += n
                 chosen.append(positions)
                 continue
             if index == 0 and offset == stored.start:
@@ -269,7 +270,8 @@ class ChunkReuse:
             recomputed=0, reused=reused, exact=exact, missing_chunks=missing,
         )  # fmt: skip
         try:
-            logits, recomputed = self._forward(prompt, kv, loader, chosen, online_pool, budgets)
+            logits, computed = self._forward(prompt, kv, loader, chosen, online_pool, budgets)
+            recomputed = computed - missing_tokens
         except _LoadFailed:
             loader.thread.join()
             logits, kv_full, _ = self.full(prompt, extra)
@@ -292,12 +294,11 @@ class ChunkReuse:
         online_pool: list[torch.Tensor],
         budgets: list[int],
     ) -> tuple[torch.Tensor, int]:
-        """The selective forward; returns the last token's logits and how many reused
-        tokens it recomputed."""
+        """The selective forward; returns the last token's logits and how many tokens before
+        the query it recomputed."""
         model, ids = self.model, prompt.ids
         pre, end = self.preamble.numel(), prompt.tokens
         query = torch.arange(end - prompt.query.numel(), end)
-        missing_tokens = sum(c.numel() for c in chosen) if online_pool else 0
         if online_pool:  # CacheBlend: layer 0 in full, then the deviating tokens
             hidden = model.run_layers(kv, model.embed(ids[pre:]), pre, 0, CHECK_LAYER)
             loader.wait(CHECK_LAYER)
@@ -310,16 +311,13 @@ class ChunkReuse:
                 kv, hidden[:, positions - pre], positions, CHECK_LAYER, model.num_layers,
                 before_layer=loader.wait,
             )  # fmt: skip
-            recomputed = positions.numel() - query.numel() - missing_tokens
         else:
             positions = torch.sort(torch.cat([*chosen, query])).values
-            missing_tokens = 0
             out = model.run_scattered(
                 kv, model.embed(ids[positions]), positions, 0, model.num_layers,
                 before_layer=loader.wait,
             )  # fmt: skip
-            recomputed = positions.numel() - query.numel()
-        return model.logits(out[0, -1]), recomputed
+        return model.logits(out[0, -1]), positions.numel() - query.numel()
 
     def _keys(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Keys ``(tokens, kv_heads, head_dim)`` that ``layer`` computes from ``hidden``."""
