@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sglang_cacheflow.bench.blend_data import Document, rag_prompts
+from sglang_cacheflow.bench.blend_data import Document, RagSet, rag_prompts
 from sglang_cacheflow.planner import Calibrator, CostModel, TierCost
 from sglang_cacheflow.planner.blend import BlendRequest, Selection, plan_blend
 from sglang_cacheflow.runtime.blend.restore import BlendPrompt, ChunkReuse
@@ -89,10 +89,8 @@ def tokenizer_for(dtype: str) -> Any:
     )
 
 
-def _prompt(
-    preamble: torch.Tensor, pool: Sequence[Document], picked: list[int], q: torch.Tensor
-) -> BlendPrompt:
-    return BlendPrompt(preamble, tuple(pool[i].ids for i in picked), q)
+def _prompt(rag: RagSet, picked: list[int], q: torch.Tensor) -> BlendPrompt:
+    return BlendPrompt(rag.preamble, tuple(rag.pool[i].ids for i in picked), q)
 
 
 def _answer_logits(
@@ -131,45 +129,42 @@ def quality(
     doc_tokens: int,
     answer_tokens: int,
     ratios: Sequence[float] = RATIOS,
-    selections: Sequence[Selection] = tuple(Selection),
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[QualityRow]:
+    """Every method at every ratio on the same prompts (module doc). The offline choice
+    runs with both scorers, on two stores of the same chunks."""
     model = load_model(dtype)
     tok = tokenizer_for(dtype)
-    preamble, pool, items = rag_prompts(tok, prompts, per_prompt, doc_tokens, seed)
-    reuse = _reuse(model, HostTier(8 << 30), preamble, pool)
+    rag = rag_prompts(tok, prompts, per_prompt, doc_tokens, seed)
+    tier = HostTier(8 << 30)
+    probed = _reuse(model, tier, rag, probe=True)
+    spectral = _reuse(model, tier, rag, probe=False)
+    methods = [
+        ("offline (probe)", probed, Selection.OFFLINE),
+        ("offline (spectral)", spectral, Selection.OFFLINE),
+        (Selection.ONLINE.value, probed, Selection.ONLINE),
+        (Selection.RANDOM.value, probed, Selection.RANDOM),
+    ]
     cells: dict[tuple[str, float], list[tuple[float, float, int, float, float]]] = {}
-    for n, (picked, q) in enumerate(items):
-        prompt = _prompt(preamble, pool, picked, q)
+    for n, (picked, q) in enumerate(rag.prompts):
+        prompt = _prompt(rag, picked, q)
         extra = answer_tokens
-        ref_logits, ref_kv, _ = reuse.full(prompt, extra)
+        ref_logits, ref_kv, _ = probed.full(prompt, extra)
         answer = _reference_answer(model, ref_kv, ref_logits, prompt.tokens, answer_tokens)
         ref = _answer_logits(model, ref_kv, ref_logits, answer, prompt.tokens)
-        for sel in selections:
-            for ratio in ratios:
-                name = "plain" if ratio == 0 else "full" if ratio == 1 else sel.value
-                if ratio in (0, 1) and sel is not selections[0]:
-                    continue  # method-independent
-                res = reuse.restore(
-                    prompt,
-                    sel if name == sel.value else Selection.OFFLINE,
-                    ratio,
-                    extra=extra,
-                    seed=seed + n,
-                )
+        for ratio in ratios:
+            ends = ratio in (0, 1)  # the same for every method: plain reuse, full recompute
+            for name, reuse, sel in methods[:1] if ends else methods:
+                res = reuse.restore(prompt, sel, ratio, extra=extra, seed=seed + n)
                 got = _answer_logits(model, res.kv, res.logits, answer, prompt.tokens)
                 kept = _kept(answer, got)
-                cells.setdefault((name, ratio), []).append(
-                    (
-                        res.ratio,
-                        kept / answer.numel(),
-                        kept == answer.numel(),
-                        _kl(ref, got),
-                        res.ttft_s,
-                    )
-                )
-        log(f"{dtype} prompt {n + 1}/{len(items)} ({prompt.tokens} tokens) done")
+                label = ("plain" if ratio == 0 else "full") if ends else name
+                cells.setdefault((label, ratio), []).append(
+                    (res.ratio, kept / answer.numel(), kept == answer.numel(), _kl(ref, got),
+                     res.ttft_s)
+                )  # fmt: skip
+        log(f"{dtype} prompt {n + 1}/{len(rag.prompts)} ({prompt.tokens} tokens) done")
     rows = []
     for (name, ratio), vals in cells.items():
         mean = [statistics.fmean(v[i] for v in vals) for i in range(5)]
@@ -178,16 +173,14 @@ def quality(
 
 
 def _reuse(
-    model: ModelAdapter,
-    tier: KVTier,
-    preamble: torch.Tensor,
-    pool: Sequence[Document],
-    page_tokens: int = 16,
+    model: ModelAdapter, tier: KVTier, rag: RagSet, probe: bool, page_tokens: int = 16
 ) -> ChunkReuse:
-    probe = model.new_kv(1, page_tokens)
-    store = ChunkStore(tier, Namespace("SmolLM2-135M-Instruct", probe.layout()))
-    reuse = ChunkReuse(model, store, preamble)
-    for doc in pool:
+    """The pool's chunks computed and stored in ``tier``, ordered by the probe scorer (or
+    the spectral one)."""
+    layout = model.new_kv(1, page_tokens).layout()
+    store = ChunkStore(tier, Namespace("SmolLM2-135M-Instruct", layout))
+    reuse = ChunkReuse(model, store, rag.preamble, rag.probe if probe else None)
+    for doc in rag.pool:
         if not reuse.store_chunk(doc.ids):
             raise RuntimeError(f"the {tier.name} tier refused a chunk; give it more memory")
     return reuse
@@ -218,10 +211,8 @@ def calibrated_cost(
 
 def host_cost(reuse: ChunkReuse, doc: Document) -> TierCost:
     """Host memory's cost measured on one stored chunk (all its pages, all layers)."""
-    from sglang_cacheflow.runtime.blend.store import chunk_key
-
     store = reuse.store
-    stored = store.meta(chunk_key(doc.ids, reuse.preamble), doc.ids.numel())
+    stored = store.meta(reuse.key(doc.ids), doc.ids.numel())
     assert stored is not None
     layers = (0, store.layout.num_layers)
     outs = [store.layout.empty() for _ in range(stored.pages(store.page_tokens))]
@@ -251,7 +242,7 @@ def ttft(
 
     model = load_model(dtype)
     tok = tokenizer_for(dtype)
-    preamble, pool, items = rag_prompts(tok, prompts, per_prompt, doc_tokens, seed)
+    rag = rag_prompts(tok, prompts, per_prompt, doc_tokens, seed)
     shape = LinkShape.parse(link)
     rows: list[TtftRow] = []
     with RedisServer() as server, RedisTier(server.url) as redis:
@@ -259,9 +250,9 @@ def ttft(
             HOST_TIER: HostTier(8 << 30),
             REDIS_TIER: ShapedTier(redis, shape),
         }
-        reuses = {name: _reuse(model, tier, preamble, pool) for name, tier in tiers.items()}
+        reuses = {name: _reuse(model, tier, rag, probe=True) for name, tier in tiers.items()}
         costs = {
-            HOST_TIER: host_cost(reuses[HOST_TIER], pool[0]),
+            HOST_TIER: host_cost(reuses[HOST_TIER], rag.pool[0]),
             REDIS_TIER: TierCost(shape.bandwidth_bytes_per_s, shape.latency_s),
         }
         cost = calibrated_cost(model, costs)
@@ -274,10 +265,10 @@ def ttft(
         for name, reuse in reuses.items():
             cells: dict[str, list[tuple[float, float, float, float]]] = {}
             full_s: list[float] = []
-            for n, (picked, q) in enumerate(items):
-                prompt = _prompt(preamble, pool, picked, q)
-                pre = preamble.numel()
-                first = pool[picked[0]].ids.numel()
+            for n, (picked, q) in enumerate(rag.prompts):
+                prompt = _prompt(rag, picked, q)
+                pre = rag.preamble.numel()
+                first = rag.pool[picked[0]].ids.numel()
                 reused = prompt.tokens - pre - first - q.numel()
                 req = BlendRequest(f"p{n}", name, pre, first, reused, q.numel())
                 planned = plan_blend([req], cost, min_ratio=min_ratio)
@@ -294,7 +285,7 @@ def ttft(
                     cells.setdefault(v, []).append(
                         (variants[v].ratio, res.ttft_s, variants[v].plans[0].ttft_s, mb)
                     )
-                log(f"{name}: prompt {n + 1}/{len(items)} ({prompt.tokens} tokens) done")
+                log(f"{name}: prompt {n + 1}/{len(rag.prompts)} ({prompt.tokens} tokens) done")
             full = statistics.fmean(full_s)
             for v, vals in cells.items():
                 reuse_s = statistics.fmean(x[1] for x in vals)
@@ -303,7 +294,7 @@ def ttft(
                     selection=Selection.OFFLINE.value, ratio=statistics.fmean(x[0] for x in vals),
                     planned=v == "planned", full_s=full, reuse_s=reuse_s, speedup=full / reuse_s,
                     predicted_s=statistics.fmean(x[2] for x in vals),
-                    loaded_mb=statistics.fmean(x[3] for x in vals), prompts=len(items),
+                    loaded_mb=statistics.fmean(x[3] for x in vals), prompts=len(rag.prompts),
                 ))  # fmt: skip
     return rows, meta
 
@@ -347,7 +338,8 @@ def plot(rows: Sequence[QualityRow], path: Path) -> Path:
     for row, dtype in zip(axes, dtypes, strict=True):
         mine = [r for r in rows if r.dtype == dtype]
         ends = [r for r in mine if r.selection in ("plain", "full")]
-        for sel in (s.value for s in Selection):
+        methods = sorted({r.selection for r in mine} - {"plain", "full"})
+        for sel in methods:
             pts = sorted([r for r in mine if r.selection == sel] + ends, key=lambda r: r.ratio)
             xs = [r.ratio * 100 for r in pts]
             row[0].plot(xs, [r.kl for r in pts], marker="o", label=sel)

@@ -63,20 +63,27 @@ def documents(tokenizer: Any, count: int, tokens: int, seed: int = 0) -> list[Do
     )
 
 
+@dataclass(frozen=True)
+class RagSet:
+    preamble: torch.Tensor
+    pool: list[Document]
+    prompts: list[tuple[list[int], torch.Tensor]]  # documents' indices in order, question ids
+    probe: torch.Tensor  # a text in none of the prompts (the offline probe scorer's)
+
+
 def rag_prompts(
     tokenizer: Any, prompts: int, per_prompt: int, doc_tokens: int, seed: int = 0
-) -> tuple[torch.Tensor, list[Document], list[tuple[list[int], torch.Tensor]]]:
+) -> RagSet:
     """``prompts`` prompts of ``per_prompt`` documents drawn from a shared pool (so the same
-    document sits at different positions in different prompts). Returns the preamble, the
-    pool, and per prompt the documents' indices in order and the question's ids."""
+    document sits at different positions in different prompts)."""
     if per_prompt < 2:
         raise ValueError("a prompt needs at least 2 documents (one of them reused elsewhere)")
     pool_size = max(per_prompt + 1, (prompts * per_prompt + 1) // 2)
-    pool = documents(tokenizer, pool_size, doc_tokens, seed)
+    *pool, probe = documents(tokenizer, pool_size + 1, doc_tokens, seed)
     rng = random.Random(seed)
     out = []
     for _ in range(prompts):
         picked = rng.sample(range(len(pool)), per_prompt)
         asked = pool[rng.choice(picked[1:])]  # a document that is not the exact prefix
         out.append((picked, question_ids(tokenizer, asked.question)))
-    return preamble_ids(tokenizer), pool, out
+    return RagSet(preamble_ids(tokenizer), pool, out, probe.ids[: max(16, doc_tokens // 4)])

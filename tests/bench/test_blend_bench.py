@@ -18,16 +18,16 @@ def test_blend_bench_reports_quality_and_ttft(smollm2_path, tmp_path):
     assert main(["blend-bench", *TINY, "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "blend.json").read_text())
     rows = {(r["selection"], r["ratio"]): r for r in doc["quality"]}
-    assert set(rows) == {("plain", 0.0), ("full", 1.0), ("offline", 0.3), ("online", 0.3),
-                         ("random", 0.3)}  # fmt: skip
+    methods = ("offline (probe)", "offline (spectral)", "online", "random")
+    assert set(rows) == {("plain", 0.0), ("full", 1.0), *((m, 0.3) for m in methods)}
     assert all(r["prompts"] == 2 for r in rows.values())
     full, plain = rows["full", 1.0], rows["plain", 0.0]
     assert full["recomputed_share"] == 1.0 and plain["recomputed_share"] == 0.0
     # full recompute through the reuse path differs from full recompute by bf16 rounding
     # only; plain reuse by the cross-chunk attention it lacks
     assert full["kl"] < plain["kl"]
-    for sel in ("offline", "online", "random"):
-        assert 0.3 <= rows[sel, 0.3]["recomputed_share"] < 1.0
+    for m in methods:
+        assert 0.3 <= rows[m, 0.3]["recomputed_share"] < 1.0
     ttft = doc["ttft"]
     assert {r["tier"].split(" ")[0] for r in ttft} == {"host", "redis"}
     assert all(r["ratio"] >= 0.15 and r["loaded_mb"] > 0 and r["predicted_s"] > 0 for r in ttft)

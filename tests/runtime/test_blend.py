@@ -88,13 +88,16 @@ def test_length_dependent_rope_is_refused():
 # -- restores ---------------------------------------------------------------------------------
 
 
-def _setup(tier: KVTier, family: str = "llama", model_name: str = "blend-test"):
+def _setup(
+    tier: KVTier, family: str = "llama", model_name: str = "blend-test", probe: bool = False
+):
     adapter = ModelAdapter(random_model(family))
     store = ChunkStore(tier, Namespace(model_name, adapter.new_kv(1, PAGE).layout()))
     gen = torch.Generator().manual_seed(3)
     preamble = torch.randint(0, VOCAB, (5,), generator=gen)
     chunks = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (40, 70, 57)]
-    reuse = ChunkReuse(adapter, store, preamble)
+    probe_ids = torch.randint(0, VOCAB, (9,), generator=gen) if probe else None
+    reuse = ChunkReuse(adapter, store, preamble, probe_ids)
     for chunk in chunks:
         assert reuse.store_chunk(chunk)
     # chunk 0 sits where it was computed (an exact prefix); 2 and 1 are reused elsewhere
@@ -174,7 +177,7 @@ def test_a_chunk_round_trips_with_its_scores_through_redis(redis_server):
         reuse, prompt, chunks = _setup(redis, model_name="blend-redis")
         host, *_ = _setup(HostTier(1 << 28))
         for chunk in chunks:
-            key = chunk_key(chunk, reuse.preamble)
+            key = reuse.key(chunk)
             got = reuse.store.meta(key, chunk.numel())
             want = host.store.meta(key, chunk.numel())
             assert got is not None and want is not None
@@ -191,7 +194,7 @@ def test_a_missing_chunk_is_recomputed_and_counted():
     tier = HostTier(1 << 28)
     reuse, prompt, chunks = _setup(tier)
     want, _, _ = reuse.full(prompt)
-    key = chunk_key(chunks[2], reuse.preamble)
+    key = reuse.key(chunks[2])
     assert tier.delete(reuse.store.namespace, [f"{key}-m0"]) == 1
     got = reuse.restore(prompt, Selection.OFFLINE, 1.0)
     assert got.missing_chunks == 1 and not got.fallback
@@ -207,7 +210,7 @@ def test_a_page_lost_mid_restore_falls_back_to_full_recompute():
     tier = HostTier(1 << 28)
     reuse, prompt, chunks = _setup(tier)
     want, _, _ = reuse.full(prompt)
-    key = chunk_key(chunks[1], reuse.preamble)
+    key = reuse.key(chunks[1])
     assert tier.delete(reuse.store.namespace, [f"{key}-p4"]) == 1  # meta still there
     got = reuse.restore(prompt, Selection.OFFLINE, 0.0)
     assert got.fallback
@@ -218,7 +221,7 @@ def test_corrupt_meta_is_a_miss():
     tier = HostTier(1 << 28)
     reuse, _, chunks = _setup(tier)
     ns = reuse.store.namespace
-    key = chunk_key(chunks[0], reuse.preamble)
+    key = reuse.key(chunks[0])
     page = tier.get(ns, f"{key}-m0")
     assert page is not None
     raw = page.view(torch.uint8).reshape(-1)
@@ -238,3 +241,19 @@ def test_bad_input_is_refused(host_setup):
         reuse.restore(other, Selection.OFFLINE, 0.2)
     with pytest.raises(ValueError, match="query"):
         BlendPrompt(prompt.preamble, prompt.chunks, torch.empty(0, dtype=torch.long))
+
+
+def test_the_probe_scorer_orders_tokens_by_how_far_their_kv_moves():
+    tier = HostTier(1 << 28)
+    spectral, *_ = _setup(tier)
+    probed, prompt, chunks = _setup(tier, probe=True)
+    chunk = chunks[1]
+    assert probed.key(chunk) == chunk_key(chunk, probed.preamble, "probe")
+    assert probed.key(chunk) != spectral.key(chunk)  # two orders never share pages
+    got = probed.store.meta(probed.key(chunk), chunk.numel())
+    assert got is not None
+    # the first stored tokens are the ones whose KV moved most after the probe
+    assert torch.equal(got.order, torch.argsort(got.scores, descending=True, stable=True))
+    assert float(got.scores[got.order[0]]) > float(got.scores[got.order[-1]]) > 0
+    want, _, _ = probed.full(prompt)
+    assert logprob_diff(probed.restore(prompt, Selection.OFFLINE, 1.0).logits, want) < 1e-4

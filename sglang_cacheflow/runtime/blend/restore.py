@@ -25,6 +25,7 @@ from sglang_cacheflow.planner.blend import Selection, check_selection
 from sglang_cacheflow.runtime.blend.rope import KeyRotator
 from sglang_cacheflow.runtime.blend.selection import (
     key_deviation,
+    probe_scores,
     random_choice,
     spectral_scores,
     top,
@@ -171,12 +172,25 @@ class _Loader:
 
 
 class ChunkReuse:
-    """Stores chunks and restores prompts built from them, on one model and one store."""
+    """Stores chunks and restores prompts built from them, on one model and one store.
 
-    def __init__(self, model: ModelAdapter, store: ChunkStore, preamble: torch.Tensor) -> None:
+    ``probe`` (token ids of any text unlike the preamble) selects the offline scorer: with
+    it, a chunk is also computed after the probe and its tokens score by how far their KV
+    moves (:func:`~.selection.probe_scores`); without it, by CacheTune's spectral score.
+    """
+
+    def __init__(
+        self,
+        model: ModelAdapter,
+        store: ChunkStore,
+        preamble: torch.Tensor,
+        probe: torch.Tensor | None = None,
+    ) -> None:
         self.model = model
         self.store = store
         self.preamble = preamble.reshape(-1).cpu()
+        self.probe = probe.reshape(-1).cpu() if probe is not None and probe.numel() else None
+        self.scorer = "probe" if self.probe is not None else "spectral"
         self.rotator = KeyRotator(model.rotary_emb, model.config)
         self._preamble_kv = model.new_kv(max(1, self.preamble.numel()), store.page_tokens)
         if self.preamble.numel():
@@ -190,9 +204,22 @@ class ChunkReuse:
         start = self.preamble.numel()
         self.model.prefill(kv, chunk, start=start)
         end = start + chunk.numel()
-        scores = spectral_scores(kv.data[0, 1, start:end])
-        key = chunk_key(chunk, self.preamble)
-        return self.store.put(key, kv.data[:, :, start:end], start, scores)
+        alone = kv.data[:, :, start:end]
+        if self.probe is None:
+            scores = spectral_scores(alone[0, 1])
+        else:
+            shift = self.probe.numel()
+            probed_kv = self._new_kv(end + shift)
+            self.model.prefill(probed_kv, self.probe, start=start)
+            self.model.prefill(probed_kv, chunk, start=start + shift)
+            probed = probed_kv.data[:, :, start + shift : end + shift].clone()
+            probed[:, 0] = self.rotator.rotate(probed[:, 0], -shift)
+            scores = probe_scores(alone, probed)
+        return self.store.put(self.key(chunk), alone, start, scores)
+
+    def key(self, chunk: torch.Tensor) -> str:
+        """The store key of ``chunk`` under this preamble and scorer."""
+        return chunk_key(chunk, self.preamble, self.scorer)
 
     # -- restores --------------------------------------------------------------------------
     def full(self, prompt: BlendPrompt, extra: int = 0) -> tuple[torch.Tensor, KVCache, float]:
@@ -231,7 +258,7 @@ class ChunkReuse:
         online_pool: list[torch.Tensor] = []  # positions the online choice picks from
         for index, (chunk, offset) in enumerate(zip(prompt.chunks, prompt.offsets, strict=True)):
             n = chunk.numel()
-            stored = self.store.meta(chunk_key(chunk, self.preamble), n)
+            stored = self.store.meta(self.key(chunk), n)
             positions = torch.arange(offset, offset + n)
             if stored is None:  # not stored (or unreadable): this chunk is recomputed
                 missing += 1

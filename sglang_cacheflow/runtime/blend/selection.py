@@ -1,8 +1,10 @@
 """Which reused tokens to recompute: the three choices, one interface (top ``k`` by a score).
 
-- offline (CacheTune): a score computed once, when the chunk is stored, from the chunk's
-  layer-0 values alone (:func:`spectral_scores`); the store keeps the tokens in score
-  order, so the choice costs nothing at reuse and the chosen tokens' KV is never read;
+- offline (CacheTune): a score computed once, when the chunk is stored; the store keeps the
+  tokens in score order, so the choice costs nothing at reuse and the chosen tokens' KV is
+  never read. Two scorers: :func:`probe_scores` (how much each token's KV moves when the
+  chunk follows another text: the deviation the online choice measures, estimated offline)
+  and :func:`spectral_scores` (CacheTune's low-frequency energy of the layer-0 values);
 - online (CacheBlend): at reuse, the tokens whose keys at an early layer deviate most from
   the reused ones (:func:`key_deviation`); needs a full forward of that layer and every
   reused token's KV;
@@ -23,7 +25,8 @@ def spectral_scores(values: torch.Tensor, low_share: float = LOW_SHARE) -> torch
     lowest ``low_share`` of the rFFT bins, the channel's mean removed) is what the chunk
     carries smoothly from token to token. A token scores by the energy of that part at its
     position. Measured on SmolLM2 (docs/benchmarks.md), these tokens repair more of what
-    computing the chunk alone got wrong than random ones, or the high-frequency residual.
+    computing the chunk alone got wrong than random ones do, and less than
+    :func:`probe_scores`' tokens.
     """
     n = values.shape[0]
     x = values.reshape(n, -1).to(torch.float32)
@@ -33,6 +36,15 @@ def spectral_scores(values: torch.Tensor, low_share: float = LOW_SHARE) -> torch
     spectrum[keep:] = 0
     low = torch.fft.irfft(spectrum, n=n, dim=0)
     return (low**2).sum(dim=1)
+
+
+def probe_scores(alone: torch.Tensor, probed: torch.Tensor) -> torch.Tensor:
+    """Per-token score from a chunk's KV computed alone and after a probe text, both
+    ``(num_layers, 2, tokens, kv_heads, head_dim)`` with the probed keys moved back to the
+    alone positions: the distance between the two, K and V, summed over the layers."""
+    layers, _, n = alone.shape[:3]
+    diff = (probed.float() - alone.float()).reshape(layers, 2, n, -1)
+    return diff.norm(dim=-1).sum(dim=(0, 1))
 
 
 def key_deviation(fresh: torch.Tensor, reused: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,10 @@ _VERSION = 1
 _HEADER = struct.Struct("<IIqq")  # magic, version, tokens, start
 
 
-def chunk_key(chunk_ids: torch.Tensor, preamble_ids: torch.Tensor) -> str:
-    """Hex key of a chunk: its tokens and the preamble it was computed after."""
-    h = hashlib.sha256()
+def chunk_key(chunk_ids: torch.Tensor, preamble_ids: torch.Tensor, scorer: str) -> str:
+    """Hex key of a chunk: its tokens, the preamble it was computed after, and the scorer
+    that ordered its pages (two scorers store two orders, never a mix of both)."""
+    h = hashlib.sha256(scorer.encode() + b"|")
     for ids in (preamble_ids, chunk_ids):
         h.update(",".join(map(str, ids.reshape(-1).tolist())).encode())
         h.update(b"|")
