@@ -1,9 +1,10 @@
 """One request's restore decision as the controller keeps it, and what is read off a plan
 for it: the split it takes, the tokens it loads, its place in the service order, the line
-that logs it."""
+that logs it (and how to read that line back)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,35 @@ def describe(plan_: Plan, req: Request, tier: str, cost: CostModel) -> str:
         f"{c.attention_s_per_token_pair:.2g} s/pair, {tier} {t.bandwidth_Bps / 1e9:.3f} GB/s + "
         f"{t.latency_s * 1e3:.2f} ms)"
     )
+
+
+@dataclass(frozen=True)
+class LoggedDecision:
+    """What :func:`logged_decisions` reads back from a decision log line."""
+
+    rid: str
+    policy: str
+    tier: str
+    evicted: int
+    loaded: int
+    recomputed: int
+    shape: str  # e.g. "load front 256+256", "layer split 12/30"
+
+
+_LOGGED = re.compile(
+    r"cacheflow restore rid=(\S+) policy=(\S+): device \d+, (\d+) evicted on (\S+), \d+ new "
+    r"-> load (\d+) from \S+, recompute (\d+) \(([^,]+),"
+)
+
+
+def logged_decisions(log: str, tier: str | None = None) -> list[LoggedDecision]:
+    """The decisions :func:`describe` logged in ``log`` (a server's log text), in order;
+    only those of ``tier`` when given."""
+    out = [
+        LoggedDecision(rid, policy, t, int(e), int(a), int(b), shape)
+        for rid, policy, e, t, a, b, shape in _LOGGED.findall(log)
+    ]
+    return [d for d in out if tier is None or d.tier == tier]
 
 
 def serve_in_plan_order(queue: MutableSequence[Any], order: Mapping[str, tuple[int, int]]) -> None:

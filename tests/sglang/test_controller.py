@@ -14,10 +14,19 @@ from typing import Any
 
 import pytest
 
-from sglang_cacheflow.planner import ModelShape
+from sglang_cacheflow.planner import (
+    ComputeCost,
+    CostModel,
+    ModelShape,
+    Request,
+    Span,
+    TierCost,
+    plan,
+)
+from sglang_cacheflow.sglang.capabilities import SGLANG
 from sglang_cacheflow.sglang.config import parse_config
 from sglang_cacheflow.sglang.controller import CacheFlowController
-from sglang_cacheflow.sglang.decision import serve_in_plan_order
+from sglang_cacheflow.sglang.decision import describe, logged_decisions, serve_in_plan_order
 from tests.sglang.fakes import Cache, Handle, Storage
 
 SHAPE = ModelShape(num_layers=4, num_kv_heads=2, head_dim=32, dtype_bytes=4)  # 2 KiB/token
@@ -279,3 +288,23 @@ def test_only_a_splits_own_chunk_beside_a_read_measures_the_overlap() -> None:
     model = ctl.costs.model()
     assert model.compute.overlap_slowdown == pytest.approx(0.2, rel=1e-3)
     assert model.compute.tokens_per_s == pytest.approx(5500, rel=1e-3)
+
+
+def test_decision_log_lines_read_back() -> None:
+    """The decision line :func:`describe` writes is what :func:`logged_decisions` parses
+    (tests and operators read restores per request from it)."""
+    # balanced: 512 tokens recompute in 93 ms and load in about as long from either tier
+    cost = CostModel(SHAPE, ComputeCost(5500.0), {"host": TierCost(1e7), "redis": TierCost(1e7)})
+    reqs = [Request("a", 0, (Span("redis", 256),), 16), Request("b", 32, (Span("host", 64),), 8)]
+    plan_ = plan(reqs, cost, "cacheflow", SGLANG, 16)
+    lines = [describe(plan_, r, r.spans[0].tier, cost) for r in reqs]
+    log = "\n".join(f"[2026-11-26 19:00:00 TP0] {line}" for line in ["noise", *lines])
+    got = logged_decisions(log)
+    assert [(d.rid, d.tier, d.evicted, d.policy) for d in got] == [
+        ("a", "redis", 256, "cacheflow"),
+        ("b", "host", 64, "cacheflow"),
+    ]
+    for d, r in zip(got, reqs, strict=True):
+        assert d.loaded + d.recomputed == d.evicted
+        assert d.shape == plan_.requests[r.id].shape
+    assert [d.rid for d in logged_decisions(log, "host")] == ["b"]

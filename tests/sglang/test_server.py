@@ -9,7 +9,6 @@ prefixes come back from host memory and from Redis.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from sglang_cacheflow.sglang.decision import logged_decisions
 from sglang_cacheflow.testing.redis import RedisServer
 from sglang_cacheflow.testing.server import CPU_ENV, SGLangServer
 from tests.fixtures.sglang import StartServer
@@ -73,12 +73,10 @@ def test_restores_from_host_and_redis_match_no_cache(
     # and recompute others
     assert total(m, restored, action="recompute", tier="redis") > 0, m
     assert total(m, "sglang:cacheflow_restore_seconds_count", kind="measured") > 0
-    log = cacheflow.log_text()
-    pattern = r"evicted on redis, \d+ new -> load (\d+) from redis, recompute (\d+)"
-    decisions = re.findall(pattern, log)
-    assert any(int(a) > 0 for a, _ in decisions) and any(int(b) > 0 for _, b in decisions)
+    decisions = logged_decisions(cacheflow.log_text(), "redis")
+    assert any(d.loaded > 0 for d in decisions) and any(d.recomputed > 0 for d in decisions)
     # ... and some requests do both: load the front of their Redis span, recompute the rest
-    assert any(int(a) > 0 and int(b) > 0 for a, b in decisions), decisions
+    assert any(d.loaded > 0 and d.recomputed > 0 for d in decisions), decisions
 
 
 def test_corrupted_and_missing_l3_pages_fall_back_to_recompute(

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import redis
 
+from sglang_cacheflow.sglang.decision import logged_decisions
 from sglang_cacheflow.testing.redis import RedisServer
 from sglang_cacheflow.testing.server import SGLangServer
 from tests.fixtures.sglang import StartServer
@@ -62,16 +63,12 @@ def _cacheflow(
     )
 
 
-def _decisions(log: str, tier: str) -> list[tuple[int, int, str]]:
-    pattern = rf"evicted on {tier}, \d+ new -> load (\d+) from {tier}, recompute (\d+) \(([^,]+),"
-    return [(int(a), int(b), s) for a, b, s in re.findall(pattern, log)]
-
-
 def _check_restores(server: SGLangServer, shape: str, replies: list[Any]) -> None:
     log = server.log_text()
     m = metrics(server)
     for tier in ("host", "redis"):
-        assert [s for _, _, s in _decisions(log, tier)] == [shape], (tier, _decisions(log, tier))
+        decisions = logged_decisions(log, tier)
+        assert [d.shape for d in decisions] == [shape], (tier, decisions)
         loaded = total(m, RESTORED, action="load", tier=tier)
         recomputed = total(m, RESTORED, action="recompute", tier=tier)
         assert loaded + recomputed == PREFIX, (tier, m)
