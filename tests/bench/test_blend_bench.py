@@ -25,7 +25,8 @@ def test_blend_bench_reports_quality_and_ttft(smollm2_path, tmp_path):
     assert full["recomputed_share"] == 1.0 and plain["recomputed_share"] == 0.0
     # full recompute through the reuse path differs from full recompute by bf16 rounding
     # only; plain reuse by the cross-chunk attention it lacks
-    assert full["kl"] < plain["kl"]
+    assert full["kl"] < plain["kl"] and full["first_kl"] < plain["first_kl"]
+    assert plain["beats_plain"] == 0.0 and 0.0 <= rows["random", 0.3]["beats_plain"] <= 1.0
     for m in methods:
         assert 0.3 <= rows[m, 0.3]["recomputed_share"] < 1.0
     ttft = doc["ttft"]
