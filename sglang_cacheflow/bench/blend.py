@@ -75,24 +75,24 @@ class TtftRow:
     prompts: int
 
 
+def _model_dir(dtype: str) -> str:
+    """SmolLM2-135M-Instruct converted once into a local folder of ``dtype``."""
+    from sglang_cacheflow.models import convert_smollm2
+
+    return str(convert_smollm2(dtype="float32" if dtype == "fp32" else "bfloat16"))
+
+
 def load_model(dtype: str) -> ModelAdapter:
     from transformers import AutoModelForCausalLM
 
-    from sglang_cacheflow.models import convert_smollm2
-
-    path = convert_smollm2(dtype="float32" if dtype == "fp32" else "bfloat16")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(_model_dir(dtype), dtype=DTYPES[dtype])
     return ModelAdapter(model)
 
 
 def tokenizer_for(dtype: str) -> Any:
     from transformers import AutoTokenizer
 
-    from sglang_cacheflow.models import convert_smollm2
-
-    return AutoTokenizer.from_pretrained(
-        str(convert_smollm2(dtype="float32" if dtype == "fp32" else "bfloat16"))
-    )
+    return AutoTokenizer.from_pretrained(_model_dir(dtype))
 
 
 def _prompt(rag: RagSet, picked: list[int], q: torch.Tensor) -> BlendPrompt:
