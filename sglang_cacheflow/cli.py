@@ -37,6 +37,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sglang_cacheflow.sglang.patch",
         "give the installed SGLang 0.5.23 a native --enable-cacheflow (--check, --revert)",
     ),
+    "gpu-bundle": (
+        "sglang_cacheflow.gpu.bundle",
+        "build the folder a lent GPU machine needs (wheels, trimmed SGLang), at most 64 MiB",
+    ),
+    "gpu-check": (
+        "sglang_cacheflow.gpu.check",
+        "on a GPU: restores in SGLang (forced splits, from Redis) against no reuse",
+    ),
     "prepare-model": ("sglang_cacheflow.cli", "build or convert a local model folder"),
 }
 

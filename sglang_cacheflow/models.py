@@ -27,6 +27,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
 TINY_LLAMA_DIR_NAME = "tiny-llama"
 SMALL_LLAMA_DIR_NAME = "small-llama"
+GPU_LLAMA_DIR_NAME = "gpu-llama"
 _COMPLETE = ".complete.json"
 
 TINY_LLAMA_CONFIG: dict[str, object] = {
@@ -134,6 +135,22 @@ def _byte_level_tokenizer(vocab_size: int) -> object:
     )
 
 
+GPU_LLAMA_CONFIG: dict[str, object] = {
+    **TINY_LLAMA_CONFIG,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "initializer_range": 0.02,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 65536,
+}
+"""Llama-3.2-1B's layers (1 B parameters, 32 KiB of bf16 KV a token) with the byte-level
+vocabulary: the model SGLang serves on a lent GPU, built there (no model can be carried)."""
+
+
 def build_tiny_llama(out_dir: str | Path | None = None, *, seed: int = 0) -> Path:
     """Write a random-weight fp32 Llama (4 layers, hidden 128, GQA 4/2) and its tokenizer.
 
@@ -146,6 +163,11 @@ def build_tiny_llama(out_dir: str | Path | None = None, *, seed: int = 0) -> Pat
 def build_small_llama(out_dir: str | Path | None = None, *, seed: int = 0) -> Path:
     """Write the random-weight fp32 Llama of :data:`SMALL_LLAMA_CONFIG` (benchmarks)."""
     return build_random_llama(SMALL_LLAMA_DIR_NAME, SMALL_LLAMA_CONFIG, out_dir, seed=seed)
+
+
+def build_gpu_llama(out_dir: str | Path | None = None, *, seed: int = 0) -> Path:
+    """Write the random-weight fp32 Llama of :data:`GPU_LLAMA_CONFIG` (GPU runs)."""
+    return build_random_llama(GPU_LLAMA_DIR_NAME, GPU_LLAMA_CONFIG, out_dir, seed=seed)
 
 
 def build_random_llama(

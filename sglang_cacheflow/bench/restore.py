@@ -109,6 +109,7 @@ class Row:
     t_star_s: float = math.nan
     logprob_diff: float = 0.0
     repairs: int = 0
+    plan_s: float = 0.0
 
     @property
     def prediction_error(self) -> float:
@@ -235,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
                     ctx, evicted, factor, bal * factor, policy, rp.shape, ttft,
                     rp.predicted_ttft_s, max(ttft - prefill[ctx], 0.0),
                     pre_pred.start_s, logprob_diff=lp, repairs=result.stats.repairs,
+                    plan_s=result.plan_s,
                 )  # fmt: skip
                 per_point[(factor, policy)] = row
                 log(f"ctx {ctx:6d} x{factor:<5g} {policy:10s} ttft {ttft * 1e3:9.1f} ms "
@@ -308,6 +310,8 @@ def _summarise(rows: list[Row], factors: list[float]) -> dict[str, Any]:
         "cacheflow_over_better_pure_max": max(vs_pure),
         "cacheflow_worse_than_better_pure": sum(v > 1.0 for v in vs_pure),
         "max_logprob_diff": max(r.logprob_diff for r in rows),
+        "plan_ms_median": 1e3 * sorted(r.plan_s for r in rows)[len(rows) // 2],
+        "plan_over_ttft_max": max(r.plan_s / r.ttft_s for r in rows),
         "targets": {
             "cacheflow_le_1.10_t_star": all(b["ratio_to_t_star"] <= 1.10 for b in balanced),
             "predictions_90pct_within_10pct": sum(within) / len(within) >= 0.90,

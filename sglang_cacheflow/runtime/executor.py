@@ -93,6 +93,8 @@ class RoundResult:
     steps: list[StepTiming]
     stats: RestoreStats
     wall_s: float
+    plan_s: float = 0.0
+    """Seconds the planner took for this round (set by :meth:`Executor.run`)."""
 
 
 @dataclass
@@ -194,7 +196,12 @@ class Executor:
         chunk_tokens: int = 256,
     ) -> RoundResult:
         """Plan and restore one round."""
-        return self.restore(requests, self.plan(requests, policy, capabilities, chunk_tokens))
+        started = time.perf_counter()
+        the_plan = self.plan(requests, policy, capabilities, chunk_tokens)
+        planned = time.perf_counter() - started
+        result = self.restore(requests, the_plan)
+        result.plan_s = planned
+        return result
 
     # -- execution -----------------------------------------------------------------------
     def restore(self, requests: Sequence[RestoreRequest], the_plan: Plan) -> RoundResult:

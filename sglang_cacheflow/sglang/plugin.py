@@ -15,13 +15,16 @@ def load() -> None:
     On SGLang's CPU engine without a real ``sgl_kernel`` (a CPU-only machine),
     install the CPU kernels, HiCache host transfers, host allocator and the
     ``cacheflow_cpu`` attention backend (:mod:`sglang_cacheflow.sglang.cpu.install`).
-    Anywhere else (a GPU install) nothing is touched.
+    On CUDA without a real ``sgl_kernel``, install its torch stand-ins
+    (:mod:`sglang_cacheflow.sglang.cuda.install`). On a GPU install with
+    ``sgl_kernel`` nothing is touched.
 
     Everywhere, install the ``--enable-cacheflow`` hooks (:mod:`sglang_cacheflow.sglang.hooks`).
     """
     from sglang_cacheflow.sglang.cpu.install import install
+    from sglang_cacheflow.sglang.cuda.install import install as install_cuda
 
-    install()
+    install() or install_cuda()
 
     from sglang_cacheflow.sglang.hooks import install as install_cacheflow
 

@@ -48,9 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default="smollm2",
         help="smollm2, tiny, small (a random 16-layer Llama whose 4 KV heads divide among 2 "
-        "ranks, for --tp 2) or a model folder",
+        "ranks, for --tp 2), gpu (a random Llama of Llama-3.2-1B's layers) or a model folder",
     )
     parser.add_argument("--dtype", default="float32", help="SGLang --dtype of the server")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: SGLang on the GPU (with sgl_kernel's torch stand-ins where it is missing)",
+    )
     parser.add_argument(
         "--links",
         default="auto",
@@ -95,8 +101,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model(name: str) -> Path:
-    from sglang_cacheflow.models import build_small_llama, build_tiny_llama, convert_smollm2
+    from sglang_cacheflow.models import (
+        build_gpu_llama,
+        build_small_llama,
+        build_tiny_llama,
+        convert_smollm2,
+    )
 
+    if name == "gpu":
+        return build_gpu_llama()
     if name == "tiny":
         return build_tiny_llama()
     if name == "small":
@@ -128,6 +141,7 @@ def _flush(server: Any) -> None:
 
 
 def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[str, Any]:
+    from sglang_cacheflow.sglang.cuda.install import cuda_server_args
     from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
     from sglang_cacheflow.testing.server import SGLangServer
     from sglang_cacheflow.tiers.shaping import LinkShape
@@ -155,7 +169,16 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             policy,
         ]
         flags += ["--enable-metrics", "--cacheflow-config", json.dumps(cfg)]
-        server = SGLangServer(model, args=flags, env={"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"})
+        cpu = args.device == "cpu"
+        if not cpu:
+            flags += [*cuda_server_args(), "--disable-cuda-graph"]
+        server = SGLangServer(
+            model,
+            args=flags,
+            env={"SGLANG_CACHEFLOW_HICACHE_RESERVE_GB": "1"},
+            cpu=cpu,
+            sleep_on_idle=cpu,
+        )
         with server:
             # warm-up: forwards of several lengths calibrate the compute cost
             for k in (64, 128, 256, 512, p):

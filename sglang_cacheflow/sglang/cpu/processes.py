@@ -6,8 +6,8 @@ first, which imports the target's module, and on the CPU engine that import
 chain reaches ``from sgl_kernel import ...`` before the function can call
 ``load_plugins()``. So in the launching process the plugin replaces those
 targets with the functions below: they live in this module, so unpickling them
-imports this module first, which installs the CPU pieces; then they call
-SGLang's own function.
+imports this module first, which installs the CPU pieces (or, on CUDA without
+``sgl_kernel``, :mod:`sglang_cacheflow.sglang.cuda`); then they call SGLang's own function.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from sglang_cacheflow.sglang.cpu.install import install
+from sglang_cacheflow.sglang.cuda.install import install as install_cuda
 
 # (module, function) of every spawn target this module stands in for.
 TARGETS: tuple[tuple[str, str], ...] = (
@@ -75,3 +76,4 @@ def substitute(module: ModuleType) -> None:
 
 # Last, so that install() finds TARGETS and substitute when it imports this module.
 install()
+install_cuda()
