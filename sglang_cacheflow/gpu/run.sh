@@ -4,7 +4,8 @@
 #   then the device tool's run with command "bash sglang_cacheflow/gpu/run.sh",
 #   carry [".gpu-bundle"], timeout_s 480 (stage limits: T_RUNTIME, T_EXACT, T_SGLANG).
 # STAGES (default "runtime,exact,sglang") picks what runs; each stage has its own time
-# limit and writes JSON to $OUT, with one log of everything in $OUT/run.log.
+# limit (SIGINT at the limit, so that servers it started are stopped) and writes JSON to
+# $OUT, with one log of everything in $OUT/run.log.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder that receives the results}
 BUNDLE=${BUNDLE:-.gpu-bundle}
@@ -24,19 +25,19 @@ export SGLANG_CACHEFLOW_CACHE=/tmp/cacheflow-models
 
 if has runtime; then
   say "reference runtime: Llama-3.1-8B shape, bf16, host tier, links at 0.5x/1x/2x of the balance"
-  timeout "${T_RUNTIME:-150}" python3 -m sglang_cacheflow.bench.restore --shape llama-8b --dtype bfloat16 \
+  timeout -s INT -k 20 "${T_RUNTIME:-150}" python3 -m sglang_cacheflow.bench.restore --shape llama-8b --dtype bfloat16 \
     --device cuda --contexts 8192,32768 --factors 0.5,1,2 --repeats 1 \
     --out "$OUT/restore-llama8b.json" --plot /tmp/restore.png >>"$LOG" 2>&1
   say "runtime exit $?"
 fi
 if has exact; then
   say "SGLang on the GPU: forced token and layer splits restored from Redis = no reuse"
-  timeout "${T_EXACT:-130}" python3 -m sglang_cacheflow.gpu.check --out "$OUT/exact.json" >>"$LOG" 2>&1
+  timeout -s INT -k 20 "${T_EXACT:-130}" python3 -m sglang_cacheflow.gpu.check --out "$OUT/exact.json" >>"$LOG" 2>&1
   say "exact exit $?"
 fi
 if has sglang; then
   say "sglang-bench on the GPU: policies at the balanced link (bf16)"
-  timeout "${T_SGLANG:-170}" python3 -m sglang_cacheflow.cli sglang-bench --device cuda --model gpu \
+  timeout -s INT -k 20 "${T_SGLANG:-170}" python3 -m sglang_cacheflow.cli sglang-bench --device cuda --model gpu \
     --dtype bfloat16 --conversations 4 --prefix 4096 --repeats 1 --link-factors 1 \
     --order once --out "$OUT/sglang-bench.json" --log-dir /tmp/sglang-logs >>"$LOG" 2>&1
   say "sglang exit $?"
