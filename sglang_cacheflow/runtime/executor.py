@@ -304,8 +304,8 @@ class Executor:
 
         def before(layer: int) -> None:
             nonlocal waited
+            self._sync()  # the layers launched so far are compute, not waiting
             w0 = time.perf_counter()
-            self._sync()
             self._ensure(lv, layer, d, reads_to, stats)
             waited += time.perf_counter() - w0
 

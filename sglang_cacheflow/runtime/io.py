@@ -191,10 +191,7 @@ class IOEngine:
             if whole and on_cpu:
                 outs.append(kv.page(p, layers))
             else:
-                buf = layout.empty(layers)
-                if not on_cpu:
-                    buf = buf.pin_memory()
-                outs.append(buf)
+                outs.append(layout.empty(layers, pin=not on_cpu))
             hashes.append(h)
             spans.append((p, lo, hi, not (whole and on_cpu)))
         ok = tier.batch_get_into(self.namespace, hashes, outs, layers) if hashes else []

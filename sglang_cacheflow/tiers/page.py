@@ -176,8 +176,9 @@ class PageLayout:
         if page.device.type != "cpu":
             raise ValueError(f"pages must be in host memory, got a tensor on {page.device}")
 
-    def empty(self, layers: tuple[int, int] | None = None) -> torch.Tensor:
-        return torch.empty(self.shape(layers), dtype=self.dtype)
+    def empty(self, layers: tuple[int, int] | None = None, *, pin: bool = False) -> torch.Tensor:
+        """An uninitialised page (``pin``: in page-locked memory, for copies to a GPU)."""
+        return torch.empty(self.shape(layers), dtype=self.dtype, pin_memory=pin)
 
     @property
     def tag(self) -> str:

@@ -10,8 +10,10 @@ What :func:`install` does, once per process, when :func:`should_install`:
   any device) of :mod:`sglang_cacheflow.sglang.cpu.transfer`; the pointer-based
   ``kernel`` ones are stand-ins, hence ``--hicache-io-backend direct``;
 - sets, unless already set, ``SGLANG_FORCE_FUSED_OP_BACKEND=native`` (layers take
-  their ``forward_native`` path instead of compiled kernels) and
-  ``SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python``;
+  their ``forward_native`` path instead of compiled kernels),
+  ``SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python`` and
+  ``SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1`` (start-up asks for the
+  ``sglang-kernel`` distribution otherwise);
 - routes SGLang's spawned subprocesses through
   :mod:`sglang_cacheflow.sglang.cpu.processes`, which install this first.
 
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 ENV_DEFAULTS: dict[str, str] = {
     "SGLANG_FORCE_FUSED_OP_BACKEND": "native",
     "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND": "python",
+    "SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK": "1",
 }
 """Environment this setup needs; a value the user set wins."""
 
