@@ -14,6 +14,7 @@ What :func:`install` does, once per process, when :func:`should_install`:
   ``SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python`` and
   ``SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1`` (start-up asks for the
   ``sglang-kernel`` distribution otherwise);
+- without ``cutlass``, keeps Llama's MLP off the CuTe DSL dual GEMM;
 - routes SGLang's spawned subprocesses through
   :mod:`sglang_cacheflow.sglang.cpu.processes`, which install this first.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import logging
 import os
 import sys
@@ -169,6 +171,11 @@ def install_sgl_kernel() -> ModuleType:
     return root
 
 
+def _without_cutedsl_dual_gemm(module: ModuleType) -> None:
+    """Llama's MLP asks for a CuTe DSL dual GEMM on CUDA, which needs ``cutlass``: none."""
+    module.DualGemm._select_mode = lambda self, gate_up_proj, hidden_size: None
+
+
 def install(*, check: Callable[[], bool] = should_install) -> bool:
     """Install the stand-ins into this process if ``check()``; idempotent.
 
@@ -186,6 +193,9 @@ def install(*, check: Callable[[], bool] = should_install) -> bool:
     install_sgl_kernel()
     from sglang_cacheflow.sglang.cpu import processes
     from sglang_cacheflow.sglang.cpu.imports import when_imported
+
+    if importlib.util.find_spec("cutlass") is None:
+        when_imported("sglang.srt.layers.dual_gemm", _without_cutedsl_dual_gemm)
 
     for module_name, _ in processes.TARGETS:
         when_imported(module_name, processes.substitute)
