@@ -32,7 +32,7 @@ if has runtime; then
 fi
 if has exact; then
   say "SGLang on the GPU: forced token and layer splits restored from Redis = no reuse"
-  timeout -s INT -k 20 "${T_EXACT:-130}" python3 -m sglang_cacheflow.gpu.check --out "$OUT/exact.json" >>"$LOG" 2>&1
+  timeout -s INT -k 20 "${T_EXACT:-130}" python3 -m sglang_cacheflow.gpu.check --shapes "${EXACT_SHAPES:-token-split,layer-split}" --out "$OUT/exact.json" >>"$LOG" 2>&1
   say "exact exit $?"
 fi
 if has sglang; then
