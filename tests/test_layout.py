@@ -19,7 +19,8 @@ FORBIDDEN: dict[str, tuple[set[str], set[str]]] = {
     "runtime": ({"sglang", "bench", "testing", "cli"}, {"sglang"}),
     "sglang": ({"runtime", "bench", "testing", "cli"}, set()),
     "testing": ({"planner", "tiers", "runtime", "sglang", "bench", "cli"}, set()),
-    "bench": ({"cli"}, set()),
+    "bench": ({"cli", "gpu"}, set()),
+    "gpu": ({"cli"}, set()),
 }
 
 

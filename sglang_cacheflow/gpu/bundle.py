@@ -10,7 +10,7 @@ have no network and no SGLang. What travels, at most 64 MiB with the working tre
   SGLang's cp312 wheel without what a text server never loads (the diffusion
   runtime, tests, benchmarks, the Rust gRPC/HTTP extensions); this project's own
   wheel (its ``sglang.srt.plugins`` entry point). Wheels are unpacked as pip
-  places them, file modes kept; xz packs them in about 60% of the wheels' size;
+  places them (executables stay executable); xz packs them in about 60% of the wheels' size;
 - ``manifest.json``: what is in it and how big.
 
 Which distributions the server imports is measured, not listed: a child
@@ -39,7 +39,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-__all__ = ["Bundle", "BundleError", "add_arguments", "build", "run"]
+__all__ = ["Bundle", "BundleError", "add_arguments", "build", "check_size", "closure", "run"]
 
 CARRY_LIMIT_BYTES = 64 * 1024 * 1024
 """What travels to the device machine: the working tree plus carried folders."""
@@ -222,7 +222,7 @@ def _pip_download(pins: list[str], dest: Path) -> None:
         )
 
 
-def _member_name(wheel: str, name: str) -> str | None:
+def _member_name(name: str) -> str | None:
     """Where a wheel member goes in the site folder (None: not needed), as pip places it."""
     top, _, rest = name.partition("/")
     if not top.endswith(".data"):
@@ -236,17 +236,18 @@ def _member_name(wheel: str, name: str) -> str | None:
 
 
 def _add_wheel(tar: tarfile.TarFile, wheel: Path, drop: tuple[str, ...] = ()) -> int:
-    """Add ``wheel``'s members (less ``drop`` prefixes) to ``tar``, modes kept; returns bytes."""
+    """Add ``wheel``'s members (less ``drop`` prefixes) to ``tar``; returns the bytes added."""
     added = 0
     with zipfile.ZipFile(wheel) as src:
         for info in src.infolist():
-            name = _member_name(wheel.name, info.filename)
+            name = _member_name(info.filename)
             if name is None or info.is_dir() or name.startswith(drop) or "__pycache__/" in name:
                 continue
             data = src.read(info)
             entry = tarfile.TarInfo(name)
             entry.size = len(data)
-            entry.mode = (info.external_attr >> 16) & 0o777 or 0o644
+            executable = (info.external_attr >> 16) & 0o111
+            entry.mode = 0o755 if executable else 0o644  # as pip sets them
             tar.addfile(entry, io.BytesIO(data))
             added += len(data)
     return added
@@ -301,13 +302,18 @@ def build(
     manifest = {**asdict(bundle), "folder": str(folder), "carried_bytes": bundle.carried_bytes}
     manifest["versions"] = needed
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    check_size(bundle, limit_bytes)
+    return bundle
+
+
+def check_size(bundle: Bundle, limit_bytes: int = CARRY_LIMIT_BYTES) -> None:
+    """Raise :class:`BundleError` when the bundle and the working tree exceed the limit."""
     if bundle.carried_bytes > limit_bytes:
         raise BundleError(
             f"bundle {bundle.bundle_bytes / 2**20:.1f} MiB + working tree "
             f"{bundle.working_tree_bytes / 2**20:.1f} MiB exceed the {limit_bytes / 2**20:.0f} MiB "
             "that can travel: drop distributions or trim SGLang further (SGLANG_DROPPED)"
         )
-    return bundle
 
 
 def _wheel_name(wheel: Path) -> str:

@@ -3,7 +3,7 @@
 SGLang's CUDA path imports about a dozen ``sgl_kernel`` names at module level
 (activations, norms, sampler renormalisation, HiCache transfers, a PDL probe).
 When no real ``sgl_kernel`` wheel matches the machine's torch, these stand-ins
-let the server run with ``SGLANG_FORCE_FUSED_OP_BACKEND=native`` (layers take
+let the server run with ``SGLANG_FORCE_FUSED_OP_BACKEND=torch`` (layers take
 their ``forward_native`` path), ``--attention-backend triton``,
 ``--sampling-backend pytorch`` and ``--hicache-io-backend direct``.
 

@@ -9,7 +9,7 @@ What :func:`install` does, once per process, when :func:`should_install`:
 - ``sgl_kernel.kvcacheio`` holds the ``direct`` HiCache transfers (tensor copies,
   any device) of :mod:`sglang_cacheflow.sglang.cpu.transfer`; the pointer-based
   ``kernel`` ones are stand-ins, hence ``--hicache-io-backend direct``;
-- sets, unless already set, ``SGLANG_FORCE_FUSED_OP_BACKEND=native`` (layers take
+- sets, unless already set, ``SGLANG_FORCE_FUSED_OP_BACKEND=torch`` (layers take
   their ``forward_native`` path instead of compiled kernels),
   ``SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python`` and
   ``SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1`` (start-up asks for the
@@ -45,7 +45,7 @@ from sglang_cacheflow.sglang.cpu.install import (
 logger = logging.getLogger(__name__)
 
 ENV_DEFAULTS: dict[str, str] = {
-    "SGLANG_FORCE_FUSED_OP_BACKEND": "native",
+    "SGLANG_FORCE_FUSED_OP_BACKEND": "torch",
     "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND": "python",
     "SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK": "1",
 }

@@ -147,7 +147,7 @@ def unavailable(name: str) -> Callable[..., Any]:
     def _raise(*args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(
             f"sgl_kernel.{name} is not available: SGLang runs on CUDA without sgl_kernel "
-            "(sglang-cacheflow's torch stand-ins). Run with SGLANG_FORCE_FUSED_OP_BACKEND=native, "
+            "(sglang-cacheflow's torch stand-ins). Run with SGLANG_FORCE_FUSED_OP_BACKEND=torch, "
             "--attention-backend triton, --sampling-backend pytorch and "
             "--hicache-io-backend direct, or install the sgl-kernel wheel built for this torch."
         )
