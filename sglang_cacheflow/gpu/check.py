@@ -46,21 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
 
 
-def _flush(server: Any) -> None:
-    """``/flush_cache`` is refused while HiCache transfers are in flight: retry."""
-    from sglang_cacheflow.testing.server import SGLangServerError
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            server.flush_cache()
-            return
-        except SGLangServerError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def _one_shape(model: Path, l3: Any, name: str, args: argparse.Namespace) -> dict[str, Any]:
     import redis
 
@@ -94,7 +79,7 @@ def _one_shape(model: Path, l3: Any, name: str, args: argparse.Namespace) -> dic
         for p in prompts:  # HiCache writes a prefix through to L3 from its second hit
             server.generate(input_ids=p, max_new_tokens=1)
         keys = wait_for_backups(l3.url, settle_s=3.0, limit_s=60)
-        _flush(server)
+        server.flush_cache(wait_s=60)
         restored = []
         for p in prompts:
             started = time.perf_counter()

@@ -257,6 +257,15 @@ class SGLangServer:
         payload = {"model": "default", "messages": list(messages), "temperature": 0.0, **params}
         return self.request("POST", "/v1/chat/completions", payload)
 
-    def flush_cache(self) -> None:
-        """Drop the radix cache (device and host)."""
-        self.request("POST", "/flush_cache")
+    def flush_cache(self, wait_s: float = 0.0) -> None:
+        """Drop the radix cache (device and host). SGLang refuses while requests or HiCache
+        transfers are in flight: ``wait_s`` > 0 retries until then."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.request("POST", "/flush_cache")
+                return
+            except SGLangServerError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)

@@ -125,21 +125,6 @@ def _ttft(server: Any, ids: list[int]) -> tuple[float, dict[str, Any]]:
     return time.perf_counter() - start, reply["meta_info"].get("cached_tokens_details") or {}
 
 
-def _flush(server: Any) -> None:
-    """``/flush_cache`` is refused while requests or HiCache transfers are in flight: retry."""
-    from sglang_cacheflow.testing.server import SGLangServerError
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            server.flush_cache()
-            return
-        except SGLangServerError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[str, Any]:
     from sglang_cacheflow.sglang.cuda.install import cuda_server_args
     from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
@@ -195,14 +180,14 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             first = scrape_restores(server.base_url)
             idle: dict[str, float] = {}  # the (a) phases' histogram counts, summed
             for r in range(args.repeats):
-                _flush(server)
+                server.flush_cache(wait_s=60)
                 before = scrape_restores(server.base_url)
                 for ids in convs:
                     tail = [rng.randrange(256) for _ in range(args.new)]
                     t, d = _ttft(server, ids + tail)
                     single.append(t)
                     details.append(d)
-                    _flush(server)
+                    server.flush_cache(wait_s=60)
                 for k, v in scrape_restores(server.base_url).items():
                     idle[k] = idle.get(k, 0.0) + v - before.get(k, 0.0)
                 tails = [[rng.randrange(256) for _ in range(args.new)] for _ in convs]

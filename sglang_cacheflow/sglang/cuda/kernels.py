@@ -21,15 +21,18 @@ import torch
 import torch.nn.functional as F
 
 
+def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``result``, written into ``out`` when the caller gave one (the kernels' convention)."""
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
 def _act_and_mul(
     act: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor, out: torch.Tensor | None
 ) -> torch.Tensor:
     d = input.shape[-1] // 2
-    result = act(input[..., :d]) * input[..., d:]
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return _into(act(input[..., :d]) * input[..., d:], out)
 
 
 def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
@@ -64,11 +67,7 @@ def rmsnorm(
     enable_pdl: bool | None = None,
 ) -> torch.Tensor:
     """``x / rms(x) * weight``."""
-    result = _rms(input, weight, eps, gemma=False)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return _into(_rms(input, weight, eps, gemma=False), out)
 
 
 def fused_add_rmsnorm(
@@ -91,11 +90,7 @@ def gemma_rmsnorm(
     enable_pdl: bool | None = None,
 ) -> torch.Tensor:
     """``x / rms(x) * (1 + weight)``."""
-    result = _rms(input, weight, eps, gemma=True)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return _into(_rms(input, weight, eps, gemma=True), out)
 
 
 def gemma_fused_add_rmsnorm(
