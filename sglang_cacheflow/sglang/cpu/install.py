@@ -81,8 +81,9 @@ def should_install() -> bool:
     return cpu_engine_requested() and not real_sgl_kernel_available()
 
 
-def _stand_in_module(name: str, functions: dict[str, object], *, package: bool) -> ModuleType:
-    module = ModuleType(name, f"CPU torch implementations of {name} (sglang-cacheflow).")
+def stand_in_module(name: str, functions: dict[str, object], *, package: bool) -> ModuleType:
+    """A module ``name`` holding ``functions``, marked as this project's stand-in."""
+    module = ModuleType(name, f"Torch implementations of {name} (sglang-cacheflow).")
     module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=package)
     if package:
         module.__path__ = []
@@ -93,19 +94,26 @@ def _stand_in_module(name: str, functions: dict[str, object], *, package: bool) 
     return module
 
 
+def registered_stand_in() -> ModuleType | None:
+    """The ``sgl_kernel`` stand-in already in ``sys.modules``, if any; raises if the
+    module there is the real one."""
+    existing = sys.modules.get("sgl_kernel")
+    if existing is not None and not getattr(existing, STAND_IN_MARKER, False):
+        raise RuntimeError("a real sgl_kernel is already imported")
+    return existing
+
+
 def install_sgl_kernel() -> ModuleType:
     """Register the ``sgl_kernel`` stand-in in ``sys.modules`` and return it."""
     from sglang_cacheflow.sglang.cpu.kernels import KERNEL_FUNCTIONS
     from sglang_cacheflow.sglang.cpu.speculative import SPECULATIVE_FUNCTIONS
     from sglang_cacheflow.sglang.cpu.transfer import KVCACHEIO_FUNCTIONS
 
-    existing = sys.modules.get("sgl_kernel")
+    existing = registered_stand_in()
     if existing is not None:
-        if not getattr(existing, STAND_IN_MARKER, False):
-            raise RuntimeError("a real sgl_kernel is already imported")
         return existing
-    kvcacheio = _stand_in_module("sgl_kernel.kvcacheio", KVCACHEIO_FUNCTIONS, package=False)
-    root = _stand_in_module(
+    kvcacheio = stand_in_module("sgl_kernel.kvcacheio", KVCACHEIO_FUNCTIONS, package=False)
+    root = stand_in_module(
         "sgl_kernel", {**KERNEL_FUNCTIONS, **SPECULATIVE_FUNCTIONS}, package=True
     )
     root.kvcacheio = kvcacheio

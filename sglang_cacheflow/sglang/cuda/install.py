@@ -40,6 +40,8 @@ from sglang_cacheflow.sglang.cpu.install import (
     STAND_IN_MARKER,
     cpu_engine_requested,
     real_sgl_kernel_available,
+    registered_stand_in,
+    stand_in_module,
 )
 
 logger = logging.getLogger(__name__)
@@ -99,14 +101,7 @@ def cuda_server_args() -> list[str]:
 def _stand_in(name: str, functions: dict[str, Any], *, package: bool) -> ModuleType:
     from sglang_cacheflow.sglang.cuda.kernels import unavailable
 
-    module = ModuleType(name, f"Torch stand-ins of {name} on CUDA (sglang-cacheflow).")
-    module.__spec__ = importlib.machinery.ModuleSpec(name, _StandInFinder, is_package=package)
-    module.__file__ = None
-    if package:
-        module.__path__ = []
-    setattr(module, STAND_IN_MARKER, True)
-    for key, value in functions.items():
-        setattr(module, key, value)
+    module = stand_in_module(name, functions, package=package)
 
     prefix = name.removeprefix("sgl_kernel").lstrip(".")
 
@@ -159,10 +154,8 @@ def install_sgl_kernel() -> ModuleType:
     """Register the ``sgl_kernel`` stand-in package in ``sys.modules`` and return it."""
     from sglang_cacheflow.sglang.cuda.kernels import KERNEL_FUNCTIONS
 
-    existing = sys.modules.get("sgl_kernel")
+    existing = registered_stand_in()
     if existing is not None:
-        if not getattr(existing, STAND_IN_MARKER, False):
-            raise RuntimeError("a real sgl_kernel is already imported")
         return existing
     root = _stand_in("sgl_kernel", dict(KERNEL_FUNCTIONS), package=True)
     sys.modules["sgl_kernel"] = root
