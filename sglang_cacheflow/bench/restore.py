@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             policies.insert(0, need)  # Tc and Tio come from these
     model, name = _build(args)
     adapter = ModelAdapter(model)
-    host = HostTier(1 << 40)
+    host = HostTier(1 << 40, pin=args.device == "cuda")  # pinned: the GPU copies by DMA
     shape = model_shape(adapter)
     prior = CostModel(shape, ComputeCost(2e3, 1e-8), {"host": TierCost(1e9)})
     ex = Executor.for_model(adapter, {"host": host}, name, prior,

@@ -3,10 +3,12 @@ by a few threads per tier, each marking its cells on the request's readiness boa
 
 A load step of tokens ``[a, b)`` and layers ``[l0, L)`` becomes tasks of a few layers
 each, issued layer group after layer group, so the forward that waits for layer ``l``
-can start as soon as that layer is in. Whole pages inside the step are read straight into
-the request's KV buffer on CPU; partial pages (a step that begins or ends inside a page),
-and every page on a CUDA device, go through a staging buffer (pinned on CUDA, copied on
-the worker's own CUDA stream). A page the tier cannot return is marked failed, never used.
+can start as soon as that layer is in. A tier that keeps its pages in this process
+(the host tier) lends them as views, copied straight into the request's KV buffer (by DMA
+on the worker's own CUDA stream when the tier's pages are pinned). From other tiers, whole
+pages are read straight into the KV buffer on CPU; partial pages (a step that begins or
+ends inside a page), and every page on a CUDA device, go through a staging buffer (pinned
+on CUDA). A page the tier cannot return is marked failed, never used.
 """
 
 from __future__ import annotations
@@ -177,36 +179,34 @@ class IOEngine:
         on_cpu = kv.device.type == "cpu"
         pages = range(task.start // T, -(-task.end // T))
         hashes: list[str] = []
-        outs: list[torch.Tensor] = []
-        spans: list[tuple[int, int, int, bool]] = []  # (page, lo, hi, staged)
+        spans: list[tuple[int, int, int]] = []  # (page, lo, hi)
         missing: list[tuple[int, int]] = []
-        layout = kv.layout()
         for p in pages:
             lo, hi = max(task.start, p * T), min(task.end, (p + 1) * T)
             h = task.page_hashes[p] if p < len(task.page_hashes) else ""
             if not h:
                 missing.append((lo, hi))
                 continue
-            whole = lo == p * T and hi == (p + 1) * T
-            if whole and on_cpu:
-                outs.append(kv.page(p, layers))
-            else:
-                outs.append(layout.empty(layers, pin=not on_cpu))
             hashes.append(h)
-            spans.append((p, lo, hi, not (whole and on_cpu)))
-        ok = tier.batch_get_into(self.namespace, hashes, outs, layers) if hashes else []
-        nbytes = 0
+            spans.append((p, lo, hi))
+        # Held until the copies are done: a view outlives its page's eviction, not its drop.
+        srcs = tier.batch_views(self.namespace, hashes, layers) if hashes else []
+        in_place = [False] * len(spans)
+        if srcs is None:
+            srcs, in_place = self._read(tier, kv, spans, hashes, layers)
+        ok = [src is not None for src in srcs]
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
-            for (p, lo, hi, staged), out, hit in zip(spans, outs, ok, strict=True):
-                if hit and staged:
+            for (p, lo, hi), src, done in zip(spans, srcs, in_place, strict=True):
+                if src is not None and not done:
                     kv.tokens(lo, hi, layers).copy_(
-                        out[:, :, lo - p * T : hi - p * T], non_blocking=not on_cpu
+                        src[:, :, lo - p * T : hi - p * T], non_blocking=not on_cpu
                     )
         if stream is not None:
             stream.synchronize()
+        nbytes = 0
         failed = len(missing)
-        for (_p, lo, hi, _s), hit in zip(spans, ok, strict=True):
+        for (_p, lo, hi), hit in zip(spans, ok, strict=True):
             if hit:
                 nbytes += out_bytes(kv, hi - lo, task.l1 - task.l0)
                 task.readiness.mark(lo, hi, task.l0, task.l1, READY)
@@ -216,6 +216,26 @@ class IOEngine:
         for lo, hi in missing:
             task.readiness.mark(lo, hi, task.l0, task.l1, FAILED)
         return nbytes, failed
+
+    def _read(
+        self,
+        tier: KVTier,
+        kv: KVCache,
+        spans: Sequence[tuple[int, int, int]],
+        hashes: Sequence[str],
+        layers: tuple[int, int],
+    ) -> tuple[list[torch.Tensor | None], list[bool]]:
+        """Read pages with :meth:`KVTier.batch_get_into`: a whole page on CPU straight into
+        the KV buffer (flagged in place), any other into a staging page to copy from."""
+        T, on_cpu = kv.page_tokens, kv.device.type == "cpu"
+        in_place = [on_cpu and lo == p * T and hi == (p + 1) * T for p, lo, hi in spans]
+        layout = kv.layout()
+        outs = [
+            kv.page(p, layers) if direct else layout.empty(layers, pin=not on_cpu)
+            for (p, _lo, _hi), direct in zip(spans, in_place, strict=True)
+        ]
+        ok = tier.batch_get_into(self.namespace, hashes, outs, layers)
+        return [out if hit else None for out, hit in zip(outs, ok, strict=True)], in_place
 
 
 def out_bytes(kv: KVCache, tokens: int, layers: int) -> int:

@@ -139,6 +139,16 @@ class KVTier(ABC):
     def delete(self, ns: Namespace, page_hashes: Sequence[str]) -> int:
         """Remove pages; returns how many were present."""
 
+    def batch_views(
+        self, ns: Namespace, page_hashes: Sequence[str], layers: LayerRange | None = None
+    ) -> list[torch.Tensor | None] | None:
+        """The stored pages themselves (layers ``layers``), without a copy, ``None`` for a
+        miss; the caller must not write them. Only tiers that keep pages in this process's
+        memory can: the others return ``None`` for the whole call and are read with
+        :meth:`batch_get_into`. A view stays valid while the caller holds it, even if the
+        tier evicts its page meanwhile."""
+        return None
+
     @property
     @abstractmethod
     def stats(self) -> TierStats: ...

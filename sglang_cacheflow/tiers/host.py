@@ -1,8 +1,10 @@
 """Host-memory tier: a bounded pool of pages in process memory, least recently used out.
 
 Pages are kept as contiguous layer-major tensors (copied in on put), so a layer-range
-read is a slice copy with no decoding. Capacity is in bytes; a page larger than the
-whole capacity is refused. This is the L2 the reference runtime restores from, and the
+read is a slice copy with no decoding, or no copy at all (:meth:`HostTier.batch_views`).
+With ``pin=True`` the pages live in page-locked memory, so a GPU copies them straight from
+the tier by DMA, beside its compute. Capacity is in bytes; a page larger than the whole
+capacity is refused. This is the L2 the reference runtime restores from, and the
 reference tier for tests of the Redis tier.
 """
 
@@ -14,7 +16,14 @@ from collections.abc import Sequence
 
 import torch
 
-from sglang_cacheflow.tiers.base import KVTier, LayerRange, Namespace, TierStats, check_batch
+from sglang_cacheflow.tiers.base import (
+    KVTier,
+    LayerRange,
+    Namespace,
+    TierStats,
+    check_batch,
+    check_page_hash,
+)
 from sglang_cacheflow.tiers.names import HOST_TIER
 
 __all__ = ["HostTier"]
@@ -25,10 +34,16 @@ class HostTier(KVTier):
 
     name = HOST_TIER
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(self, capacity_bytes: int, *, pin: bool = False) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
+        if pin and not torch.cuda.is_available():
+            raise ValueError(
+                "HostTier(pin=True) needs a CUDA device: page-locked pages only speed up "
+                "copies to a GPU; leave pin off on a CPU-only machine"
+            )
         self.capacity_bytes = int(capacity_bytes)
+        self.pin = pin
         self._pages: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
@@ -58,7 +73,7 @@ class HostTier(KVTier):
                 self._stats.add(put_failures=1)
                 results.append(False)
                 continue
-            copy = torch.empty(page.shape, dtype=page.dtype)  # contiguous, owned by the tier
+            copy = ns.layout.empty(pin=self.pin)  # contiguous, owned by the tier
             copy.copy_(page)
             key = (ns.prefix, h)
             evicted = 0
@@ -83,21 +98,31 @@ class HostTier(KVTier):
         outs: Sequence[torch.Tensor],
         layers: LayerRange | None = None,
     ) -> list[bool]:
-        l0, l1 = check_batch(ns, page_hashes, outs, layers)
-        results = []
-        for h, out in zip(page_hashes, outs, strict=True):
+        check_batch(ns, page_hashes, outs, layers)
+        views = self.batch_views(ns, page_hashes, layers)
+        for out, view in zip(outs, views, strict=True):
+            if view is not None:
+                out.copy_(view)
+        return [v is not None for v in views]
+
+    def batch_views(
+        self, ns: Namespace, page_hashes: Sequence[str], layers: LayerRange | None = None
+    ) -> list[torch.Tensor | None]:
+        l0, l1 = ns.layout.check_layers(layers)
+        views: list[torch.Tensor | None] = []
+        for h in page_hashes:
+            check_page_hash(h)
             with self._lock:
                 page = self._pages.get((ns.prefix, h))
                 if page is not None:
                     self._pages.move_to_end((ns.prefix, h))
             if page is None:
                 self._stats.add(gets=1, misses=1)
-                results.append(False)
+                views.append(None)
                 continue
-            out.copy_(page[l0:l1])
             self._stats.add(gets=1, hits=1, get_bytes=(l1 - l0) * ns.layout.layer_bytes)
-            results.append(True)
-        return results
+            views.append(page[l0:l1])
+        return views
 
     def batch_exists(self, ns: Namespace, page_hashes: Sequence[str]) -> list[bool]:
         with self._lock:

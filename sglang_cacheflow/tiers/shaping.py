@@ -116,6 +116,17 @@ class ShapedTier(KVTier):
         self._hold(start, sum(ok) * (l1 - l0) * ns.layout.layer_bytes, "read")
         return ok
 
+    def batch_views(
+        self, ns: Namespace, page_hashes: Sequence[str], layers: LayerRange | None = None
+    ) -> list[torch.Tensor | None] | None:
+        start = time.perf_counter()
+        views = self.inner.batch_views(ns, page_hashes, layers)
+        if views is not None:
+            hits = sum(v is not None for v in views)
+            l0, l1 = ns.layout.check_layers(layers)
+            self._hold(start, hits * (l1 - l0) * ns.layout.layer_bytes, "read")
+        return views
+
     def batch_exists(self, ns: Namespace, page_hashes: Sequence[str]) -> list[bool]:
         start = time.perf_counter()
         out = self.inner.batch_exists(ns, page_hashes)

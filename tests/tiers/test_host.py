@@ -90,3 +90,34 @@ def test_concurrent_use_keeps_accounting(small_layout: PageLayout) -> None:
     for t in threads:
         t.join()
     assert tier.used_bytes == len(tier) * small_layout.page_bytes <= tier.capacity_bytes
+
+
+def test_views_are_the_stored_pages_without_a_copy(small_layout: PageLayout) -> None:
+    tier = HostTier(capacity_bytes=2 * small_layout.page_bytes)
+    ns = unique_ns(small_layout)
+    pages = random_pages(small_layout, 3)
+    h = page_hashes(3)
+    tier.batch_put(ns, h[:2], pages[:2])
+    views = tier.batch_views(ns, [h[1], "missing", h[0]], layers=(2, 5))
+    assert views[1] is None
+    assert torch.equal(views[0], pages[1][2:5]) and torch.equal(views[2], pages[0][2:5])
+    again = tier.batch_views(ns, [h[1]], layers=(2, 5))[0]
+    assert again.data_ptr() == views[0].data_ptr()  # the tier's memory, not a copy
+    # h[1] was read last, so h[0] is evicted; the view held by the caller stays intact.
+    tier.put(ns, h[2], pages[2])
+    assert tier.batch_exists(ns, h) == [False, True, True]
+    assert torch.equal(views[2], pages[0][2:5])
+    s = tier.stats.snapshot()
+    assert (s["hits"], s["misses"]) == (3, 1)
+    assert s["get_bytes"] == 3 * 3 * small_layout.layer_bytes  # 3 hits of 3 layers
+
+
+def test_pinned_pages_need_a_gpu(small_layout: PageLayout) -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            HostTier(capacity_bytes=1 << 20, pin=True)
+        return
+    tier = HostTier(capacity_bytes=1 << 20, pin=True)
+    ns = unique_ns(small_layout)
+    tier.put(ns, "p", random_pages(small_layout, 1)[0])
+    assert tier.batch_views(ns, ["p"])[0].is_pinned()

@@ -46,6 +46,11 @@ def test_calls_take_the_emulated_time_and_results_pass_through() -> None:
     t = time.perf_counter()
     assert tier.get(ns, "absent") is None  # a miss moves no bytes: latency only
     assert 0.02 <= time.perf_counter() - t < 0.02 + LAYOUT.page_bytes / 10e6
+    t = time.perf_counter()
+    views = tier.batch_views(ns, [h[0], "absent", h[1]], layers=(3, 4))  # the inner tier's
+    assert views is not None and views[1] is None
+    assert torch.equal(views[0], pages[0][3:4]) and torch.equal(views[2], pages[1][3:4])
+    assert 0.02 + 2 * LAYOUT.layer_bytes / 10e6 <= time.perf_counter() - t < put_s
 
 
 def test_concurrent_calls_share_the_bandwidth() -> None:
