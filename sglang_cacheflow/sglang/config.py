@@ -15,13 +15,24 @@ from sglang_cacheflow.planner.policies import POLICIES
 from sglang_cacheflow.tiers.names import HOST_TIER, L3_TIER
 from sglang_cacheflow.tiers.redis_config import URL_SCHEMES
 
-__all__ = ["POLICY_CHOICES", "CacheFlowConfig", "ConfigError", "parse_config", "tier_prior"]
+__all__ = [
+    "CPU_ARRIVAL_GAP_MS",
+    "POLICY_CHOICES",
+    "CacheFlowConfig",
+    "ConfigError",
+    "parse_config",
+    "tier_prior",
+]
 
 FLAG_ENABLE = "--enable-cacheflow"
 FLAG_POLICY = "--cacheflow-policy"
 FLAG_CONFIG = "--cacheflow-config"
 
 POLICY_CHOICES = POLICIES  # the names the patch lists too (tests/sglang/test_patch.py)
+
+CPU_ARRIVAL_GAP_MS = 5.0
+"""Default ``arrival_gap_ms`` on the CPU engine, whose forwards hold the scheduler's thread:
+a burst sent together reaches the scheduler within a few milliseconds (docs/sglang.md)."""
 
 STORAGE_MODULE = "sglang_cacheflow.sglang.storage"
 STORAGE_CLASS = "CacheFlowRedisStorage"
@@ -62,6 +73,10 @@ class CacheFlowConfig:
     ``force_shape`` / ``force_recompute``: tests and experiments: every restore takes this
     shape (``token``: Cake's order, ``load_front``) with about this fraction of its evicted
     span recomputed (0: load all, 1: recompute all), whatever the policy.
+    ``arrival_gap_ms`` / ``arrival_polls``: an idle scheduler that receives a request keeps
+    receiving while requests come within this gap of each other (at most this many more
+    polls), so that a burst is planned as one round (:mod:`sglang_cacheflow.sglang.arrivals`);
+    ``None``: :data:`CPU_ARRIVAL_GAP_MS` on the CPU engine, 0 (off) elsewhere.
     """
 
     policy: str = "cacheflow"
@@ -76,6 +91,14 @@ class CacheFlowConfig:
     split_wait_s: float = 30.0
     force_shape: str | None = None
     force_recompute: float = 0.5
+    arrival_gap_ms: float | None = None
+    arrival_polls: int = 8
+
+    def for_device(self, device: str | None) -> CacheFlowConfig:
+        """This configuration with its device-dependent defaults resolved for ``device``."""
+        if self.arrival_gap_ms is not None:
+            return self
+        return replace(self, arrival_gap_ms=CPU_ARRIVAL_GAP_MS if device == "cpu" else 0.0)
 
     @property
     def force(self) -> tuple[str, float] | None:
@@ -110,6 +133,7 @@ class CacheFlowConfig:
 # JSON types each annotation of CacheFlowConfig accepts (``policy`` is its own flag)
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "str | None": (str, type(None)),
+    "float | None": (int, float, type(None)),
     "dict[str, Any]": (dict,),
     "dict[str, float]": (dict,),
     "int": (int,),
@@ -187,6 +211,12 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
         raise ConfigError(
             f"{FLAG_CONFIG}: max_round_requests must be >= 1, got {data['max_round_requests']}"
         )
+    if (data.get("arrival_gap_ms") or 0) < 0:
+        raise ConfigError(
+            f"{FLAG_CONFIG}: arrival_gap_ms must be >= 0 (0: off), got {data['arrival_gap_ms']}"
+        )
+    if data.get("arrival_polls", _DEFAULTS.arrival_polls) < 1:
+        raise ConfigError(f"{FLAG_CONFIG}: arrival_polls must be >= 1, got {data['arrival_polls']}")
     if data.get("split_wait_s", _DEFAULTS.split_wait_s) <= 0:
         raise ConfigError(f"{FLAG_CONFIG}: split_wait_s must be > 0, got {data['split_wait_s']}")
     if data.get("force_shape") is not None:
@@ -213,8 +243,12 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
     known = {k: data[k] for k in _CONFIG_KEYS if k in data and k not in ("prior", "redis")}
     cfg = replace(_DEFAULTS, policy=policy, prior=prior, redis=dict(data.get("redis", {})), **known)
     # JSON numbers as the fields' types (an int where a float is expected)
+    gap = None if cfg.arrival_gap_ms is None else float(cfg.arrival_gap_ms)
     return replace(
-        cfg, split_wait_s=float(cfg.split_wait_s), force_recompute=float(cfg.force_recompute)
+        cfg,
+        split_wait_s=float(cfg.split_wait_s),
+        force_recompute=float(cfg.force_recompute),
+        arrival_gap_ms=gap,
     )
 
 

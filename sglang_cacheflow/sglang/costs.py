@@ -69,8 +69,8 @@ class CostTracker:
                 predicted *= 1.0 + model.compute.overlap_slowdown
             self.calibrator.add_compute(prefix, int(n), s, layers, overlapped)  # type: ignore[arg-type]
         logger.debug(
-            "cacheflow calibration: forward of %d tokens over %d requests%s%s took %.2f ms "
-            "(predicted %.2f ms)", n, len(extend_lens),
+            "cacheflow calibration: forward of %d tokens after %.0f cached over %d requests%s%s "
+            "took %.2f ms (predicted %.2f ms)", n, prefix, len(extend_lens),
             f" through {layers} layers" if layers else "", " beside reads" if overlapped else "",
             s * 1e3, predicted * 1e3,
         )  # fmt: skip

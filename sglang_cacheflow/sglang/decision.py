@@ -85,11 +85,12 @@ class LoggedDecision:
     loaded: int
     recomputed: int
     shape: str  # e.g. "load front 256+256", "layer split 12/30"
+    round_size: int  # restores planned in the same round as this one
 
 
 _LOGGED = re.compile(
     r"cacheflow restore rid=(\S+) policy=(\S+): device \d+, (\d+) evicted on (\S+), \d+ new "
-    r"-> load (\d+) from \S+, recompute (\d+) \(([^,]+),"
+    r"-> load (\d+) from \S+, recompute (\d+) \(([^,]+), #\d+ of (\d+) in round\)"
 )
 
 
@@ -97,8 +98,8 @@ def logged_decisions(log: str, tier: str | None = None) -> list[LoggedDecision]:
     """The decisions :func:`describe` logged in ``log`` (a server's log text), in order;
     only those of ``tier`` when given."""
     out = [
-        LoggedDecision(rid, policy, t, int(e), int(a), int(b), shape)
-        for rid, policy, e, t, a, b, shape in _LOGGED.findall(log)
+        LoggedDecision(rid, policy, t, int(e), int(a), int(b), shape, int(n))
+        for rid, policy, e, t, a, b, shape, n in _LOGGED.findall(log)
     ]
     return [d for d in out if tier is None or d.tier == tier]
 

@@ -61,6 +61,11 @@ def implied_settings(cfg: CacheFlowConfig, current: Mapping[str, Any]) -> dict[s
             f"--radix-cache-backend {backend}"
         )
     out: dict[str, Any] = {"enable_hierarchical_cache": True, "radix_cache_backend": BACKEND_NAME}
+    if current.get("device") == "cpu":
+        # On the CPU engine a forward runs in the scheduler's thread, so the overlap loop
+        # only delays each batch's replies by the next batch's forward, which the plan
+        # does not count; without it the client sees the restore the plan timed.
+        out["disable_overlap_schedule"] = True
     if cfg.redis_url is not None:
         storage = current.get("hicache_storage_backend")
         if storage is not None:
@@ -97,6 +102,7 @@ def resolve_server_args(server_args: Any) -> None:
         "hicache_storage_prefetch_policy",
     )
     current = {n: getattr(cfg_view, n, None) for n in names}
+    current["device"] = getattr(cfg_view, "device", None) or default_device()
     if current["hicache_storage_prefetch_policy"] == "timeout":  # SGLang's default
         current["hicache_storage_prefetch_policy"] = None
     settings = implied_settings(cfg, current)
@@ -169,6 +175,7 @@ def rewrite_argv(argv: list[str]) -> CacheFlowConfig | None:
         "radix_cache_backend": _flag_value(argv, "--radix-cache-backend"),
         "hicache_storage_backend": _flag_value(argv, "--hicache-storage-backend"),
         "hicache_storage_prefetch_policy": _flag_value(argv, "--hicache-storage-prefetch-policy"),
+        "device": _flag_value(argv, "--device") or default_device(),
     }
     settings = implied_settings(cfg, current)
     flags = {
@@ -177,11 +184,13 @@ def rewrite_argv(argv: list[str]) -> CacheFlowConfig | None:
         "hicache_storage_backend": "--hicache-storage-backend",
         "hicache_storage_backend_extra_config": "--hicache-storage-backend-extra-config",
         "hicache_storage_prefetch_policy": "--hicache-storage-prefetch-policy",
+        "disable_overlap_schedule": "--disable-overlap-schedule",
     }
+    aliases = {"--enable-hierarchical-cache": "--enable-hicache"}
     for name, value in settings.items():
         flag = flags[name]
         if value is True:
-            if flag not in argv and "--enable-hicache" not in argv:
+            if flag not in argv and aliases.get(flag, flag) not in argv:
                 argv.append(flag)
         elif _flag_value(argv, flag) != value:
             argv += [flag, str(value)]
@@ -208,15 +217,24 @@ def handle_launcher_argv() -> None:
 # -- scheduler side -----------------------------------------------------------------------
 
 
+def default_device() -> str:
+    """The device SGLang picks when ``--device`` is not given (CUDA when torch sees one)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def config_from_server_args(server_args: Any) -> CacheFlowConfig:
     """The configuration a scheduler process runs with: the native fields if SGLang has them
-    and they are set, else :data:`ENV_CONFIG`, else the defaults."""
+    and they are set, else :data:`ENV_CONFIG`, else the defaults; resolved for the server's
+    device."""
+    device = getattr(server_args, "device", None) or default_device()
     if getattr(server_args, "enable_cacheflow", False):
         return parse_config(
             getattr(server_args, "cacheflow_policy", None),
             getattr(server_args, "cacheflow_config", None),
-        )
+        ).for_device(device)
     text = os.environ.get(ENV_CONFIG)
     if text:
-        return CacheFlowConfig.from_json(text)
-    return parse_config(None, None)
+        return CacheFlowConfig.from_json(text).for_device(device)
+    return parse_config(None, None).for_device(device)

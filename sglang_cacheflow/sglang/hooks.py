@@ -8,9 +8,10 @@ process) does, lazily (each when SGLang imports the module concerned):
   (:func:`sglang_cacheflow.sglang.flags.handle_launcher_argv`);
 - ``sglang.srt.mem_cache.registry``: registers the radix cache backend ``cacheflow``;
 - ``sglang.srt.managers.scheduler``: wraps ``Scheduler.process_input_requests`` (arrivals:
-  batch-planned L3 prefetches), ``Scheduler._get_new_batch_prefill_raw`` (admission:
-  batch-planned host hits) and ``Scheduler.stash_chunked_request`` (a split restore's front
-  is checkpointed: splice its loaded back in);
+  a burst gathered on an idle scheduler, batch-planned L3 prefetches),
+  ``Scheduler._get_new_batch_prefill_raw`` (admission: batch-planned host hits) and
+  ``Scheduler.stash_chunked_request`` (a split restore's front is checkpointed: splice its
+  loaded back in);
 - ``sglang.srt.managers.schedule_policy``: wraps ``PrefillAdder._select_prefill_admission``
   and ``PrefillAdder.add_chunked_req`` so that a split restore's first chunk ends where its
   recomputed front ends (one chunked request at a time, as SGLang runs them);
@@ -33,6 +34,8 @@ import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
+
+from sglang_cacheflow.sglang.arrivals import gather_burst
 
 __all__ = ["create_cacheflow_cache", "install"]
 
@@ -122,6 +125,11 @@ def _wrap_process_input_requests(original: Callable[..., Any]) -> Callable[..., 
         ctl = _ctl()
         if ctl is None:
             return original(self, recv_reqs, *args, **kwargs)
+        gap_ms = ctl.cfg.arrival_gap_ms or 0.0
+        if gap_ms > 0 and isinstance(recv_reqs, list):
+            added = gather_burst(self, recv_reqs, gap_ms / 1e3, ctl.cfg.arrival_polls)
+            if added:
+                logger.debug("cacheflow: %d more requests arrived with the first", added)
         ctl.begin_arrivals(self)
         try:
             return original(self, recv_reqs, *args, **kwargs)

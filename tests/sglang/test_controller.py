@@ -307,4 +307,5 @@ def test_decision_log_lines_read_back() -> None:
     for d, r in zip(got, reqs, strict=True):
         assert d.loaded + d.recomputed == d.evicted
         assert d.shape == plan_.requests[r.id].shape
+        assert d.round_size == 2
     assert [d.rid for d in logged_decisions(log, "host")] == ["b"]

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from sglang_cacheflow.sglang.config import (
+    CPU_ARRIVAL_GAP_MS,
     CacheFlowConfig,
     ConfigError,
     check_page_size,
@@ -58,6 +59,9 @@ def test_defaults_and_round_trip() -> None:
         ("cacheflow", '{"redis_url": "redis://h:1", "redis": {"streams": 0}}', "streams"),
         ("cacheflow", '{"prior": {"gpu_tflops": 1}}', "unknown prior key 'gpu_tflops'"),
         ("cacheflow", '{"prior": {"redis_GBps": 0}}', "redis_GBps must be > 0"),
+        ("cacheflow", '{"arrival_gap_ms": -1}', "arrival_gap_ms must be >= 0 (0: off)"),
+        ("cacheflow", '{"arrival_gap_ms": "5"}', "arrival_gap_ms must be int or float or null"),
+        ("cacheflow", '{"arrival_polls": 0}', "arrival_polls must be >= 1"),
     ],
 )
 def test_bad_input_is_explained(policy: str, config: str | None, needle: str) -> None:
@@ -129,3 +133,30 @@ def test_rewrite_argv_conflicts(monkeypatch: pytest.MonkeyPatch) -> None:
     argv += ["--hicache-storage-prefetch-policy", "timeout"]
     rewrite_argv(argv)
     assert argv.count("--hicache-storage-prefetch-policy") == 1
+
+
+def test_arrival_gap_defaults_to_on_for_the_cpu_engine_only() -> None:
+    auto = parse_config(None, None)
+    assert auto.arrival_gap_ms is None
+    assert auto.for_device("cpu").arrival_gap_ms == CPU_ARRIVAL_GAP_MS > 0
+    assert auto.for_device("cuda").arrival_gap_ms == 0.0
+    chosen = parse_config(None, '{"arrival_gap_ms": 2, "arrival_polls": 3}')
+    assert chosen.for_device("cuda").arrival_gap_ms == chosen.for_device("cpu").arrival_gap_ms
+    assert chosen.arrival_gap_ms == 2.0 and chosen.arrival_polls == 3
+    assert CacheFlowConfig.from_json(chosen.to_json()) == chosen
+
+
+@pytest.mark.parametrize(
+    ("device", "overlap_off"), [(["--device", "cpu"], True), (["--device=cuda"], False)]
+)
+def test_cpu_engine_runs_without_the_overlap_loop(
+    monkeypatch: pytest.MonkeyPatch, device: list[str], overlap_off: bool
+) -> None:
+    monkeypatch.delenv(ENV_CONFIG, raising=False)
+    argv = ["launch_server", "--model-path", "m", *device, "--enable-cacheflow"]
+    rewrite_argv(argv)
+    assert ("--disable-overlap-schedule" in argv) is overlap_off
+    again = list(argv)  # a flag the user gave already is not repeated
+    again.append("--enable-cacheflow")
+    rewrite_argv(again)
+    assert again.count("--disable-overlap-schedule") == int(overlap_off)

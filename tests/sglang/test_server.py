@@ -9,18 +9,21 @@ prefixes come back from host memory and from Redis.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import redis
 
 from sglang_cacheflow.sglang.decision import logged_decisions
-from sglang_cacheflow.testing.redis import RedisServer
+from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
 from sglang_cacheflow.testing.server import CPU_ENV, SGLangServer
 from tests.fixtures.sglang import StartServer
 from tests.sglang.helpers import (
+    ask,
     assert_same_replies,
     cacheflow_server,
     conversations,
@@ -52,6 +55,8 @@ def servers(
     cacheflow = cacheflow_server(
         sglang_servers, tiny_llama_path, l3, host_ratio=HOST_RATIO,
         link=LINK, prior={"redis_GBps": 0.012, "redis_latency_ms": 1.0},
+        # a burst reaches the scheduler within a few ms; a loaded test machine may stretch it
+        arrival_gap_ms=50,
     )  # fmt: skip
     return reference, cacheflow
 
@@ -77,6 +82,30 @@ def test_restores_from_host_and_redis_match_no_cache(
     assert any(d.loaded > 0 for d in decisions) and any(d.recomputed > 0 for d in decisions)
     # ... and some requests do both: load the front of their Redis span, recompute the rest
     assert any(d.loaded > 0 and d.recomputed > 0 for d in decisions), decisions
+
+
+def test_requests_sent_together_are_planned_as_one_round(
+    servers: tuple[SGLangServer, SGLangServer], l3: RedisServer
+) -> None:
+    """Four prefixes come back from Redis together: the idle scheduler gathers the burst
+    (``arrival_gap_ms``) and plans the four restores in one round, where it would otherwise
+    start on the first alone and plan the others after its forward."""
+    _, cacheflow = servers
+    rng = random.Random(5)
+    prompts = [[rng.randrange(256) for _ in range(160)] for _ in range(4)]
+    before = wait_for_backups(l3.url, settle_s=2.5, limit_s=60)
+    for ids in prompts:  # a second hit writes the prefix through to host memory and Redis
+        ask(cacheflow, ids)
+        ask(cacheflow, ids)
+    wait_for_backups(l3.url, settle_s=2.5, limit_s=60, at_least=before + 4 * 160 // 16)
+    cacheflow.flush_cache(wait_s=60)  # device and host memory dropped: Redis has them
+    seen = len(logged_decisions(cacheflow.log_text()))
+    tails = [[rng.randrange(256) for _ in range(16)] for _ in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        list(pool.map(lambda x: ask(cacheflow, x[0] + x[1]), zip(prompts, tails, strict=True)))
+    decisions = logged_decisions(cacheflow.log_text())[seen:]
+    assert len(decisions) == 4 and all(d.tier == "redis" for d in decisions), decisions
+    assert [d.round_size for d in decisions] == [4] * 4, decisions
 
 
 def test_corrupted_and_missing_l3_pages_fall_back_to_recompute(
