@@ -1,7 +1,8 @@
 """Benchmark: time to first token of restored turns on a real SGLang server with --enable-cacheflow.
 
 For every emulated L3 link and every policy (``recompute``, ``load``, ``cake``, ``cacheflow``)
-the same server build starts once with a fresh Redis, warms up (calibration), and runs ``N``
+the same server build starts once with a fresh Redis, warms up (calibration: forwards of
+several lengths, then one restore from Redis), and runs ``N``
 conversations of ``prefix`` tokens. Between phases ``/flush_cache`` drops device and host
 memory, so the conversations' prefixes come back from Redis only (written there by HiCache's
 write-through). Phases:
@@ -174,6 +175,11 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
                 server.generate(input_ids=ids, max_new_tokens=1)
             # a conversation's backup takes up to ~4 s at the default links
             wait_for_backups(redis_server.url, settle_s=5.0)
+            # warm-up of the restore path, before anything is counted: a fresh server's first
+            # restore also calibrates what a restore costs beyond its forwards and transfers
+            server.flush_cache(wait_s=60)
+            warm = convs[0] + [rng.randrange(256) for _ in range(args.new)]
+            server.generate(input_ids=warm, max_new_tokens=1)
             single: list[float] = []
             together: list[float] = []
             details: list[dict[str, Any]] = []
