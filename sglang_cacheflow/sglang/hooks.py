@@ -125,10 +125,9 @@ def _wrap_process_input_requests(original: Callable[..., Any]) -> Callable[..., 
         ctl = _ctl()
         if ctl is None:
             return original(self, recv_reqs, *args, **kwargs)
-        gap_ms = ctl.cfg.arrival_gap_ms or 0.0
-        if gap_ms > 0 and isinstance(recv_reqs, list):
-            added = gather_burst(self, recv_reqs, gap_ms / 1e3, ctl.cfg.arrival_polls)
-            if added:
+        if isinstance(recv_reqs, list):
+            gap_s = (ctl.cfg.arrival_gap_ms or 0.0) / 1e3
+            if added := gather_burst(self, recv_reqs, gap_s, ctl.cfg.arrival_polls):
                 logger.debug("cacheflow: %d more requests arrived with the first", added)
         ctl.begin_arrivals(self)
         try:

@@ -98,8 +98,7 @@ class HostTier(KVTier):
         outs: Sequence[torch.Tensor],
         layers: LayerRange | None = None,
     ) -> list[bool]:
-        check_batch(ns, page_hashes, outs, layers)
-        views = self.batch_views(ns, page_hashes, layers)
+        views = self._views(ns, page_hashes, check_batch(ns, page_hashes, outs, layers))
         for out, view in zip(outs, views, strict=True):
             if view is not None:
                 out.copy_(view)
@@ -108,10 +107,17 @@ class HostTier(KVTier):
     def batch_views(
         self, ns: Namespace, page_hashes: Sequence[str], layers: LayerRange | None = None
     ) -> list[torch.Tensor | None]:
-        l0, l1 = ns.layout.check_layers(layers)
-        views: list[torch.Tensor | None] = []
         for h in page_hashes:
             check_page_hash(h)
+        return self._views(ns, page_hashes, ns.layout.check_layers(layers))
+
+    def _views(
+        self, ns: Namespace, page_hashes: Sequence[str], layers: tuple[int, int]
+    ) -> list[torch.Tensor | None]:
+        """The stored pages' layers ``[l0, l1)`` (arguments already checked)."""
+        l0, l1 = layers
+        views: list[torch.Tensor | None] = []
+        for h in page_hashes:
             with self._lock:
                 page = self._pages.get((ns.prefix, h))
                 if page is not None:
