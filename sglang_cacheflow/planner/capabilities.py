@@ -15,15 +15,22 @@ class Capabilities:
     (what SGLang's extend does with a capped host hit).
     ``streamed_tiers``: tiers whose loads arrive layer by layer, so a forward can start
     on layer i as soon as layer i is in (``None``: every tier).
+    ``streamed_splits``: the loads of token and layer splits stream layer by layer into
+    the forward that follows them, from any tier (the executor reads them itself, whatever
+    its whole-span loads do).
     """
 
     token_split: bool = True
     layer_split: bool = True
     load_front: bool = False
     streamed_tiers: frozenset[str] | None = None
+    streamed_splits: bool = False
 
-    def streams(self, tier: str) -> bool:
-        return self.streamed_tiers is None or tier in self.streamed_tiers
+    def streams(self, tier: str, split: bool = False) -> bool:
+        """Whether loads from ``tier`` arrive layer by layer (``split``: for a split)."""
+        return (split and self.streamed_splits) or (
+            self.streamed_tiers is None or tier in self.streamed_tiers
+        )
 
 
 #: The reference runtime streams every tier layer by layer. It can also run load-front

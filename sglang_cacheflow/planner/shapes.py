@@ -144,17 +144,21 @@ class Shaper:
         io: dict[str, float],
         cper: float,
         steps: list[Step] | None,
+        split: bool = False,
     ) -> tuple[float, dict[str, float]]:
-        """Load tokens [lo, hi) x layers [l0, L); return the earliest start of a forward that
-        reads them layer by layer from layer 0 at ``cper`` seconds a layer, and the new
-        clocks of the tiers used. (Hot path of the search: plain arithmetic, no calls.)"""
+        """Load tokens [lo, hi) x layers [l0, L) (``split``: a split's load); return the
+        earliest start of a forward that reads them layer by layer from layer 0 at ``cper``
+        seconds a layer, and the new clocks of the tiers used. (Hot path of the search: plain
+        arithmetic, no calls.)"""
         ready = NEG
         free: dict[str, float] = {}
         L = self.num_layers
         nl = L - l0
         if nl <= 0:
             return ready, free
+        split_streams = split and self.caps.streamed_splits
         for tier, a, b, lat, per_tok, streamed, setup in self.tiers:
+            streamed = streamed or split_streams
             x = a if a > lo else lo
             y = b if b < hi else hi
             if x >= y:
@@ -211,13 +215,15 @@ class Shaper:
         """(compute ready A, load ready B, TTFT, new tier clocks) of one shape."""
         d, end, L = self.device_tokens, self.device_tokens + self.evicted, self.num_layers
         cper = self.prefill_s / L
+        # a split proper (0 < split < the span's end): a chunk, a hand-off, an extend
+        is_split = kind != LOAD_FRONT and 0 < split < (L if kind == LAYER else self.evicted)
         if kind == TOKEN:
             mid = d + split
             a = self._compute(d, mid, 0, L, tc, steps, overlapped=mid < end)
-            b, free = self._loads(mid, end, 0, io, cper, steps)
+            b, free = self._loads(mid, end, 0, io, cper, steps, is_split)
         elif kind == LAYER:
             a = self._compute(d, end, 0, split, tc, steps, overlapped=split < L)
-            b, free = self._loads(d, end, split, io, cper, steps)
+            b, free = self._loads(d, end, split, io, cper, steps, is_split)
         else:  # LOAD_FRONT: the back's recompute is the forward that waits for the loads
             mid = d + split
             rc = self.cost.recompute_s(mid, end - mid)
@@ -231,9 +237,7 @@ class Shaper:
                 a = tc
                 b, free = self._loads(d, mid, 0, io, cper, steps)
         # a split's hand-off from its chunk to its extend (0 < split < the span's end)
-        hand_off = 0.0
-        if kind != LOAD_FRONT and 0 < split < (L if kind == LAYER else self.evicted):
-            hand_off = self.cost.compute.split_s
+        hand_off = self.cost.compute.split_s if is_split else 0.0
         if self.new:
             prefill = self.prefill_s
             if kind == LOAD_FRONT and split < self.evicted:
@@ -357,6 +361,7 @@ class Shaper:
         cper = self.prefill_s / L
         cross = 0.0
         for tier, a, b, lat, per_tok, streamed, setup in self.tiers:
+            streamed = streamed or self.caps.streamed_splits  # 0 < l < L: a split
             base = io.get(tier, 0.0) + lat + setup
             per = (b - a) * per_tok
             # B's pieces as k0 - k1 * l, l = first loaded layer (see _loads)

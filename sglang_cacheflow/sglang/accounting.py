@@ -57,18 +57,20 @@ class RestoreAccounting:
             )  # fmt: skip
 
     def spliced(
-        self, d: Decision, sp: SplitRestore, got: int, waited_s: float, reason: str | None
-    ) -> None:
-        """A split restore's loaded part was spliced: ``got`` of its tokens landed."""
+        self, d: Decision, sp: SplitRestore, got: int, waited_s: float, reason: str | None,
+        streamed: bool = False,
+    ) -> None:  # fmt: skip
+        """A split restore's loaded part was spliced (``streamed``: streamed into the
+        extend): ``got`` of its tokens landed."""
         share = sp.layer_share  # a layer split loads a share of each token
         self.metrics.restored("load", sp.tier, got * share)
         self.metrics.restored("recompute", sp.tier, d.evicted - got * share)
         l0, l1 = sp.layers
         self._log(
             "cacheflow split rid=%s: %s; loaded %s%d of the %d planned tokens from %s (read "
-            "%.2f ms, waited %.2f ms at the splice)", d.rid, d.shape,
+            "%.2f ms, waited %.2f ms %s)", d.rid, d.shape,
             f"layers [{l0}, {l1}) of " if sp.layer_split else "", got, sp.tokens, sp.tier,
-            sp.read_s * 1e3, waited_s * 1e3,
+            sp.read_s * 1e3, waited_s * 1e3, "in the extend" if streamed else "at the splice",
         )  # fmt: skip
         if got < sp.tokens:
             self.metrics.fallback(reason or "split_short", sp.tier, sp.tokens - got)

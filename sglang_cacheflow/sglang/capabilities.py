@@ -3,6 +3,8 @@ choose for it (see docs/sglang.md, "Split restores")."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sglang_cacheflow.planner.capabilities import Capabilities
 from sglang_cacheflow.tiers.names import HOST_TIER
 
@@ -15,3 +17,11 @@ recomputes the back. Split restores run as a first chunk that recomputes the fro
 split) or the bottom layers of the span (layer split) while the project's reader brings the
 rest into staging memory, spliced into the request's KV slots before the new tokens extend
 (so a split's load is not streamed)."""
+
+SGLANG_STREAMED = replace(SGLANG, streamed_splits=True)
+"""As :data:`SGLANG`, with split restores streamed (``stream_groups`` > 1): the extend of the
+new tokens starts at the splice and each of its layers waits for that layer of the load."""
+
+
+def sglang_capabilities(stream_groups: int | None) -> Capabilities:
+    return SGLANG_STREAMED if (stream_groups or 1) > 1 else SGLANG

@@ -18,6 +18,7 @@ from sglang_cacheflow.tiers.redis_config import URL_SCHEMES
 __all__ = [
     "CPU_ARRIVAL_GAP_MS",
     "POLICY_CHOICES",
+    "STREAM_GROUPS",
     "CacheFlowConfig",
     "ConfigError",
     "parse_config",
@@ -33,6 +34,11 @@ POLICY_CHOICES = POLICIES  # the names the patch lists too (tests/sglang/test_pa
 CPU_ARRIVAL_GAP_MS = 5.0
 """Default ``arrival_gap_ms`` on the CPU engine, whose forwards hold the scheduler's thread:
 a burst sent together reaches the scheduler within a few milliseconds (docs/sglang.md)."""
+
+STREAM_GROUPS = 6
+"""Default ``stream_groups`` where splits stream (a scheduler without SGLang's overlap
+loop): each group is one tier call, so more groups shorten the extend's wait behind the
+last group and add a call's latency each (docs/benchmarks.md, "Streamed splits")."""
 
 STORAGE_MODULE = "sglang_cacheflow.sglang.storage"
 STORAGE_CLASS = "CacheFlowRedisStorage"
@@ -77,6 +83,11 @@ class CacheFlowConfig:
     receiving while requests come within this gap of each other (at most this many more
     polls), so that a burst is planned as one round (:mod:`sglang_cacheflow.sglang.arrivals`);
     ``None``: :data:`CPU_ARRIVAL_GAP_MS` on the CPU engine, 0 (off) elsewhere.
+    ``stream_groups``: a split restore's load is read in this many layer groups and
+    streamed into the extend of the new tokens, each layer of which waits for its group
+    (:mod:`sglang_cacheflow.sglang.stream`); 1: not streamed, the splice waits for the whole
+    load. Streaming needs a scheduler without SGLang's overlap loop; ``None``:
+    :data:`STREAM_GROUPS` there, 1 with the loop.
     """
 
     policy: str = "cacheflow"
@@ -93,12 +104,26 @@ class CacheFlowConfig:
     force_recompute: float = 0.5
     arrival_gap_ms: float | None = None
     arrival_polls: int = 8
+    stream_groups: int | None = None
 
-    def for_device(self, device: str | None) -> CacheFlowConfig:
-        """This configuration with its device-dependent defaults resolved for ``device``."""
-        if self.arrival_gap_ms is not None:
-            return self
-        return replace(self, arrival_gap_ms=CPU_ARRIVAL_GAP_MS if device == "cpu" else 0.0)
+    def for_device(self, device: str | None, overlap: bool | None = None) -> CacheFlowConfig:
+        """This configuration with its server-dependent defaults resolved for ``device``
+        and a scheduler with (``overlap``; default: off on the CPU engine, as
+        ``--enable-cacheflow`` sets it there) or without SGLang's overlap loop."""
+        if overlap is None:
+            overlap = device != "cpu"
+        if overlap and (self.stream_groups or 1) > 1:
+            raise ConfigError(
+                f"{FLAG_CONFIG}: stream_groups={self.stream_groups} streams split restores, "
+                "which needs --disable-overlap-schedule (or set stream_groups to 1)"
+            )
+        gap = self.arrival_gap_ms
+        if gap is None:
+            gap = CPU_ARRIVAL_GAP_MS if device == "cpu" else 0.0
+        groups = self.stream_groups
+        if groups is None:
+            groups = 1 if overlap else STREAM_GROUPS
+        return replace(self, arrival_gap_ms=gap, stream_groups=groups)
 
     @property
     def force(self) -> tuple[str, float] | None:
@@ -137,6 +162,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "dict[str, Any]": (dict,),
     "dict[str, float]": (dict,),
     "int": (int,),
+    "int | None": (int, type(None)),
     "bool": (bool,),
     "float": (int, float),
 }
@@ -217,6 +243,11 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
         )
     if data.get("arrival_polls", _DEFAULTS.arrival_polls) < 1:
         raise ConfigError(f"{FLAG_CONFIG}: arrival_polls must be >= 1, got {data['arrival_polls']}")
+    if data.get("stream_groups") is not None and data["stream_groups"] < 1:
+        raise ConfigError(
+            f"{FLAG_CONFIG}: stream_groups must be >= 1 (1: not streamed), got "
+            f"{data['stream_groups']}"
+        )
     if data.get("split_wait_s", _DEFAULTS.split_wait_s) <= 0:
         raise ConfigError(f"{FLAG_CONFIG}: split_wait_s must be > 0, got {data['split_wait_s']}")
     if data.get("force_shape") is not None:

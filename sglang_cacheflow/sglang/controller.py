@@ -50,7 +50,7 @@ from sglang_cacheflow.planner import (
     serves_in_order,
 )
 from sglang_cacheflow.sglang.accounting import RestoreAccounting
-from sglang_cacheflow.sglang.capabilities import SGLANG
+from sglang_cacheflow.sglang.capabilities import sglang_capabilities
 from sglang_cacheflow.sglang.config import CacheFlowConfig
 from sglang_cacheflow.sglang.costs import CostTracker
 from sglang_cacheflow.sglang.decision import (
@@ -67,9 +67,11 @@ from sglang_cacheflow.sglang.split import (
     SplitRestore,
     SplitUnavailable,
     splice,
+    splice_streamed,
     start_host_split,
     start_l3_split,
 )
+from sglang_cacheflow.sglang.stream import Stream, StreamedLayers, cut_back
 from sglang_cacheflow.sglang.tp import reduce_round
 from sglang_cacheflow.tiers.names import HOST_TIER, L3_TIER
 
@@ -128,6 +130,13 @@ class CacheFlowController:
         self.owed = OwedWork(clock)
         self.splits: dict[str, Decision] = {}  # split restores not yet spliced, by rid
         self.reader = SplitReader(on_read=self._split_read)
+        self.caps = sglang_capabilities(cfg.stream_groups)
+        self.groups = max(1, cfg.stream_groups or 1)  # layer groups of a split's read
+        self.layers: StreamedLayers | None = None  # the pool's layer waits, when streaming
+        if self.groups > 1:
+            self.layers = StreamedLayers.install(cache.token_to_kv_pool_allocator.get_kvcache())
+        self.streamed: dict[str, Decision] = {}  # spliced split restores still streaming
+        self.scheduler: Any = None  # SGLang's scheduler, as of the last admission round
         self.queue: Sequence[Any] = ()  # the scheduler's waiting queue, as of the last round
         self._queued_s = 0.0  # queued prefill seconds counted in the last round's busy
         self._log = logger.info if cfg.log_decisions else logger.debug
@@ -172,7 +181,7 @@ class CacheFlowController:
 
     def _plan(self, reqs: list[Request], cost: CostModel, busy: dict[str, float]) -> Plan:
         return plan(
-            reqs, cost, self.cfg.policy, SGLANG, self.cfg.chunk_tokens, busy, self.cfg.force
+            reqs, cost, self.cfg.policy, self.caps, self.cfg.chunk_tokens, busy, self.cfg.force
         )
 
     def _align(self, tokens: int) -> int:
@@ -186,6 +195,7 @@ class CacheFlowController:
         self.host_caps = {}
         self._round = {}
         self.queue = scheduler.waiting_queue
+        self.scheduler = scheduler
         self._drop_stale(scheduler.waiting_queue, getattr(scheduler, "chunked_req", None))
         self._plan_host_hits(scheduler)
         planned = (*self.storage_plans.values(), *self.splits.values(), *self._round.values())
@@ -311,15 +321,24 @@ class CacheFlowController:
         seconds: float,
         layers: int | None = None,
         started: float | None = None,
+        streamed: dict[str, bool] | None = None,
     ) -> None:
         """An extend forward of ``batch`` through its first ``layers`` layers (default all),
         begun at ``started`` (``perf_counter()``), took ``seconds``: calibrate, and measure
         its restores. A split's own chunk that ran beside reads calibrates the overlap
-        slowdown the planner charges a split's recompute."""
+        slowdown the planner charges a split's recompute. ``streamed``: the streamed splits
+        it took (:meth:`finish_streams`); it waited for their loads, so it does not
+        calibrate the compute, and those cut back got no token from it."""
         mode = batch.forward_mode
         if not mode.is_extend():
             return
-        if not mode.is_mixed() and batch.prefix_lens is not None and batch.extend_lens:
+        streamed = streamed or {}
+        if (
+            not streamed
+            and not mode.is_mixed()
+            and batch.prefix_lens is not None
+            and batch.extend_lens
+        ):
             overlapped = started is not None and self.reader.busy_since(started)
             # The planner charges the slowdown to a split's own chunk: only that forward
             # measures it. Others beside a read measure neither it nor the machine alone.
@@ -331,8 +350,8 @@ class CacheFlowController:
             return
         now = self.clock()
         for req in batch.reqs:
-            if req.rid in self.splits:  # the first chunk of a split: the restore goes on
-                continue
+            if req.rid in self.splits or not streamed.get(req.rid, True):
+                continue  # a split's first chunk, or cut back: the restore goes on
             d = self.pending.pop(req.rid, None)
             if d is None:
                 continue
@@ -446,7 +465,9 @@ class CacheFlowController:
     ) -> SplitRestore | None:
         try:
             storage = self.cache.cacheflow_storage()
-            return start_l3_split(self.reader, storage, req, front, layer, keys, self.page_size)
+            return start_l3_split(
+                self.reader, storage, req, front, layer, keys, self.page_size, self.groups
+            )
         except SplitUnavailable as e:
             self.account.split_unavailable(req, str(e))
             return None
@@ -457,7 +478,7 @@ class CacheFlowController:
         try:
             node = sreq.best_match_node
             return start_host_split(
-                self.reader, self.cache, node, req, front, layer, self.page_size
+                self.reader, self.cache, node, req, front, layer, self.page_size, self.groups
             )
         except SplitUnavailable as e:
             self.account.split_unavailable(req, str(e))
@@ -524,12 +545,20 @@ class CacheFlowController:
 
     def after_checkpoint(self, req: Any, tree_cache: Any) -> None:
         """SGLang checkpointed a chunk of ``req``: if it ends a split restore's front, splice
-        the loaded back in (:func:`~sglang_cacheflow.sglang.split.splice`) and count it."""
+        the loaded back in (:func:`~sglang_cacheflow.sglang.split.splice`) and count it, or
+        start streaming it into the next chunk (:mod:`~sglang_cacheflow.sglang.stream`)."""
         d = self.splits.get(req.rid)
         if d is None or d.split is None or req.prefix_len < d.split.cut:
             return
         del self.splits[req.rid]
         sp = d.split
+        if self.layers is not None and req.prefix_len == sp.cut:
+            slots = splice_streamed(sp, req, tree_cache)
+            if slots is not None:
+                deadline = time.perf_counter() + self.cfg.split_wait_s
+                self.layers.add(req.rid, Stream(sp, slots, deadline))
+                self.streamed[req.rid] = d
+                return
         try:
             if req.prefix_len > sp.cut:  # the front ran past the cut: nothing to splice
                 got, waited, reason = 0, 0.0, "split_cut_missed"
@@ -540,3 +569,38 @@ class CacheFlowController:
         finally:
             sp.close()
         self.account.spliced(d, sp, got, waited, reason)
+
+    def streaming(self, req: Any) -> bool:
+        """Whether ``req``'s next forward takes a streamed split's load (it runs without
+        other restores or chunked requests, so that it can be cut back alone)."""
+        return req.rid in self.streamed
+
+    def finish_streams(self, batch: Any) -> dict[str, bool]:
+        """A forward of ``batch`` has run: settle the streamed splits it took, by rid: True
+        if the load landed whole, False if the request was cut back
+        (:func:`~sglang_cacheflow.sglang.stream.cut_back`; that forward gave it no token)."""
+        settled: dict[str, bool] = {}
+        if self.layers is None or not self.streamed:
+            return settled
+        for i, req in enumerate(batch.reqs):
+            d = self.streamed.pop(req.rid, None)
+            done = self.layers.finish(req.rid, self.tp_group) if d is not None else None
+            if done is None:
+                continue
+            st, pages = done
+            sp = st.sp
+            settled[req.rid] = pages == sp.pages
+            try:
+                if pages < sp.pages:
+                    cut_back(st, pages, req, self.cache, self.scheduler)
+                    starts = batch.extend_logprob_start_lens if batch.return_logprob else None
+                    if starts is not None:  # none of its input logprobs came out right
+                        starts[i] = batch.extend_lens[i]
+                    reason = "split_timeout" if not sp.done.is_set() else "split_read_failed"
+                else:
+                    req.skip_radix_cache_insert = sp.skip_insert  # whole: publish it
+                    reason = None
+            finally:
+                sp.close()
+            self.account.spliced(d, sp, pages * sp.page_tokens, st.waited_s, reason, True)
+        return settled

@@ -229,12 +229,15 @@ def config_from_server_args(server_args: Any) -> CacheFlowConfig:
     and they are set, else :data:`ENV_CONFIG`, else the defaults; resolved for the server's
     device."""
     device = getattr(server_args, "device", None) or default_device()
+    overlap = getattr(server_args, "disable_overlap_schedule", None)
+    overlap = None if overlap is None else not overlap
     if getattr(server_args, "enable_cacheflow", False):
-        return parse_config(
+        cfg = parse_config(
             getattr(server_args, "cacheflow_policy", None),
             getattr(server_args, "cacheflow_config", None),
-        ).for_device(device)
-    text = os.environ.get(ENV_CONFIG)
-    if text:
-        return CacheFlowConfig.from_json(text).for_device(device)
-    return parse_config(None, None).for_device(device)
+        )
+    elif text := os.environ.get(ENV_CONFIG):
+        cfg = CacheFlowConfig.from_json(text)
+    else:
+        cfg = parse_config(None, None)
+    return cfg.for_device(device, overlap)

@@ -206,6 +206,8 @@ def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleT
             return admission
         if ctl.holds_back(req.rid, self.can_run_list):
             return other  # one restore per forward, in the plan's order
+        if ctl.streamed and any(ctl.streaming(r) for r in self.can_run_list):
+            return other  # a streamed extend runs alone: it may have to be cut back
         if not ctl.splits:
             return admission
         if any(ctl.layer_chunk(r) for r in self.can_run_list):
@@ -281,7 +283,9 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
             if stack is not None:
                 stack.end_layer = saved
         elapsed = time.perf_counter() - start
-        _safe("forward bookkeeping", lambda: ctl.forward_done(batch, elapsed, top, start))
+        # Not under _safe: a stream that did not land must cut its request back, or fail.
+        streamed = ctl.finish_streams(batch) if ctl.streamed else None
+        _safe("forward bookkeeping", lambda: ctl.forward_done(batch, elapsed, top, start, streamed))
         return out
 
     return forward_batch_generation

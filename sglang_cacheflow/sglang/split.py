@@ -55,9 +55,13 @@ __all__ = [
     "SplitRestore",
     "SplitUnavailable",
     "agree_pages",
+    "row_of",
+    "set_end",
     "splice",
+    "splice_streamed",
     "start_host_split",
     "start_l3_split",
+    "write_layer",
     "write_pages",
 ]
 
@@ -66,8 +70,9 @@ logger = logging.getLogger("sglang_cacheflow.sglang")
 PAGES_PER_READ = 4
 """Pages per tier read: the granularity at which a failure or a time-out cuts the front."""
 
-ReadPages = Callable[[int, int], list[bool]]
-"""``read(lo, hi)`` fills staging pages ``[lo, hi)``; one bool per page."""
+ReadPages = Callable[[int, int, int, int], list[bool]]
+"""``read(lo, hi, a, b)`` fills staging pages ``[lo, hi)``, staging layers ``[a, b)``; one
+bool per page."""
 
 
 @dataclass
@@ -84,15 +89,51 @@ class SplitRestore:
     layers: tuple[int, int] = (0, 0)  # loaded layer range; (0, 0) means all of them
     release: Callable[[], None] | None = None  # undo what protects the source (host lock)
     skip_insert: bool = False  # the request's own skip_radix_cache_insert, restored at the end
-    landed_pages: int = 0  # pages [0, landed) are in staging
+    groups: int = 1  # the loaded layers are read in this many layer groups, one after another
+    group_pages: list[int] = field(default_factory=list)  # per group: pages [0, n) landed
     error: str | None = None
     read_s: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
+    landed: threading.Condition = field(default_factory=threading.Condition)
     cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        self.groups = max(1, min(self.groups, self.staging.shape[1]))
+        self.group_pages = [0] * self.groups
 
     @property
     def pages(self) -> int:
         return self.tokens // self.page_tokens
+
+    @property
+    def landed_pages(self) -> int:
+        """Pages ``[0, n)`` whose every loaded layer is in staging."""
+        return min(self.group_pages)
+
+    def group_layers(self, g: int) -> tuple[int, int]:
+        """Staging layers ``[a, b)`` of layer group ``g`` (groups differ by one layer at most)."""
+        n = self.staging.shape[1]
+        return g * n // self.groups, (g + 1) * n // self.groups
+
+    def group_of(self, layer: int) -> int:
+        """The layer group holding staging layer ``layer``."""
+        return next(g for g in range(self.groups) if layer < self.group_layers(g)[1])
+
+    def _landed(self, g: int, pages: int) -> None:
+        with self.landed:
+            self.group_pages[g] = pages
+            self.landed.notify_all()
+
+    def wait_group(self, g: int, deadline: float) -> int:
+        """Wait until layer group ``g`` has landed, its read has ended or ``deadline``
+        (``perf_counter()``) passed; the pages ``[0, n)`` of that group in staging."""
+        with self.landed:
+            while self.group_pages[g] < self.pages and not self.done.is_set():
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self.landed.wait(left)
+            return self.group_pages[g]
 
     @property
     def layer_share(self) -> float:
@@ -151,17 +192,24 @@ class SplitReader:
 
     def _run(self, sp: SplitRestore, read: ReadPages) -> None:
         start = time.perf_counter()
+        # A streamed restore's layer groups go in one tier call each: the forward waits
+        # per group, and every call pays the tier's latency.
+        step = self.pages_per_read if sp.groups == 1 else max(1, sp.pages)
         try:
-            for lo in range(0, sp.pages, self.pages_per_read):
-                if sp.cancelled:
-                    sp.error = sp.error or "cancelled"
-                    break
-                hi = min(sp.pages, lo + self.pages_per_read)
-                ok = read(lo, hi)
-                good = ok.index(False) if False in ok else len(ok)
-                sp.landed_pages = lo + good
-                if good < hi - lo:
-                    sp.error = f"page {lo + good} of {sp.pages} missing or corrupt"
+            for g in range(sp.groups):
+                a, b = sp.group_layers(g)
+                for lo in range(0, sp.pages, step):
+                    if sp.cancelled:
+                        sp.error = sp.error or "cancelled"
+                        break
+                    hi = min(sp.pages, lo + step)
+                    ok = read(lo, hi, a, b)
+                    good = ok.index(False) if False in ok else len(ok)
+                    sp._landed(g, lo + good)
+                    if good < hi - lo:
+                        sp.error = f"page {lo + good} of {sp.pages} missing or corrupt"
+                        break
+                if sp.error:
                     break
         except Exception as e:  # a tier fault: the pages so far stand, the rest is recomputed
             logger.warning("cacheflow: split restore of rid=%s: read failed: %r", sp.rid, e)
@@ -175,7 +223,9 @@ class SplitReader:
                 with self._lock:
                     self._queued -= 1
                     self._idle_at = time.perf_counter()
-                sp.done.set()
+                with sp.landed:
+                    sp.done.set()
+                    sp.landed.notify_all()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -197,26 +247,27 @@ class SplitUnavailable(RuntimeError):
 
 def _new_split(
     rid: str, tier: str, start: int, layer: int, pages: int, like: tuple[int, ...],
-    dtype: torch.dtype, release: Callable[[], None] | None = None,
+    dtype: torch.dtype, groups: int, release: Callable[[], None] | None = None,
 ) -> SplitRestore:  # fmt: skip
     """A split restore loading ``pages`` pages from token ``start`` and from layer ``layer``
-    on; ``like`` is a page's (layers, 2, tokens, heads, dim)."""
+    on, in ``groups`` layer groups; ``like`` is a page's (layers, 2, tokens, heads, dim)."""
     num_layers, _, page, heads, dim = like
     staging = new_staging(pages, num_layers - layer, page, heads, dim, dtype)
     return SplitRestore(
         rid, tier, start, pages * page, page, staging,
-        layers=(layer, num_layers) if layer else (0, 0), release=release,
+        layers=(layer, num_layers) if layer else (0, 0), release=release, groups=groups,
     )  # fmt: skip
 
 
 def start_l3_split(
     reader: SplitReader, storage: Any, req: Any, front: int, layer: int, keys: list[str],
-    page: int,
+    page: int, groups: int = 1,
 ) -> SplitRestore:  # fmt: skip
     """Start reading what a split loads of ``req``'s L3 span (a planner ``Request``) through
     ``storage`` (:class:`~sglang_cacheflow.sglang.storage.CacheFlowRedisStorage`): the pages after
-    ``front`` tokens of the span, their layers from ``layer`` on. ``keys``: the span's page
-    keys."""
+    ``front`` tokens of the span, their layers from ``layer`` on, in ``groups`` layer groups
+    (more than one: streamed into the extend, see :mod:`~sglang_cacheflow.sglang.stream`).
+    ``keys``: the span's page keys."""
     from sglang_cacheflow.tiers.names import L3_TIER
 
     back = keys[front // page : req.evicted_tokens // page]
@@ -224,18 +275,25 @@ def start_l3_split(
         raise SplitUnavailable(f"{len(back)} page keys, L3 backend {storage}")
     lay = storage.ns.layout
     like = (lay.num_layers, 2, page, lay.kv_heads, lay.head_dim)
-    sp = _new_split(req.id, L3_TIER, req.device_tokens + front, layer, len(back), like, lay.dtype)
-    layers = sp.layers if sp.layer_split else None
-    reader.submit(sp, lambda lo, hi: storage.read_pages(back[lo:hi], sp.staging[lo:hi], layers))
+    sp = _new_split(
+        req.id, L3_TIER, req.device_tokens + front, layer, len(back), like, lay.dtype, groups
+    )
+
+    def read(lo: int, hi: int, a: int, b: int) -> list[bool]:
+        return storage.read_pages(back[lo:hi], sp.staging[lo:hi, a:b], (layer + a, layer + b))
+
+    reader.submit(sp, read)
     return sp
 
 
 def start_host_split(
-    reader: SplitReader, cache: Any, node: Any, req: Any, front: int, layer: int, page: int
-) -> SplitRestore:
+    reader: SplitReader, cache: Any, node: Any, req: Any, front: int, layer: int, page: int,
+    groups: int = 1,
+) -> SplitRestore:  # fmt: skip
     """Start copying what a split loads of ``req``'s host hit (ending at ``node`` of the
     radix ``cache``) to staging: the pages after ``front`` tokens, their layers from
-    ``layer`` on. The host pages stay locked until the restore is closed."""
+    ``layer`` on, in ``groups`` layer groups. The host pages stay locked until the restore
+    is closed."""
     from sglang_cacheflow.sglang.storage import canonical_page_view
     from sglang_cacheflow.tiers.names import HOST_TIER
 
@@ -248,12 +306,13 @@ def start_host_split(
     unlock = cache.inc_host_lock_ref(node).to_dec_params()
     sp = _new_split(
         req.id, HOST_TIER, req.device_tokens + front, layer, len(starts), tuple(first.shape),
-        first.dtype, release=lambda: cache.dec_host_lock_ref(node, unlock),
+        first.dtype, groups, release=lambda: cache.dec_host_lock_ref(node, unlock),
     )  # fmt: skip
 
-    def read(lo: int, hi: int) -> list[bool]:
+    def read(lo: int, hi: int, a: int, b: int) -> list[bool]:
         for i in range(lo, hi):
-            sp.staging[i].copy_(canonical_page_view(pool, int(starts[i]))[layer:])
+            page_ = canonical_page_view(pool, int(starts[i]))
+            sp.staging[i, a:b].copy_(page_[layer + a : layer + b])
         return [True] * (hi - lo)
 
     reader.submit(sp, read)
@@ -267,20 +326,24 @@ def write_pages(
     ``pool`` (SGLang's ``MHATokenToKVPool``: per-layer ``k_buffer``/``v_buffer`` of
     (slots, heads, dim)) at ``slots``, one token per slot, in order; staging layer ``i``
     goes to pool layer ``first_layer + i``."""
-    pages, layers, _, page_tokens, heads, dim = staging.shape
+    layers = staging.shape[1]
     if first_layer + layers > pool.layer_num:
         raise ValueError(
             f"staging has layers [{first_layer}, {first_layer + layers}), the device pool "
             f"{pool.layer_num}"
         )
-    n = pages * page_tokens
     idx = slots.to(device=pool.k_buffer[0].device, dtype=torch.int64)
     for i in range(layers):
-        k = staging[:, i, 0].reshape(n, heads, dim)
-        v = staging[:, i, 1].reshape(n, heads, dim)
-        kb, vb = pool.k_buffer[first_layer + i], pool.v_buffer[first_layer + i]
-        kb[idx] = k.to(device=kb.device, dtype=kb.dtype)
-        vb[idx] = v.to(device=vb.device, dtype=vb.dtype)
+        write_layer(pool, idx, staging[:, i], first_layer + i)
+
+
+def write_layer(pool: Any, idx: torch.Tensor, pages: torch.Tensor, layer: int) -> None:
+    """Copy one layer of staging pages (pages, 2, page_tokens, heads, dim) into the pool's
+    layer ``layer`` at slots ``idx`` (int64, on the pool's device), one token per slot."""
+    n = pages.shape[0] * pages.shape[2]
+    kb, vb = pool.k_buffer[layer], pool.v_buffer[layer]
+    kb[idx[:n]] = pages[:, 0].reshape(n, *kb.shape[1:]).to(device=kb.device, dtype=kb.dtype)
+    vb[idx[:n]] = pages[:, 1].reshape(n, *vb.shape[1:]).to(device=vb.device, dtype=vb.dtype)
 
 
 def agree_pages(pages: int, group: Any | None) -> int:
@@ -326,12 +389,34 @@ def splice(
     return Spliced(n, waited, failure or reason)
 
 
-def _row(req: Any, tree_cache: Any) -> torch.Tensor:
+def splice_streamed(sp: SplitRestore, req: Any, tree_cache: Any) -> torch.Tensor | None:
+    """Give ``req`` the KV slots of ``sp``'s whole loaded part without waiting for the read
+    (a token split's are allocated now, a layer split's are its chunk's) and keep its KV out
+    of the tree until every layer has landed (:mod:`~sglang_cacheflow.sglang.stream` fills
+    them). The slots, in token order; None without device memory for them."""
+    from sglang.srt.mem_cache.common import checkpoint_kv_cache
+
+    if sp.layer_split:
+        slots = row_of(req, tree_cache)[sp.start : sp.start + sp.tokens].to(torch.int64)
+    else:
+        n, failure = _splice_tokens(sp, req, tree_cache, sp.pages, copy=False)
+        if failure is not None or n == 0:
+            return None
+        slots = row_of(req, tree_cache)[sp.start : sp.start + n].to(torch.int64)
+        sp.skip_insert, req.skip_radix_cache_insert = req.skip_radix_cache_insert, True
+    checkpoint_kv_cache(req, tree_cache)  # not published (skip): the next extend resumes here
+    return slots
+
+
+def row_of(req: Any, tree_cache: Any) -> torch.Tensor:
     return tree_cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
 
 
-def _splice_tokens(sp: SplitRestore, req: Any, tree_cache: Any, pages: int) -> tuple[int, Any]:
-    """Token split: new slots for the back's landed pages, after the recomputed front."""
+def _splice_tokens(
+    sp: SplitRestore, req: Any, tree_cache: Any, pages: int, copy: bool = True
+) -> tuple[int, Any]:
+    """Token split: new slots for the back's landed pages, after the recomputed front (and
+    their KV copied in, unless the stream copies it)."""
     from sglang.srt.mem_cache.common import evict_from_tree_cache
 
     n = pages * sp.page_tokens
@@ -345,14 +430,15 @@ def _splice_tokens(sp: SplitRestore, req: Any, tree_cache: Any, pages: int) -> t
     if slots is None:
         return 0, "split_no_device_memory"
     try:
-        write_pages(allocator.get_kvcache(), slots, sp.staging[:pages])
+        if copy:
+            write_pages(allocator.get_kvcache(), slots, sp.staging[:pages])
         tree_cache.req_to_token_pool.write(
             (req.kv.req_pool_idx, slice(sp.start, sp.start + n)), slots
         )
     except Exception:
         allocator.free(slots)
         raise
-    _set_end(req, sp.start + n)
+    set_end(req, sp.start + n)
     return n, None
 
 
@@ -361,7 +447,7 @@ def _splice_layers(sp: SplitRestore, req: Any, tree_cache: Any, pages: int) -> t
     in. Tokens whose top layers did not land leave the prefix (their slots are freed) and
     are recomputed through all layers by the next chunk."""
     n = pages * sp.page_tokens
-    row = _row(req, tree_cache)
+    row = row_of(req, tree_cache)
     end = sp.start + sp.tokens
     if n > 0:
         slots = row[sp.start : sp.start + n].to(torch.int64)
@@ -369,7 +455,7 @@ def _splice_layers(sp: SplitRestore, req: Any, tree_cache: Any, pages: int) -> t
                     first_layer=sp.layers[0])  # fmt: skip
     if n < sp.tokens:
         tree_cache.token_to_kv_pool_allocator.free(row[sp.start + n : end].to(torch.int64))
-        _set_end(req, sp.start + n)
+        set_end(req, sp.start + n)
         req.prefix_len = sp.start + n
         if sp.start + n == 0:  # nothing left: the request starts over without a row
             tree_cache.req_to_token_pool.free(req)
@@ -377,7 +463,7 @@ def _splice_layers(sp: SplitRestore, req: Any, tree_cache: Any, pages: int) -> t
     return n, None
 
 
-def _set_end(req: Any, end: int) -> None:
+def set_end(req: Any, end: int) -> None:
     """The request's KV now ends at ``end``: the next checkpoint publishes ``[.., end)``."""
     req.kv.kv_allocated_len = end
     req.kv.kv_committed_len = end

@@ -20,13 +20,14 @@ from sglang_cacheflow.planner import (
 )
 from sglang_cacheflow.planner.capabilities import RUNTIME
 from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Shape, Shaper
-from sglang_cacheflow.sglang.capabilities import SGLANG
+from sglang_cacheflow.sglang.capabilities import SGLANG, SGLANG_STREAMED
 
 from .strategies import cost_models, requests
 
 EXECUTORS = {
     "runtime": RUNTIME,
     "sglang": SGLANG,
+    "sglang-streamed": SGLANG_STREAMED,
     "token-only": Capabilities(token_split=True, layer_split=False),
     "layer-only": Capabilities(token_split=False, layer_split=True),
     "everything": Capabilities(token_split=True, layer_split=True, load_front=True),
@@ -63,6 +64,30 @@ def test_every_policy_plans_validly_and_cacheflow_is_never_worse(reqs, cost, cap
     for name, p in plans.items():
         assert bound.makespan_s <= p.makespan_s * (1 + 1e-6) + 1e-9, name
         assert bound.mean_ttft_s <= p.mean_ttft_s * (1 + 1e-6) + 1e-9, name
+
+
+def test_streamed_splits_price_the_extend_beside_the_load() -> None:
+    # A split whose load streams into the extend ends about one layer's extend after its
+    # load, not a whole extend after it; whole-span loads (SGLang's prefetch) do not stream.
+    shape = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
+    cost = CostModel(
+        shape,
+        ComputeCost(tokens_per_s=700.0, step_s=0.1),
+        {"redis": TierCost(bandwidth_Bps=25e6, latency_s=1e-3)},
+    )
+    req = Request("one", 0, (Span("redis", 512),), 16)
+    plain, streamed = Shaper(req, cost, SGLANG, 16), Shaper(req, cost, SGLANG_STREAMED, 16)
+    extend = plain.prefill_s
+    for kind, split in ((TOKEN, 64), (LAYER, 5)):  # load-bound splits
+        a = plain.run(Shape(kind, split), 0.0, {})
+        b = streamed.run(Shape(kind, split), 0.0, {})
+        assert b.ttft < a.ttft  # the extend overlaps the load's tail
+        assert b.ttft >= a.ttft - extend * (1 + 1e-9)  # by at most the extend
+    for whole in (Shape(TOKEN, 0), Shape(LAYER, 0), Shape(LOAD_FRONT, 0)):  # load all
+        assert streamed.run(whole, 0.0, {}).ttft == plain.run(whole, 0.0, {}).ttft
+    assert plan([req], cost, "cacheflow", SGLANG_STREAMED, 16).mean_ttft_s < plan(
+        [req], cost, "cacheflow", SGLANG, 16
+    ).mean_ttft_s
 
 
 def brute_force_best(req: Request, cost: CostModel, caps: Capabilities, chunk: int) -> float:

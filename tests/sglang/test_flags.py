@@ -9,6 +9,7 @@ import pytest
 
 from sglang_cacheflow.sglang.config import (
     CPU_ARRIVAL_GAP_MS,
+    STREAM_GROUPS,
     CacheFlowConfig,
     ConfigError,
     check_page_size,
@@ -62,6 +63,8 @@ def test_defaults_and_round_trip() -> None:
         ("cacheflow", '{"arrival_gap_ms": -1}', "arrival_gap_ms must be >= 0 (0: off)"),
         ("cacheflow", '{"arrival_gap_ms": "5"}', "arrival_gap_ms must be int or float or null"),
         ("cacheflow", '{"arrival_polls": 0}', "arrival_polls must be >= 1"),
+        ("cacheflow", '{"stream_groups": 0}', "stream_groups must be >= 1 (1: not streamed)"),
+        ("cacheflow", '{"stream_groups": 2.5}', "stream_groups must be int or null"),
     ],
 )
 def test_bad_input_is_explained(policy: str, config: str | None, needle: str) -> None:
@@ -144,6 +147,20 @@ def test_arrival_gap_defaults_to_on_for_the_cpu_engine_only() -> None:
     assert chosen.for_device("cuda").arrival_gap_ms == chosen.for_device("cpu").arrival_gap_ms
     assert chosen.arrival_gap_ms == 2.0 and chosen.arrival_polls == 3
     assert CacheFlowConfig.from_json(chosen.to_json()) == chosen
+
+
+def test_splits_stream_where_the_scheduler_runs_without_the_overlap_loop() -> None:
+    auto = parse_config(None, None)
+    assert auto.stream_groups is None
+    assert auto.for_device("cpu").stream_groups == STREAM_GROUPS > 1  # no loop on the CPU engine
+    assert auto.for_device("cuda").stream_groups == 1
+    assert auto.for_device("cuda", overlap=False).stream_groups == STREAM_GROUPS
+    assert auto.for_device("cpu", overlap=True).stream_groups == 1
+    chosen = parse_config(None, '{"stream_groups": 3}')
+    assert chosen.for_device("cpu").stream_groups == 3
+    with pytest.raises(ConfigError, match="needs --disable-overlap-schedule"):
+        chosen.for_device("cuda")  # a stream that fails must be cut back before the next batch
+    assert parse_config(None, '{"stream_groups": 1}').for_device("cuda").stream_groups == 1
 
 
 @pytest.mark.parametrize(

@@ -56,14 +56,17 @@ SHAPES = {
 
 
 def _cacheflow(
-    start: StartServer, model: Path, l3: RedisServer, link: str, force: tuple[str, float]
-) -> SGLangServer:
+    start: StartServer, model: Path, l3: RedisServer, link: str, force: tuple[str, float],
+    **config: Any,
+) -> SGLangServer:  # fmt: skip
     return cacheflow_server(
-        start, model, l3, link=link, force_shape=force[0], force_recompute=force[1]
+        start, model, l3, link=link, force_shape=force[0], force_recompute=force[1], **config
     )
 
 
-def _check_restores(server: SGLangServer, shape: str, replies: list[Any]) -> None:
+def _check_restores(
+    server: SGLangServer, shape: str, replies: list[Any], streamed: bool = True
+) -> None:
     log = server.log_text()
     m = metrics(server)
     for tier in ("host", "redis"):
@@ -84,6 +87,9 @@ def _check_restores(server: SGLangServer, shape: str, replies: list[Any]) -> Non
         pattern = rf"split rid=\S+: {re.escape(shape)}; loaded {layers}(\d+) of the (\d+)"
         done = re.findall(pattern, log)
         assert len(done) == 2 and all(a == b for a, b in done), done
+        # streamed into the extend (the CPU engine's default), or spliced whole before it
+        where = "in the extend" if streamed else "at the splice"
+        assert len(re.findall(rf"split rid=.* ms {where}\)", log)) == 2, log
     # the restored span is a device node of the tree: the next turn hits all of it
     following = replies[2]["meta_info"]
     assert following["cached_tokens"] >= PREFIX + GROW, following
@@ -104,7 +110,7 @@ def tiny_reference(sglang_servers: StartServer, tiny_llama_path: Path) -> list[A
     return _reference_replies(sglang_servers, tiny_llama_path, 1)
 
 
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("name", [*SHAPES, "token-split-unstreamed"])
 def test_every_forced_shape_restores_exactly(
     name: str,
     sglang_servers: StartServer,
@@ -112,21 +118,24 @@ def test_every_forced_shape_restores_exactly(
     l3: RedisServer,
     tiny_reference: list[Any],
 ) -> None:
-    force, shape = SHAPES[name]
+    streamed = name != "token-split-unstreamed"
+    force, shape = SHAPES[name if streamed else "token-split"]
     # 96 Mbit/s: a 240-token back (2 KiB a token) reads in about 40 ms
-    server = _cacheflow(sglang_servers, tiny_llama_path, l3, "96mbps+1ms", force)
-    _restores_exactly(server, l3, 1, tiny_reference, shape)
+    config = {} if streamed else {"stream_groups": 1}  # as on a server with the overlap loop
+    server = _cacheflow(sglang_servers, tiny_llama_path, l3, "96mbps+1ms", force, **config)
+    _restores_exactly(server, l3, 1, tiny_reference, shape, streamed)
 
 
 def _restores_exactly(
-    server: SGLangServer, l3: RedisServer, seed: int, want: list[Any], shape: str
-) -> None:
+    server: SGLangServer, l3: RedisServer, seed: int, want: list[Any], shape: str,
+    streamed: bool = True,
+) -> None:  # fmt: skip
     """Run the returning conversations of ``seed`` on ``server``, compare with ``want``,
     check the restores it made (all in ``shape``), and stop it."""
     try:
         replies = returning(server, returning_prompts(seed), l3)
         assert_same_replies(want, replies)
-        _check_restores(server, shape, replies)
+        _check_restores(server, shape, replies, streamed)
     finally:
         server.stop()
 
@@ -199,6 +208,8 @@ def test_corrupted_records_under_a_split_restore_are_recomputed(
         assert total(m, FALLBACKS, reason="split_read_failed") >= 1, m
         log = server.log_text()
         assert re.search(r"got \d+ of the \d+ tokens planned from redis \(split_read_failed", log)
+        # found by the extend that streamed it, whose result was then dropped (no token)
+        assert re.search(r"split rid=.* ms in the extend\)", log), log
         # the restored prefix (what landed, the rest recomputed) serves the next turn
         following = ask(server, back + got["output_ids"] + p["next+"])
         assert_same_replies([ask(fault_reference, back + got["output_ids"] + p["next+"])],

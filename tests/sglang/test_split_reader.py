@@ -35,7 +35,7 @@ def _source(pages: int) -> torch.Tensor:
 def test_reader_fills_staging_in_order() -> None:
     sp, src = _restore(10), _source(10)
 
-    def read(lo: int, hi: int) -> list[bool]:
+    def read(lo: int, hi: int, a: int, b: int) -> list[bool]:
         sp.staging[lo:hi] = src[lo:hi]
         return [True] * (hi - lo)
 
@@ -50,7 +50,7 @@ def test_reader_fills_staging_in_order() -> None:
 def test_reader_stops_at_the_first_page_that_does_not_arrive(fault: str) -> None:
     sp, src = _restore(10), _source(10)
 
-    def read(lo: int, hi: int) -> list[bool]:
+    def read(lo: int, hi: int, a: int, b: int) -> list[bool]:
         if fault == "raise" and lo >= 6:
             raise ConnectionError("redis went away")
         sp.staging[lo:hi] = src[lo:hi]
@@ -69,7 +69,7 @@ def test_a_cancelled_read_stops_between_reads_and_releases_its_source() -> None:
     gate, released = threading.Event(), []
     sp.release = lambda: released.append(True)
 
-    def read(lo: int, hi: int) -> list[bool]:
+    def read(lo: int, hi: int, a: int, b: int) -> list[bool]:
         gate.wait(10)
         return [True] * (hi - lo)
 
@@ -124,7 +124,7 @@ def test_the_reader_tells_which_forwards_ran_beside_a_read() -> None:
     before = time.perf_counter()
     assert not reader.busy_since(before)
 
-    def read(lo: int, hi: int) -> list[bool]:
+    def read(lo: int, hi: int, a: int, b: int) -> list[bool]:
         gate.wait(10)
         return [True] * (hi - lo)
 
