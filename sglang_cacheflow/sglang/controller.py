@@ -8,8 +8,9 @@ thread, under a lock). Per scheduling round it does two kinds of planning, both 
 - **arrivals** (:meth:`begin_arrivals` / :meth:`end_arrivals`, around
   ``Scheduler.process_input_requests``): SGLang asks the radix cache to prefetch each new
   request's L3 hit; the cache defers those calls here. At the end of the batch of arrivals
-  the controller looks up every hit, plans them together with the ``redis`` tier not
-  streamed (the prefetch lands whole pages in host memory before the extend), and issues the
+  the controller looks up every hit, plans them together with the ``redis`` tier's
+  whole-span loads not streamed (the prefetch lands whole pages in host memory before the
+  extend; a split's load streams, :mod:`~sglang_cacheflow.sglang.stream`), and issues the
   prefetches in the plan's service order, each capped at the front the plan loads
   (a cap of 0 issues none: the request recomputes its L3 span);
 - **admission** (:meth:`begin_admission` / :meth:`end_admission`, around

@@ -22,7 +22,9 @@ Both run in three steps:
    (token split: into slots allocated now and written into its ``req_to_token`` row; layer
    split: into the layers ``[l, L)`` of the slots its chunk already owns) and checkpoint, so
    the span is a device node of the tree (the next turn of the conversation hits device
-   memory) and the next chunk extends the new tokens over the whole prefix.
+   memory) and the next chunk extends the new tokens over the whole prefix. Streamed
+   (:func:`splice_streamed`, more than one layer group): the slots without the wait or the
+   copy; the next chunk's layers wait for their groups (:mod:`~sglang_cacheflow.sglang.stream`).
 
 Who owns what, when: staging belongs to the :class:`SplitRestore` until the splice; device
 slots are allocated in the scheduler thread (by the chunk's extend, or at the splice) and
