@@ -85,9 +85,10 @@ def test_streamed_splits_price_the_extend_beside_the_load() -> None:
         assert b.ttft >= a.ttft - extend * (1 + 1e-9)  # by at most the extend
     for whole in (Shape(TOKEN, 0), Shape(LAYER, 0), Shape(LOAD_FRONT, 0)):  # load all
         assert streamed.run(whole, 0.0, {}).ttft == plain.run(whole, 0.0, {}).ttft
-    assert plan([req], cost, "cacheflow", SGLANG_STREAMED, 16).mean_ttft_s < plan(
-        [req], cost, "cacheflow", SGLANG, 16
-    ).mean_ttft_s
+    assert (
+        plan([req], cost, "cacheflow", SGLANG_STREAMED, 16).mean_ttft_s
+        < plan([req], cost, "cacheflow", SGLANG, 16).mean_ttft_s
+    )
 
 
 def brute_force_best(req: Request, cost: CostModel, caps: Capabilities, chunk: int) -> float:
