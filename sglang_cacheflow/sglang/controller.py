@@ -63,16 +63,7 @@ from sglang_cacheflow.sglang.decision import (
 )
 from sglang_cacheflow.sglang.metrics import RestoreMetrics
 from sglang_cacheflow.sglang.owed import OwedWork
-from sglang_cacheflow.sglang.split import (
-    SplitReader,
-    SplitRestore,
-    SplitUnavailable,
-    splice,
-    splice_streamed,
-    start_host_split,
-    start_l3_split,
-)
-from sglang_cacheflow.sglang.stream import Stream, StreamedLayers, cut_back
+from sglang_cacheflow.sglang.split_control import SplitControl
 from sglang_cacheflow.sglang.tp import reduce_round
 from sglang_cacheflow.tiers.names import HOST_TIER, L3_TIER
 
@@ -96,7 +87,7 @@ def set_current_controller(ctl: CacheFlowController | None) -> None:
     _CONTROLLER = ctl
 
 
-class CacheFlowController:
+class CacheFlowController(SplitControl):
     """See the module doc. ``cache`` is the process's
     :class:`~sglang_cacheflow.sglang.radix_cache.CacheFlowRadixCache`."""
 
@@ -129,14 +120,8 @@ class CacheFlowController:
         self.collectives = 0
         self.clock = clock
         self.owed = OwedWork(clock)
-        self.splits: dict[str, Decision] = {}  # split restores not yet spliced, by rid
-        self.reader = SplitReader(on_read=self._split_read)
+        self._init_splits(cfg, cache)
         self.caps = sglang_capabilities(cfg.stream_groups)
-        self.groups = max(1, cfg.stream_groups or 1)  # layer groups of a split's read
-        self.layers: StreamedLayers | None = None  # the pool's layer waits, when streaming
-        if self.groups > 1:
-            self.layers = StreamedLayers.install(cache.token_to_kv_pool_allocator.get_kvcache())
-        self.streamed: dict[str, Decision] = {}  # spliced split restores still streaming
         self.scheduler: Any = None  # SGLang's scheduler, as of the last admission round
         self.queue: Sequence[Any] = ()  # the scheduler's waiting queue, as of the last round
         self._queued_s = 0.0  # queued prefill seconds counted in the last round's busy
@@ -459,31 +444,7 @@ class CacheFlowController:
                 call["storage_hit_end"] = None
                 cache.cacheflow_issue_prefetch(call)
 
-    # -- split restores (Cake's order) ---------------------------------------------------
-
-    def _start_l3_split(
-        self, req: Request, front: int, layer: int, keys: list[str]
-    ) -> SplitRestore | None:
-        try:
-            storage = self.cache.cacheflow_storage()
-            return start_l3_split(
-                self.reader, storage, req, front, layer, keys, self.page_size, self.groups
-            )
-        except SplitUnavailable as e:
-            self.account.split_unavailable(req, str(e))
-            return None
-
-    def _start_host_split(
-        self, sreq: Any, req: Request, front: int, layer: int
-    ) -> SplitRestore | None:
-        try:
-            node = sreq.best_match_node
-            return start_host_split(
-                self.reader, self.cache, node, req, front, layer, self.page_size, self.groups
-            )
-        except SplitUnavailable as e:
-            self.account.split_unavailable(req, str(e))
-            return None
+    # -- restores in flight ----------------------------------------------------------------
 
     def _l3_faults(self) -> int:
         """Errors, corrupt records and misses of the L3 tier so far (0 without one)."""
@@ -493,11 +454,6 @@ class CacheFlowController:
             return 0
         stats = tier.stats.snapshot()
         return stats["errors"] + stats["corrupt"] + stats["misses"]
-
-    def _split_read(self, sp: SplitRestore) -> None:
-        """A split restore's read ended (reader thread): calibrate the tier from it."""
-        nbytes = sp.landed_pages * sp.page_tokens * sp.layer_share * self.shape.kv_bytes_per_token
-        self.costs.observe_transfer(sp.tier, nbytes, sp.read_s)
 
     def is_restore(self, rid: str) -> bool:
         """Whether ``rid`` is a planned restore whose first token is not out yet."""
@@ -516,92 +472,3 @@ class CacheFlowController:
             and self.is_restore(rid)
             and any(r.rid != rid and self.is_restore(r.rid) for r in batch)
         )
-
-    def split_of(self, rid: str) -> SplitRestore | None:
-        """``rid``'s split restore not yet spliced, if any."""
-        d = self.splits.get(rid)
-        return d.split if d is not None else None
-
-    def layer_chunk(self, req: Any) -> bool:
-        """Whether ``req`` is admitted for a layer split's first chunk (which runs alone)."""
-        sp = self.split_of(req.rid)
-        return sp is not None and bool(sp.layer_split) and req.extend_end == sp.cut
-
-    def layer_chunk_of(self, batch: Any) -> int | None:
-        """``l`` when ``batch`` is a layer split's first chunk, alone in its forward: the
-        forward runs layers ``[0, l)`` only."""
-        reqs = batch.reqs
-        if len(reqs) != 1 or not self.layer_chunk(reqs[0]):
-            return None
-        sp = self.split_of(reqs[0].rid)
-        return sp.layer_split if sp is not None else None
-
-    def drop_split(self, rid: str, reason: str) -> None:
-        """Give up ``rid``'s split restore before its chunk ran: the span is recomputed."""
-        d = self.splits.pop(rid, None)
-        if d is None or d.split is None:
-            return
-        d.split.close()
-        self.account.split_dropped(rid, d.tier, d.split.tokens, reason)
-
-    def after_checkpoint(self, req: Any, tree_cache: Any) -> None:
-        """SGLang checkpointed a chunk of ``req``: if it ends a split restore's front, splice
-        the loaded back in (:func:`~sglang_cacheflow.sglang.split.splice`) and count it, or
-        start streaming it into the next chunk (:mod:`~sglang_cacheflow.sglang.stream`)."""
-        d = self.splits.get(req.rid)
-        if d is None or d.split is None or req.prefix_len < d.split.cut:
-            return
-        del self.splits[req.rid]
-        sp = d.split
-        if self.layers is not None and req.prefix_len == sp.cut:
-            slots = splice_streamed(sp, req, tree_cache)
-            if slots is not None:
-                deadline = time.perf_counter() + self.cfg.split_wait_s
-                self.layers.add(req.rid, Stream(sp, slots, deadline))
-                self.streamed[req.rid] = d
-                return
-        try:
-            if req.prefix_len > sp.cut:  # the front ran past the cut: nothing to splice
-                got, waited, reason = 0, 0.0, "split_cut_missed"
-                req.skip_radix_cache_insert = sp.skip_insert
-            else:
-                res = splice(sp, req, tree_cache, self.cfg.split_wait_s, self.tp_group)
-                got, waited, reason = res.tokens, res.waited_s, res.reason
-        finally:
-            sp.close()
-        self.account.spliced(d, sp, got, waited, reason)
-
-    def streaming(self, req: Any) -> bool:
-        """Whether ``req``'s next forward takes a streamed split's load (it runs without
-        other restores or chunked requests, so that it can be cut back alone)."""
-        return req.rid in self.streamed
-
-    def finish_streams(self, batch: Any) -> dict[str, bool]:
-        """A forward of ``batch`` has run: settle the streamed splits it took, by rid: True
-        if the load landed whole, False if the request was cut back
-        (:func:`~sglang_cacheflow.sglang.stream.cut_back`; that forward gave it no token)."""
-        settled: dict[str, bool] = {}
-        if self.layers is None or not self.streamed:
-            return settled
-        for i, req in enumerate(batch.reqs):
-            d = self.streamed.pop(req.rid, None)
-            done = self.layers.finish(req.rid, self.tp_group) if d is not None else None
-            if done is None:
-                continue
-            st, pages = done
-            sp = st.sp
-            settled[req.rid] = pages == sp.pages
-            try:
-                if pages < sp.pages:
-                    cut_back(st, pages, req, self.cache, self.scheduler)
-                    starts = batch.extend_logprob_start_lens if batch.return_logprob else None
-                    if starts is not None:  # none of its input logprobs came out right
-                        starts[i] = batch.extend_lens[i]
-                    reason = "split_timeout" if not sp.done.is_set() else "split_read_failed"
-                else:
-                    req.skip_radix_cache_insert = sp.skip_insert  # whole: publish it
-                    reason = None
-            finally:
-                sp.close()
-            self.account.spliced(d, sp, pages * sp.page_tokens, st.waited_s, reason, True)
-        return settled

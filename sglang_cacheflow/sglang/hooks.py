@@ -162,7 +162,7 @@ def _wrap_stash_chunked_request(original: Callable[..., Any]) -> Callable[..., A
         out = original(self, req)
         ctl = _ctl()
         if ctl is not None and ctl.splits:
-            ctl.after_checkpoint(req, self.tree_cache)
+            ctl.after_checkpoint(req, self)
         return out
 
     return stash_chunked_request

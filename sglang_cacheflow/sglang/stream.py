@@ -44,6 +44,7 @@ class Stream:
     sp: SplitRestore
     slots: torch.Tensor
     deadline: float  # perf_counter() after which a missing group is given up
+    req: Any = None  # SGLang's request (finished before its extend: aborted, slots freed)
     copied: int = -1  # pages copied in every layer filled so far (-1: none filled)
     filled: set[int] = field(default_factory=set)  # staging layers copied
     waited_s: float = 0.0
@@ -85,7 +86,12 @@ class StreamedLayers:
         """Layer ``layer`` (the pool's own index) is about to be read: wait for it."""
         if self.inner is not None:
             self.inner.wait_until(layer)
-        for stream in self.streams.values():
+        for rid, stream in list(self.streams.items()):
+            if stream.req is not None and stream.req.finished():
+                # aborted before its extend: SGLang has freed its slots, write nothing
+                del self.streams[rid]
+                stream.sp.close()
+                continue
             self._fill(stream, layer)
 
     def _fill(self, st: Stream, layer: int) -> None:

@@ -158,3 +158,25 @@ def test_a_stream_gives_up_at_its_deadline() -> None:
     sp.close()
     read.step()
     assert sp.done.wait(10)
+
+
+def test_a_request_aborted_before_its_extend_gets_nothing_written() -> None:
+    # SGLang frees an aborted request's slots (and may hand them to another request): the
+    # stream is dropped at the next layer wait, its source released, its slots untouched
+    pool = _pool()
+    layers = StreamedLayers.install(pool)
+    sp, src = _restore(2, groups=2), _source(2, L)
+    released: list[bool] = []
+    sp.release = lambda: released.append(True)
+    read = _Gated(sp, src)
+    SplitReader().submit(sp, read)
+    req = SimpleNamespace(rid="r", finished=lambda: True)
+    layers.add("r", Stream(sp, torch.arange(2 * P), time.perf_counter() + 10, req))
+    read.step()
+    read.step()
+    assert sp.done.wait(10)
+    for layer in range(L):
+        layers.wait_until(layer)
+    assert layers.streams == {} and released == [True]
+    assert not any(pool.k_buffer[layer].any() for layer in range(L))
+    assert layers.finish("r", None) is None

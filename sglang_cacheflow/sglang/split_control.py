@@ -1,0 +1,174 @@
+"""The restore controller's split restores in flight (:class:`SplitControl`, a part of
+:class:`~sglang_cacheflow.sglang.controller.CacheFlowController`): starting their reads,
+what admission and the forward ask of them, the splice, and the streams into the extend.
+The mechanics (reader, staging, splice) are :mod:`~sglang_cacheflow.sglang.split` and
+:mod:`~sglang_cacheflow.sglang.stream`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sglang_cacheflow.planner import ModelShape, Request
+from sglang_cacheflow.sglang.accounting import RestoreAccounting
+from sglang_cacheflow.sglang.config import CacheFlowConfig
+from sglang_cacheflow.sglang.costs import CostTracker
+from sglang_cacheflow.sglang.decision import Decision
+from sglang_cacheflow.sglang.split import (
+    SplitReader,
+    SplitRestore,
+    SplitUnavailable,
+    splice,
+    splice_streamed,
+    start_host_split,
+    start_l3_split,
+)
+from sglang_cacheflow.sglang.stream import Stream, StreamedLayers, cut_back
+
+__all__ = ["SplitControl"]
+
+
+class SplitControl:
+    """Split restores from their plan to their first token. Mixed into the controller,
+    whose configuration, cache, accounting and TP group it uses."""
+
+    cfg: CacheFlowConfig
+    cache: Any
+    page_size: int
+    shape: ModelShape
+    tp_group: Any | None
+    account: RestoreAccounting
+    costs: CostTracker
+    scheduler: Any
+
+    def _init_splits(self, cfg: CacheFlowConfig, cache: Any) -> None:
+        self.splits: dict[str, Decision] = {}  # split restores not yet spliced, by rid
+        self.reader = SplitReader(on_read=self._split_read)
+        self.groups = max(1, cfg.stream_groups or 1)  # layer groups of a split's read
+        self.layers: StreamedLayers | None = None  # the pool's layer waits, when streaming
+        if self.groups > 1:
+            self.layers = StreamedLayers.install(cache.token_to_kv_pool_allocator.get_kvcache())
+        self.streamed: dict[str, Decision] = {}  # spliced split restores still streaming
+
+    def _start_l3_split(
+        self, req: Request, front: int, layer: int, keys: list[str]
+    ) -> SplitRestore | None:
+        try:
+            storage = self.cache.cacheflow_storage()
+            return start_l3_split(
+                self.reader, storage, req, front, layer, keys, self.page_size, self.groups
+            )
+        except SplitUnavailable as e:
+            self.account.split_unavailable(req, str(e))
+            return None
+
+    def _start_host_split(
+        self, sreq: Any, req: Request, front: int, layer: int
+    ) -> SplitRestore | None:
+        try:
+            node = sreq.best_match_node
+            return start_host_split(
+                self.reader, self.cache, node, req, front, layer, self.page_size, self.groups
+            )
+        except SplitUnavailable as e:
+            self.account.split_unavailable(req, str(e))
+            return None
+
+    def _split_read(self, sp: SplitRestore) -> None:
+        """A split restore's read ended (reader thread): calibrate the tier from it."""
+        nbytes = sp.landed_pages * sp.page_tokens * sp.layer_share * self.shape.kv_bytes_per_token
+        self.costs.observe_transfer(sp.tier, nbytes, sp.read_s)
+
+    def split_of(self, rid: str) -> SplitRestore | None:
+        """``rid``'s split restore not yet spliced, if any."""
+        d = self.splits.get(rid)
+        return d.split if d is not None else None
+
+    def layer_chunk(self, req: Any) -> bool:
+        """Whether ``req`` is admitted for a layer split's first chunk (which runs alone)."""
+        sp = self.split_of(req.rid)
+        return sp is not None and bool(sp.layer_split) and req.extend_end == sp.cut
+
+    def layer_chunk_of(self, batch: Any) -> int | None:
+        """``l`` when ``batch`` is a layer split's first chunk, alone in its forward: the
+        forward runs layers ``[0, l)`` only."""
+        reqs = batch.reqs
+        if len(reqs) != 1 or not self.layer_chunk(reqs[0]):
+            return None
+        sp = self.split_of(reqs[0].rid)
+        return sp.layer_split if sp is not None else None
+
+    def drop_split(self, rid: str, reason: str) -> None:
+        """Give up ``rid``'s split restore before its chunk ran: the span is recomputed."""
+        d = self.splits.pop(rid, None)
+        if d is None or d.split is None:
+            return
+        d.split.close()
+        self.account.split_dropped(rid, d.tier, d.split.tokens, reason)
+
+    def after_checkpoint(self, req: Any, scheduler: Any) -> None:
+        """SGLang's ``scheduler`` checkpointed a chunk of ``req``: if it ends a split
+        restore's front, splice the loaded back in
+        (:func:`~sglang_cacheflow.sglang.split.splice`) and count it, or start streaming it
+        into the next chunk (:mod:`~sglang_cacheflow.sglang.stream`)."""
+        d = self.splits.get(req.rid)
+        if d is None or d.split is None or req.prefix_len < d.split.cut:
+            return
+        del self.splits[req.rid]
+        sp = d.split
+        tree_cache = scheduler.tree_cache
+        if self.layers is not None and req.prefix_len == sp.cut:
+            self.scheduler = scheduler  # where a stream that falls short is cut back
+            slots = splice_streamed(sp, req, tree_cache)
+            if slots is not None:
+                deadline = time.perf_counter() + self.cfg.split_wait_s
+                self.layers.add(req.rid, Stream(sp, slots, deadline, req))
+                self.streamed[req.rid] = d
+                return
+        try:
+            if req.prefix_len > sp.cut:  # the front ran past the cut: nothing to splice
+                got, waited, reason = 0, 0.0, "split_cut_missed"
+                req.skip_radix_cache_insert = sp.skip_insert
+            else:
+                res = splice(sp, req, tree_cache, self.cfg.split_wait_s, self.tp_group)
+                got, waited, reason = res.tokens, res.waited_s, res.reason
+        finally:
+            sp.close()
+        self.account.spliced(d, sp, got, waited, reason)
+
+    def streaming(self, req: Any) -> bool:
+        """Whether ``req``'s next forward takes a streamed split's load (it runs without
+        other restores or chunked requests, so that it can be cut back alone)."""
+        return req.rid in self.streamed
+
+    def finish_streams(self, batch: Any) -> dict[str, bool]:
+        """A forward of ``batch`` has run: settle the streamed splits it took, by rid: True
+        if the load landed whole, False if the request was cut back
+        (:func:`~sglang_cacheflow.sglang.stream.cut_back`; that forward gave it no token)."""
+        settled: dict[str, bool] = {}
+        if self.layers is None or not self.streamed:
+            return settled
+        for rid in [r for r in self.streamed if r not in self.layers.streams]:
+            del self.streamed[rid]  # aborted before its extend (StreamedLayers dropped it)
+        for i, req in enumerate(batch.reqs):
+            d = self.streamed.pop(req.rid, None)
+            done = self.layers.finish(req.rid, self.tp_group) if d is not None else None
+            if done is None:
+                continue
+            st, pages = done
+            sp = st.sp
+            settled[req.rid] = pages == sp.pages
+            try:
+                if pages < sp.pages:
+                    cut_back(st, pages, req, self.cache, self.scheduler)
+                    starts = batch.extend_logprob_start_lens if batch.return_logprob else None
+                    if starts is not None:  # none of its input logprobs came out right
+                        starts[i] = batch.extend_lens[i]
+                    reason = "split_timeout" if not sp.done.is_set() else "split_read_failed"
+                else:
+                    req.skip_radix_cache_insert = sp.skip_insert  # whole: publish it
+                    reason = None
+            finally:
+                sp.close()
+            self.account.spliced(d, sp, pages * sp.page_tokens, st.waited_s, reason, True)
+        return settled
