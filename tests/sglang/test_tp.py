@@ -58,6 +58,10 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
         ctl.costs.observe_transfer(
             "redis", nbytes, nbytes / (0.02e9 if rank == 0 else 0.01e9) + 1e-4
         )
+    # what a split costs beyond its forwards, learnt apart per kind (a 0.3 step toward the
+    # residual): rank 0 saw a token split 100 ms over its plan, rank 1 a layer split 200 ms
+    ctl.costs.observe_split(0.6 if rank == 0 else 0.5, 0.5, layer=False)
+    ctl.costs.observe_split(0.5 if rank == 0 else 0.7, 0.5, layer=True)
     ctl.plan_prefetches(_calls(6))
     # two late arrivals, planned behind the first round's work; the ranks read their clocks
     # at different times, so what that work still owes differs unless reduced
@@ -66,6 +70,7 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
     busy = {"compute": 0.1 * (rank + 1), "redis": 0.3 - 0.1 * rank}
     # a split restore's back landed in part, differently on each rank: all splice the MIN
     landed = agree_pages(5 - 2 * rank, group)
+    reduced, _, busy = reduce_round(ctl.costs.model(), [], group, busy)
     return {
         "landed": landed,
         "issued": cache.issue_order,
@@ -73,7 +78,8 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
         "shapes": {rid: d.shape for rid, d in ctl.storage_plans.items()},
         "collectives": ctl.collectives,
         "rounds": ctl.rounds,
-        "busy": reduce_round(ctl.costs.model(), [], group, busy)[2],
+        "busy": busy,
+        "hand_off": [reduced.compute.split_s, reduced.compute.layer_split_s],
     }
 
 
@@ -105,6 +111,9 @@ def test_two_gloo_ranks_take_identical_decisions(tmp_path: Path) -> None:
     assert (r0["local"]["landed"], r1["local"]["landed"]) == (5, 3)
     # the work resources owe is agreed as the MAX over ranks
     assert r0["tp"]["busy"] == r1["tp"]["busy"] == pytest.approx({"compute": 0.2, "redis": 0.3})
+    # and so are the split hand-offs, each kind at its MAX
+    assert r0["tp"]["hand_off"] == r1["tp"]["hand_off"] == pytest.approx([0.03, 0.06])
+    assert r0["local"]["hand_off"] == pytest.approx([0.03, 0.0])
     # the round mixes loading and recomputing, and uses the hit every rank has (MIN)
     plans = r0["tp"]["plans"]
     assert any(v > 0 for v in plans.values()) and any(v < 512 for v in plans.values())
