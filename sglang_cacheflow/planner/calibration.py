@@ -14,7 +14,7 @@ the latency keeps its prior and the bandwidth follows the average. What a tier's
 cost beyond their transfers (an engine's lookups and hand-offs) is learnt from whole restores
 that ran alone: the residual of measured over predicted, as a moving average added to the
 tier's ``setup_s``; what a split restore costs beyond its forwards, the same way, to the
-compute's ``split_s`` (token splits) or ``layer_split_s`` (layer splits).
+compute's ``split_s``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Calibrator:
     setup_rate: float = 0.3  # weight of the newest residual in a tier's setup estimate
     _tiers: dict[str, _TierStats] = field(default_factory=dict)
     _setup: dict[str, float] = field(default_factory=dict)  # learnt extra setup_s per tier
-    _split: dict[bool, float] = field(default_factory=dict)  # learnt extra, by "layer split"
+    _split: float = 0.0  # learnt extra split_s
 
     def add_compute(
         self,
@@ -110,15 +110,12 @@ class Calibrator:
         residual = max(0.0, current + measured_s - predicted_s)
         self._setup[tier] = current + self.setup_rate * (residual - current)
 
-    def add_split(self, measured_s: float, predicted_s: float, layer: bool = False) -> None:
-        """A split restore (``layer``: a layer split, else a token split) that had the
-        machine to itself took ``measured_s`` where the model predicted ``predicted_s``: move
-        what that kind of split costs beyond its forwards (the compute's ``split_s`` or
-        ``layer_split_s``) toward the residual, never below 0. Each kind starts at the
-        prior's, so the one not yet run keeps being tried."""
-        current = self._split.get(layer, 0.0)
-        residual = max(0.0, current + measured_s - predicted_s)
-        self._split[layer] = current + self.setup_rate * (residual - current)
+    def add_split(self, measured_s: float, predicted_s: float) -> None:
+        """A split restore that had the machine to itself took ``measured_s`` where the
+        model predicted ``predicted_s``: move the compute's ``split_s`` (what a split costs
+        beyond its forwards) toward the residual, never below 0."""
+        residual = max(0.0, self._split + measured_s - predicted_s)
+        self._split += self.setup_rate * (residual - self._split)
 
     def setup_s(self, tier: str) -> float:
         """The extra setup learnt for ``tier`` (see :meth:`add_restore`)."""
@@ -160,8 +157,7 @@ class Calibrator:
             return self.prior.compute
         step, per_token, pair = (float(x) for x in best[1])  # plain floats, JSON-ready
         prior = self.prior.compute
-        return replace(prior, tokens_per_s=1.0 / per_token, attention_s_per_token_pair=pair,
-                       step_s=step)  # fmt: skip
+        return ComputeCost(1.0 / per_token, pair, step, prior.overlap_slowdown, prior.split_s)
 
     def model(self) -> CostModel:
         """The prior with every measured part replaced by its fit."""
@@ -171,11 +167,6 @@ class Calibrator:
             if extra > 0 and name in tiers:
                 tiers[name] = replace(tiers[name], setup_s=tiers[name].setup_s + extra)
         compute = self.compute_cost()
-        token, layer = self._split.get(False, 0.0), self._split.get(True, 0.0)
-        if token > 0 or layer > 0:
-            compute = replace(
-                compute,
-                split_s=compute.split_s + token,
-                layer_split_s=compute.layer_split_s + layer,
-            )
+        if self._split > 0:
+            compute = replace(compute, split_s=compute.split_s + self._split)
         return replace(self.prior, compute=compute, tiers=tiers)

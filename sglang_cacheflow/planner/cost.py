@@ -47,26 +47,17 @@ class ComputeCost:
     overlap_slowdown: float = 0.0
     # What a split restore (part recomputed, part loaded) costs beyond its forwards: the
     # executor's hand-offs between its chunk and its extend (SGLang: the splice, a scheduler
-    # round); on the compute resource's path. Fitted by calibration, for a token split
-    # (``split_s``) and a layer split (``layer_split_s``) apart: their chunks and hand-offs
-    # differ (a layer split's chunk runs alone, through a layer range).
+    # round); on the compute resource's path. Fitted by calibration.
     split_s: float = 0.0
-    layer_split_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tokens_per_s <= 0:
             raise ValueError(f"compute.tokens_per_s must be > 0, got {self.tokens_per_s}")
-        fields = (
-            self.attention_s_per_token_pair,
-            self.step_s,
-            self.overlap_slowdown,
-            self.split_s,
-            self.layer_split_s,
-        )
+        fields = (self.attention_s_per_token_pair, self.step_s, self.overlap_slowdown, self.split_s)
         if min(fields) < 0:
             raise ValueError(
-                "compute.attention_s_per_token_pair, step_s, overlap_slowdown, split_s and "
-                "layer_split_s must be >= 0"
+                "compute.attention_s_per_token_pair, step_s, overlap_slowdown and split_s "
+                "must be >= 0"
             )
 
     def seconds(self, prefix: float, n: float) -> float:

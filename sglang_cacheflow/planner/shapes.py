@@ -237,10 +237,7 @@ class Shaper:
                 a = tc
                 b, free = self._loads(d, mid, 0, io, cper, steps)
         # a split's hand-off from its chunk to its extend (0 < split < the span's end)
-        hand_off = 0.0
-        if is_split:
-            c = self.cost.compute
-            hand_off = c.layer_split_s if kind == LAYER else c.split_s
+        hand_off = self.cost.compute.split_s if is_split else 0.0
         if self.new:
             prefill = self.prefill_s
             if kind == LOAD_FRONT and split < self.evicted:

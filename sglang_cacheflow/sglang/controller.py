@@ -344,7 +344,7 @@ class CacheFlowController(SplitControl):
             measured = now - d.t0
             self.account.restore_done(d, measured)
             if d.alone and d.split is not None and d.split.landed_pages == d.split.pages:
-                self.costs.observe_split(measured, d.predicted_s, bool(d.split.layer_split))
+                self.costs.observe_split(measured, d.predicted_s)
             elif d.alone and d.tier == L3_TIER and d.planned_load > 0:
                 self.costs.observe_restore(L3_TIER, measured, d.predicted_s)
         if not self.pending and not self.storage_plans and not self.splits:

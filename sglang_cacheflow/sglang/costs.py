@@ -87,14 +87,13 @@ class CostTracker:
             tier, int(nbytes), s * 1e3, predicted * 1e3,
         )  # fmt: skip
 
-    def observe_split(self, measured_s: float, predicted_s: float, layer: bool) -> None:
-        """A split restore (``layer``: a layer split) that had the server to itself: what it
-        cost beyond its forwards (the splice, the scheduler round between its chunk and its
-        extend)."""
+    def observe_split(self, measured_s: float, predicted_s: float) -> None:
+        """A split restore that had the server to itself: what it cost beyond its forwards
+        (the splice, the scheduler round between its chunk and its extend)."""
         if not self.enabled:
             return
         with self._lock:
-            self.calibrator.add_split(measured_s, predicted_s, layer)
+            self.calibrator.add_split(measured_s, predicted_s)
 
     def observe_restore(self, tier: str, measured_s: float, predicted_s: float) -> None:
         """A restore from ``tier`` that had the server to itself: what it cost beyond its

@@ -58,10 +58,12 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
         ctl.costs.observe_transfer(
             "redis", nbytes, nbytes / (0.02e9 if rank == 0 else 0.01e9) + 1e-4
         )
-    # what a split costs beyond its forwards, learnt apart per kind (a 0.3 step toward the
-    # residual): rank 0 saw a token split 100 ms over its plan, rank 1 a layer split 200 ms
-    ctl.costs.observe_split(0.6 if rank == 0 else 0.5, 0.5, layer=False)
-    ctl.costs.observe_split(0.5 if rank == 0 else 0.7, 0.5, layer=True)
+    # what a split costs beyond its forwards (a 0.3 step toward the residual): rank 1 saw a
+    # split 200 ms over its plan, rank 0 one 100 ms over
+    ctl.costs.observe_split(0.6 if rank == 0 else 0.7, 0.5)
+    # and the overlap slowdown: rank 0's split chunks ran 10% slower beside a read
+    ctl.costs.observe_compute([0], [256], 1.1 * 256 / 40_000.0 if rank == 0 else 256 / 8_000.0,
+                              None, True)  # fmt: skip
     ctl.plan_prefetches(_calls(6))
     # two late arrivals, planned behind the first round's work; the ranks read their clocks
     # at different times, so what that work still owes differs unless reduced
@@ -79,7 +81,7 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
         "collectives": ctl.collectives,
         "rounds": ctl.rounds,
         "busy": busy,
-        "hand_off": [reduced.compute.split_s, reduced.compute.layer_split_s],
+        "hand_off": [reduced.compute.split_s, reduced.compute.overlap_slowdown],
     }
 
 
@@ -111,9 +113,12 @@ def test_two_gloo_ranks_take_identical_decisions(tmp_path: Path) -> None:
     assert (r0["local"]["landed"], r1["local"]["landed"]) == (5, 3)
     # the work resources owe is agreed as the MAX over ranks
     assert r0["tp"]["busy"] == r1["tp"]["busy"] == pytest.approx({"compute": 0.2, "redis": 0.3})
-    # and so are the split hand-offs, each kind at its MAX
-    assert r0["tp"]["hand_off"] == r1["tp"]["hand_off"] == pytest.approx([0.03, 0.06])
-    assert r0["local"]["hand_off"] == pytest.approx([0.03, 0.0])
+    # and so are a split's hand-off and the overlap slowdown, at their MAX
+    assert r0["tp"]["hand_off"] == r1["tp"]["hand_off"]
+    assert r0["tp"]["hand_off"][0] == pytest.approx(0.06)
+    assert r0["local"]["hand_off"][0] == pytest.approx(0.03)
+    assert r0["tp"]["hand_off"][1] == max(r0["local"]["hand_off"][1], r1["local"]["hand_off"][1])
+    assert r0["local"]["hand_off"][1] > 0
     # the round mixes loading and recomputing, and uses the hit every rank has (MIN)
     plans = r0["tp"]["plans"]
     assert any(v > 0 for v in plans.values()) and any(v < 512 for v in plans.values())
