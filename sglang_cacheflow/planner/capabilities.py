@@ -26,11 +26,9 @@ class Capabilities:
     streamed_tiers: frozenset[str] | None = None
     streamed_splits: bool = False
 
-    def streams(self, tier: str, split: bool = False) -> bool:
-        """Whether loads from ``tier`` arrive layer by layer (``split``: for a split)."""
-        return (split and self.streamed_splits) or (
-            self.streamed_tiers is None or tier in self.streamed_tiers
-        )
+    def streams(self, tier: str) -> bool:
+        """Whether whole-span loads from ``tier`` arrive layer by layer."""
+        return self.streamed_tiers is None or tier in self.streamed_tiers
 
 
 #: The reference runtime streams every tier layer by layer. It can also run load-front

@@ -38,7 +38,8 @@ a burst sent together reaches the scheduler within a few milliseconds (docs/sgla
 STREAM_GROUPS = 6
 """Default ``stream_groups`` where splits stream (a scheduler without SGLang's overlap
 loop): each group is one tier call, so more groups shorten the extend's wait behind the
-last group and add a call's latency each (docs/benchmarks.md, "Streamed splits")."""
+last group and add a call's latency each. A starting value, not yet tuned by measurement
+(the figures in docs/benchmarks.md, "Streamed splits", are with it)."""
 
 STORAGE_MODULE = "sglang_cacheflow.sglang.storage"
 STORAGE_CLASS = "CacheFlowRedisStorage"
