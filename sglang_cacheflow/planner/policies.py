@@ -25,6 +25,7 @@ from sglang_cacheflow.planner.request import Request
 from sglang_cacheflow.planner.shapes import (
     LAYER,
     LOAD_FRONT,
+    NEG,
     TOKEN,
     Outcome,
     Shape,
@@ -75,7 +76,8 @@ def _forced(kind: ShapeKind, recompute: float) -> Chooser:
     return choose
 
 
-Schedule = tuple[float, float, list[tuple[Shaper, Shape]]]  # (sum TTFT, makespan, shapes)
+# (sum TTFT, makespan, shapes, when the round's loads end)
+Schedule = tuple[float, float, list[tuple[Shaper, Shape]], float]
 
 
 def _clocks(busy: Mapping[str, float] | None) -> tuple[float, dict[str, float]]:
@@ -87,18 +89,32 @@ def _clocks(busy: Mapping[str, float] | None) -> tuple[float, dict[str, float]]:
 def _schedule(
     order: Sequence[Shaper], choose: Chooser, busy: Mapping[str, float] | None = None
 ) -> Schedule:
-    """Serve ``order`` one request after another on the shared resources."""
+    """Serve ``order`` one request after another on the shared resources.
+
+    A forward is slowed while any load runs beside it, a later request's too (the link runs
+    ahead of the compute): the round is served once to find when its loads end, and again
+    with every recompute before then priced as slowed."""
+    first = _serve(order, choose, busy, NEG)
+    if first[3] == NEG or not any(s.cost.compute.overlap_slowdown for s in order):
+        return first
+    return _serve(order, choose, busy, first[3])
+
+
+def _serve(
+    order: Sequence[Shaper], choose: Chooser, busy: Mapping[str, float] | None, reads_until: float
+) -> Schedule:
     tc, io = _clocks(busy)
     total = makespan = 0.0
     chosen: list[tuple[Shaper, Shape]] = []
     for s in order:
+        s.reads_until = reads_until
         shape, out = choose(s, tc, io)
         tc = out.compute_free
         io.update(out.io_free)
         total += out.ttft
         makespan = max(makespan, out.ttft)
         chosen.append((s, shape))
-    return total, makespan, chosen
+    return total, makespan, chosen, max(io.values(), default=NEG)
 
 
 def _isolated_estimate(s: Shaper) -> float:
@@ -207,7 +223,7 @@ def plan(
             # things: some load while the others recompute.
             candidates += _request_splits(shapers, busy)
         best = min(candidates, key=lambda c: (c[0], c[1]))
-    served, owed = _emit(best[2], cost.shape.num_layers, busy)
+    served, owed = _emit(best[2], cost.shape.num_layers, busy, best[3])
     elapsed_ms = (time.perf_counter() - t0) * 1e3
     return Plan(
         policy,
@@ -252,7 +268,10 @@ def check_forced_shape(kind: str, recompute: float, capabilities: Capabilities) 
 
 
 def _emit(
-    chosen: list[tuple[Shaper, Shape]], num_layers: int, busy: Mapping[str, float] | None
+    chosen: list[tuple[Shaper, Shape]],
+    num_layers: int,
+    busy: Mapping[str, float] | None,
+    reads_until: float,
 ) -> tuple[dict[str, RequestPlan], dict[str, float]]:
     """Replay the chosen schedule, this time recording the timed steps; also return the
     seconds of work each resource owes once the plan is issued (``busy`` included)."""
@@ -260,6 +279,7 @@ def _emit(
     owed = {COMPUTE: tc, **io}
     plans: dict[str, RequestPlan] = {}
     for s, shape in chosen:
+        s.reads_until = reads_until
         steps: list[Step] = []
         out = s.run(shape, tc, io, steps)
         tc = out.compute_free

@@ -100,6 +100,7 @@ class Shaper:
         "num_layers",
         "prefill_s",
         "ranges",
+        "reads_until",
         "req",
         "tiers",
     )
@@ -129,6 +130,8 @@ class Shaper:
             for t, a, b in self.ranges
         ]
         self.prefill_s = cost.recompute_s(req.evicted_end, req.new_tokens)
+        # loads of the round (any request's) run until then: a recompute before it is slowed
+        self.reads_until = NEG
         # Split points: chunk boundaries in absolute positions (page aligned), plus both ends.
         d, e = self.device_tokens, self.evicted
         first = (d // chunk_tokens + 1) * chunk_tokens
@@ -192,7 +195,11 @@ class Shaper:
         at: float,
         steps: list[Step] | None,
         overlapped: bool = False,
+        reads_until: float = NEG,
     ) -> float:
+        """Recompute tokens [lo, hi) x layers [l0, l1) from ``at``: slowed throughout when
+        ``overlapped`` (its own loads run beside it), else while loads already in flight
+        (other requests') run, until ``reads_until``."""
         n = hi - lo
         if n <= 0 or l1 <= l0:
             return at
@@ -203,8 +210,16 @@ class Shaper:
             / self.num_layers
             * (c.step_s + n / c.tokens_per_s + c.attention_s_per_token_pair * pairs)
         )
+        slow = 1.0 + c.overlap_slowdown
         if overlapped:
-            dur *= 1.0 + c.overlap_slowdown
+            dur *= slow
+        elif reads_until > at and slow > 1.0:
+            # slowed until those loads end, at full speed after: the work done beside them
+            # is (reads_until - at) / slow
+            if at + dur * slow <= reads_until:
+                dur *= slow
+            else:
+                dur += (reads_until - at) * (1.0 - 1.0 / slow)
         if steps is not None:
             steps.append(Step(lo, hi, l0, l1, Action.RECOMPUTE, None, at, at + dur))
         return at + dur
@@ -217,12 +232,13 @@ class Shaper:
         cper = self.prefill_s / L
         # a split proper (0 < split < the span's end): a chunk, a hand-off, an extend
         is_split = kind != LOAD_FRONT and 0 < split < (L if kind == LAYER else self.evicted)
+        reads = max(self.reads_until, max(io.values(), default=NEG))  # loads in flight
         if kind == TOKEN:
             mid = d + split
-            a = self._compute(d, mid, 0, L, tc, steps, overlapped=mid < end)
+            a = self._compute(d, mid, 0, L, tc, steps, mid < end, reads)
             b, free = self._loads(mid, end, 0, io, cper, steps, is_split)
         elif kind == LAYER:
-            a = self._compute(d, end, 0, split, tc, steps, overlapped=split < L)
+            a = self._compute(d, end, 0, split, tc, steps, split < L, reads)
             b, free = self._loads(d, end, split, io, cper, steps, is_split)
         else:  # LOAD_FRONT: the back's recompute is the forward that waits for the loads
             mid = d + split
@@ -231,7 +247,7 @@ class Shaper:
                 if mid > d:
                     rc *= 1.0 + self.cost.compute.overlap_slowdown
                 b, free = self._loads(d, mid, 0, io, rc / L, steps)
-                a = self._compute(mid, end, 0, L, max(tc, b), steps, overlapped=mid > d)
+                a = self._compute(mid, end, 0, L, max(tc, b), steps, mid > d, reads)
                 b = NEG
             else:
                 a = tc

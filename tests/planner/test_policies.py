@@ -19,6 +19,7 @@ from sglang_cacheflow.planner import (
     validate,
 )
 from sglang_cacheflow.planner.capabilities import RUNTIME
+from sglang_cacheflow.planner.plan import Action
 from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Shape, Shaper
 from sglang_cacheflow.sglang.capabilities import SGLANG, SGLANG_STREAMED
 
@@ -382,3 +383,45 @@ def test_reuses_evicted_kv_says_which_policies_ever_load(reqs, cost):
             assert loaded == sum(r.evicted_tokens for r in reqs)
     with pytest.raises(ValueError, match="unknown policy"):
         reuses_evicted_kv("lru")
+
+
+def test_a_recompute_beside_earlier_loads_is_slowed_while_they_run() -> None:
+    # The overlap slowdown is what loads in flight cost a forward, whoever's loads they
+    # are: a recompute served while an earlier request's load still runs is slowed until
+    # that load ends, at full speed after it.
+    shape = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
+    compute = ComputeCost(tokens_per_s=500.0, step_s=0.1, overlap_slowdown=0.25)
+    cost = CostModel(shape, compute, {"redis": TierCost(bandwidth_Bps=25e6)})
+    s = Shaper(Request("r", 0, (Span("redis", 512),), 0), cost, SGLANG_STREAMED, 16)
+    alone = cost.recompute_s(0, 512)  # 1.124 s
+    recompute_all = Shape(LOAD_FRONT, 0)
+    assert s.run(recompute_all, 0.0, {}).ttft == pytest.approx(alone)
+    assert s.run(recompute_all, 0.0, {"redis": 0.0}).ttft == pytest.approx(alone)  # idle
+    beside = s.run(recompute_all, 0.0, {"redis": 10.0}).ttft  # loads outlast it
+    assert beside == pytest.approx(alone * 1.25)
+    partly = s.run(recompute_all, 0.0, {"redis": 0.5}).ttft  # 0.4 s of work beside them
+    assert partly == pytest.approx(0.5 + (alone - 0.5 / 1.25))
+    # a split's chunk runs beside its own load anyway: slowed throughout either way
+    chunk = Shape(TOKEN, 256)
+    assert s.run(chunk, 0.0, {}).compute_ready == s.run(chunk, 0.0, {"redis": 10.0}).compute_ready
+
+
+def test_a_recompute_is_slowed_by_a_later_requests_load_in_the_same_round() -> None:
+    # The link runs ahead of the compute: r1's load starts with r0's recompute, although r0
+    # is planned first. Without the slowdown the two plans below would be identical.
+    shape = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
+    caps = Capabilities(
+        token_split=False, layer_split=False, load_front=True, streamed_tiers=frozenset()
+    )  # SGLang's extend over whole-span loads
+    reqs = [Request(f"r{i}", 0, (Span("redis", 512),), 16) for i in range(2)]
+    ends = {}
+    for slow in (0.0, 0.25):
+        compute = ComputeCost(tokens_per_s=500.0, step_s=0.1, overlap_slowdown=slow)
+        cost = CostModel(shape, compute, {"redis": TierCost(bandwidth_Bps=15e6)})
+        p = plan(reqs, cost, "cacheflow", caps, 512)
+        assert [p.requests[r].shape for r in p.order] == ["recompute all", "load all"]
+        (step,) = [s for s in p.requests[p.order[0]].steps if s.action == Action.RECOMPUTE]
+        (load,) = p.requests[p.order[1]].steps[:1]
+        assert load.start_s == 0.0 and load.finish_s > step.finish_s  # beside it throughout
+        ends[slow] = step.finish_s - step.start_s
+    assert ends[0.25] == pytest.approx(ends[0.0] * 1.25)
