@@ -209,10 +209,27 @@ class RedisHiCacheStorage(HiCacheStorage):
         except ValueError as e:
             logger.error("Redis HiCache batch_set_v1: %s", e)
             return [False] * len(keys)
-        return self._timed(
-            self._backup_pgs, self._backup_bw, len(keys),
-            lambda: self.tier.batch_put(ns, keys, pages),
+        return self._put_unstored(ns, keys, pages)
+
+    def _put_unstored(
+        self, ns: Namespace, keys: list[str], pages: list[torch.Tensor]
+    ) -> list[bool]:
+        """Write the pages of ``keys`` the tier does not hold yet; one bool per key. A key
+        names its page's content (SGLang hashes the token prefix), so a stored page is not
+        written again: HiCache backs up every node its write-through creates, and a restored
+        prefix is such a node, so each restore wrote its whole prefix again. A page that
+        failed its checksum was deleted when it was read, and is written again."""
+        ok = [bool(x) for x in self.tier.batch_exists(ns, keys)]  # False where unknown
+        todo = [i for i, stored in enumerate(ok) if not stored]
+        if not todo:
+            return ok
+        put = self._timed(
+            self._backup_pgs, self._backup_bw, len(todo),
+            lambda: self.tier.batch_put(ns, [keys[i] for i in todo], [pages[i] for i in todo]),
         )  # fmt: skip
+        for i, done in zip(todo, put, strict=True):
+            ok[i] = done
+        return ok
 
     # -- generic interface (flat pages in the host pool's layout) ------------------------
     def get(
@@ -264,12 +281,7 @@ class RedisHiCacheStorage(HiCacheStorage):
         flat = values if values is not None else target_locations
         if flat is None or len(flat) != len(keys):
             raise ValueError(f"batch_set needs one flat page per key ({len(keys)} keys)")
-        pages = [self._flat_to_canonical(v) for v in flat]
-        ok = self._timed(
-            self._backup_pgs, self._backup_bw, len(keys),
-            lambda: self.tier.batch_put(ns, keys, pages),
-        )  # fmt: skip
-        return all(ok)
+        return all(self._put_unstored(ns, keys, [self._flat_to_canonical(v) for v in flat]))
 
     def exists(self, key: str) -> bool:
         return self.tier.exists(self._require_ns(), key)

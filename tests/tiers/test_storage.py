@@ -128,9 +128,29 @@ def test_generic_interface_flat_pages(redis_server: RedisServer, make_pool) -> N
         assert flat is not None
         assert torch.equal(flat, pool.get_data_page(i * PAGE))
     assert b.get("nope", pool.get_dummy_flat_data_page()) is None
-    assert b.set(keys[0], pool.get_data_page(8))
-    out = b.get(keys[0], pool.get_dummy_flat_data_page())
+    new = page_hashes(1)[0]
+    assert b.set(new, pool.get_data_page(8))
+    out = b.get(new, pool.get_dummy_flat_data_page())
     assert out is not None and torch.equal(out, pool.get_data_page(8))
+
+
+def test_stored_pages_are_not_written_again(redis_server: RedisServer, make_pool) -> None:
+    # A key names its page's content: HiCache's write-through backs up every restored
+    # prefix again, and only the pages the tier lacks are sent.
+    pool = make_pool("page_first")
+    b = backend(redis_server.url, pool)
+    keys = page_hashes(4)
+    assert b.batch_set_v1(keys[:2], idx(0, 1)) == [True, True]
+    b.get_stats()  # drain
+    assert b.batch_set_v1(keys, idx(0, 1, 2, 3)) == [True] * 4
+    assert sum(b.get_stats().backup_pgs) == 2  # the two new ones
+    with RedisTier(redis_server.url) as tier:  # a page gone (evicted, or corrupt and deleted)
+        assert b.ns is not None and tier.delete(b.ns, keys[:1]) == 1
+    assert b.batch_set([keys[0], keys[3]], [pool.get_data_page(i * PAGE) for i in (0, 3)])
+    assert sum(b.get_stats().backup_pgs) == 1
+    assert b.batch_exists(keys) == 4
+    pool.kv_buffer.zero_()
+    assert b.batch_get_v1(keys, idx(4, 5, 6, 7)) == [True] * 4
 
 
 def test_tp_ranks_and_dtypes_do_not_share_pages(redis_server: RedisServer, make_pool) -> None:
@@ -180,7 +200,7 @@ def test_concurrent_prefetch_and_backup_threads(redis_server: RedisServer, make_
         t.join()
     assert not errors, errors
     stats = b.get_stats()
-    assert sum(stats.prefetch_pgs) == 2 * 15 * 3 and sum(stats.backup_pgs) == 6 + 15 * 3
+    assert sum(stats.prefetch_pgs) == 2 * 15 * 3 and sum(stats.backup_pgs) == 6  # stored
     assert all(bw > 0 for bw in stats.prefetch_bandwidth)
     assert stats.tier["hits"] == 2 * 15 * 3 and stats.tier["corrupt"] == 0
     assert b.get_stats().prefetch_pgs == []  # drained on read, as SGLang expects
