@@ -83,7 +83,7 @@ def test_sglang_bench_restores_from_redis(tiny_llama_path, tmp_path):
     args = ["sglang-bench", "--model", str(tiny_llama_path), "--links", "1gbps+1ms",
             "--policies", "load,cake", "--order", "once", "--conversations", "2",
             "--prefix", "256", "--new", "4", "--repeats", "1", "--out", str(out),
-            "--log-dir", str(logs)]  # fmt: skip
+            "--log-dir", str(logs), "--config", '{"stream_groups": 1}']  # fmt: skip
     assert main(args) == 0
     load, cake = json.loads(out.read_text())["rows"]
     assert (load["link"], load["policy"], cake["policy"]) == ("1gbps+1ms", "load", "cake")
@@ -94,7 +94,9 @@ def test_sglang_bench_restores_from_redis(tiny_llama_path, tmp_path):
     assert set(load["shapes"]) == {"load all"}
     # Cake's order: returning turns recomputed their front while their back was read
     assert cake["shapes"].get("token split", 0) >= 1, cake["shapes"]
-    assert (logs / "1gbps+1ms-cake.log").stat().st_size > 0
+    # --config reached the servers: one layer group, so the splits spliced unstreamed
+    cake_log = (logs / "1gbps+1ms-cake.log").read_text()
+    assert "at the splice" in cake_log and "in the extend" not in cake_log
     for row in (load, cake):
         for key in ("predicted_within_10pct", "predicted_within_25pct"):
             assert 0.0 <= row[key]["all"] <= 1.0, row

@@ -95,10 +95,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tensor-parallel ranks of each server; each rank reads its own KV heads over its "
         "own emulated link, so the balanced link is per rank",
     )
+    parser.add_argument(
+        "--config",
+        type=_json_object,
+        default={},
+        help="more --cacheflow-config keys for every server, e.g. '{\"stream_groups\": 3}'",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument(
         "--log-dir", type=Path, default=None, help="keep each server's log (decisions) here"
     )
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f"not JSON ({e}): write e.g. '{{\"stream_groups\": 3}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"want a JSON object of config keys, got {text!r}")
+    return value
 
 
 def _model(name: str) -> Path:
@@ -144,6 +162,7 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             "log_decisions": True,
             # the nominal link rate as the prior; calibration refines it from the page reads
             "prior": {"redis_GBps": LinkShape.parse(link).bandwidth_bytes_per_s / 1e9},
+            **args.config,
         }
         flags = ["--dtype", args.dtype, "--page-size", "16", "--max-total-tokens", str(total)]
         flags += ["--tp", str(args.tp)]
