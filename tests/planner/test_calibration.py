@@ -131,3 +131,23 @@ def test_split_overhead_is_learnt_and_charged_to_split_shapes_only() -> None:
     for _ in range(40):  # as fast as predicted without it: it decays, never below 0
         cal.add_split(base_split, ttft(split))
     assert 0.0 <= cal.model().compute.split_s < 0.001
+
+
+def test_an_attention_term_within_the_noise_is_left_out_until_samples_show_it():
+    # Prefills of 64-512 tokens from an empty cache cannot tell the attention term from the
+    # per-token one: the fit keeps it out rather than trade one for the other on noise.
+    truth = ComputeCost(tokens_per_s=600, attention_s_per_token_pair=4e-7, step_s=0.1)
+    rng = random.Random(3)
+    cal = Calibrator(PRIOR)
+    for _ in range(4):
+        for n in (64, 128, 256, 512):
+            cal.add_compute(0, n, truth.seconds(0, n) * rng.uniform(0.92, 1.08))
+    short = cal.compute_cost()
+    assert short.attention_s_per_token_pair == 0.0
+    for n in (64, 256, 512):
+        assert short.seconds(0, n) == pytest.approx(truth.seconds(0, n), rel=0.10)
+    # long prefixes, where attention is most of a forward: now it is there to see
+    for p in (4096, 8192, 16384):
+        for n in (256, 1024):
+            cal.add_compute(p, n, truth.seconds(p, n) * rng.uniform(0.97, 1.03))
+    assert cal.compute_cost().attention_s_per_token_pair == pytest.approx(4e-7, rel=0.2)
