@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from sglang_cacheflow.sglang.activity import Activity
 from sglang_cacheflow.tiers.page import PageLayout
 
 
@@ -24,9 +23,6 @@ class Storage:
     """An L3 backend as a split restore's reader sees it: every page arrives (zeros)."""
 
     ns = SimpleNamespace(layout=PageLayout(4, 16, 2, 32, torch.float32))
-
-    def __init__(self) -> None:
-        self.activity = Activity()  # SGLang's own L3 calls: none here
 
     def read_pages(
         self, keys: list[str], pages: torch.Tensor, layers: tuple[int, int] | None = None

@@ -290,26 +290,6 @@ def test_only_a_splits_own_chunk_beside_a_read_measures_the_overlap() -> None:
     assert model.compute.tokens_per_s == pytest.approx(5500, rel=1e-3)
 
 
-def test_forwards_beside_sglangs_own_l3_calls_are_not_samples_of_the_machine_alone() -> None:
-    storage = Storage()
-    cache = Cache()
-    cache.cacheflow_storage = lambda: storage  # type: ignore[method-assign]
-    ctl, _ = _controller(calibrate=True, cache=cache)
-    alone = {n: 1e-3 + n / 5500 for n in (64, 128, 256, 512)}
-    for n, s in alone.items():
-        ctl.forward_done(_batch("warm-up", n), s, None, time.perf_counter())
-    storage.activity.begin()  # a backup under way (SGLang's backup thread)
-    t0 = time.perf_counter()
-    ctl.forward_done(_batch("turn", 512), 1.6 * alone[512], None, t0)
-    storage.activity.end()
-    ctl.forward_done(_batch("next", 256), 1.3 * alone[256], None, t0)  # began before it ended
-    model = ctl.costs.model()
-    assert model.compute.tokens_per_s == pytest.approx(5500, rel=1e-3)
-    assert model.compute.overlap_slowdown == 0.0
-    ctl.forward_done(_batch("later", 256), 1.3 * alone[256], None, time.perf_counter())
-    assert ctl.costs.model().compute.tokens_per_s < 5400  # alone again: it counts
-
-
 def test_decision_log_lines_read_back() -> None:
     """The decision line :func:`describe` writes is what :func:`logged_decisions` parses
     (tests and operators read restores per request from it)."""
