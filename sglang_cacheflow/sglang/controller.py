@@ -325,16 +325,12 @@ class CacheFlowController(SplitControl):
             and batch.prefix_lens is not None
             and batch.extend_lens
         ):
-            # beside a split's read, or SGLang's own L3 prefetches and backups (a backup of
-            # a 512-token prefix ran 10-60% into the forwards after it on the CPU server)
-            beside = started is not None and (
-                self.reader.busy_since(started) or self._tier_busy_since(started)
-            )
+            overlapped = started is not None and self.reader.busy_since(started)
             # The planner charges the slowdown to a split's own chunk: only that forward
-            # measures it. Others beside I/O measure neither it nor the machine alone.
-            if not beside or any(r.rid in self.splits for r in batch.reqs):
+            # measures it. Others beside a read measure neither it nor the machine alone.
+            if not overlapped or any(r.rid in self.splits for r in batch.reqs):
                 self.costs.observe_compute(
-                    batch.prefix_lens, batch.extend_lens, seconds, layers, beside
+                    batch.prefix_lens, batch.extend_lens, seconds, layers, overlapped
                 )
         if not self.pending:
             return
@@ -353,11 +349,6 @@ class CacheFlowController(SplitControl):
                 self.costs.observe_restore(L3_TIER, measured, d.predicted_s)
         if not self.pending and not self.storage_plans and not self.splits:
             self.owed.clear()
-
-    def _tier_busy_since(self, t: float) -> bool:
-        """Whether the L3 backend had calls in flight since ``t`` (``perf_counter()``)."""
-        storage = self.cache.cacheflow_storage()
-        return storage is not None and storage.activity.busy_since(t)
 
     # -- arrivals (L3 hits) --------------------------------------------------------------
 

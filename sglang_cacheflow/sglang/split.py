@@ -52,8 +52,6 @@ from typing import Any
 
 import torch
 
-from sglang_cacheflow.sglang.activity import Activity
-
 __all__ = [
     "SplitReader",
     "SplitRestore",
@@ -179,16 +177,20 @@ class SplitReader:
         self.pages_per_read = max(1, pages_per_read)
         self.on_read = on_read
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cacheflow-split")
-        self.activity = Activity()  # restores submitted and not yet read
+        self._lock = threading.Lock()
+        self._queued = 0  # restores submitted and not yet read
+        self._idle_at = float("-inf")  # perf_counter() when the last read ended
 
     def submit(self, sp: SplitRestore, read: ReadPages) -> None:
-        self.activity.begin()
+        with self._lock:
+            self._queued += 1
         self._pool.submit(self._run, sp, read)
 
     def busy_since(self, t: float) -> bool:
         """Whether a read was under way at some time since ``t`` (``perf_counter()``): a
         forward that ran then shared the machine with it (calibration's overlap)."""
-        return self.activity.busy_since(t)
+        with self._lock:
+            return self._queued > 0 or self._idle_at > t
 
     def _run(self, sp: SplitRestore, read: ReadPages) -> None:
         start = time.perf_counter()
@@ -220,7 +222,9 @@ class SplitReader:
                 if self.on_read is not None and sp.landed_pages:
                     self.on_read(sp)
             finally:
-                self.activity.end()
+                with self._lock:
+                    self._queued -= 1
+                    self._idle_at = time.perf_counter()
                 with sp.landed:
                     sp.done.set()
                     sp.landed.notify_all()

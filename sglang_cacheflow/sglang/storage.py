@@ -36,7 +36,6 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorageExtraInfo,
 )
 
-from sglang_cacheflow.sglang.activity import Activity
 from sglang_cacheflow.tiers.base import Namespace
 from sglang_cacheflow.tiers.names import L3_TIER
 from sglang_cacheflow.tiers.page import PageLayout
@@ -106,9 +105,6 @@ class RedisHiCacheStorage(HiCacheStorage):
         self.is_mla = storage_config.is_mla_model
         self.ns: Namespace | None = None
         self.pool_layout: str | None = None
-        # tier calls in flight (SGLang's prefetch and backup threads): calibration takes no
-        # forward that ran beside them for one that ran alone
-        self.activity = Activity()
         self._metrics_lock = threading.Lock()
         self._prefetch_pgs: list[int] = []
         self._backup_pgs: list[int] = []
@@ -173,8 +169,7 @@ class RedisHiCacheStorage(HiCacheStorage):
         self, pages: list[int], bws: list[float], n: int, fn: Callable[[], list[bool]]
     ) -> list[bool]:
         start = time.perf_counter()
-        with self.activity.running():
-            ok = fn()
+        ok = fn()
         elapsed = max(time.perf_counter() - start, 1e-9)
         if self.storage_config.enable_storage_metrics:
             done = sum(ok)
@@ -224,8 +219,7 @@ class RedisHiCacheStorage(HiCacheStorage):
         written again: HiCache backs up every node its write-through creates, and a restored
         prefix is such a node, so each restore wrote its whole prefix again. A page that
         failed its checksum was deleted when it was read, and is written again."""
-        with self.activity.running():
-            ok = [bool(x) for x in self.tier.batch_exists(ns, keys)]  # False where unknown
+        ok = [bool(x) for x in self.tier.batch_exists(ns, keys)]  # False where unknown
         todo = [i for i, stored in enumerate(ok) if not stored]
         if not todo:
             return ok

@@ -5,7 +5,6 @@ MHA host pool (constructed on CPU with the CPU host allocator from
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -244,30 +243,3 @@ class _FakeLayoutPool:
         self.__dict__.update(pool.__dict__)
         self.layout = "page_unified"
         self.head_num = pool.head_num
-
-
-def test_tier_calls_in_flight_are_seen_by_calibration(redis_server: RedisServer, make_pool):
-    # A forward that ran beside SGLang's prefetch or backup calls did not run alone.
-    pool = make_pool("page_first")
-    b = backend(redis_server.url, pool)
-    before = time.perf_counter()
-    assert not b.activity.busy_since(before)
-    started = threading.Event()
-    release = threading.Event()
-    real_put = b.tier.batch_put
-
-    def slow_put(*args, **kwargs):  # hold the call open to look at it in flight
-        started.set()
-        release.wait(10)
-        return real_put(*args, **kwargs)
-
-    b.tier.batch_put = slow_put  # type: ignore[method-assign]
-    t = threading.Thread(target=b.batch_set_v1, args=(page_hashes(2), idx(0, 1)))
-    t.start()
-    assert started.wait(10)
-    assert b.activity.busy_since(time.perf_counter())  # under way
-    release.set()
-    t.join()
-    assert b.activity.busy_since(before)  # a forward begun before it ended ran beside it
-    assert not b.activity.busy_since(time.perf_counter())
-    b.close()
