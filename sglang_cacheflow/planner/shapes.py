@@ -39,7 +39,7 @@ class ShapeKind(StrEnum):
 
 
 TOKEN, LAYER, LOAD_FRONT = ShapeKind.TOKEN, ShapeKind.LAYER, ShapeKind.LOAD_FRONT
-NEG, INF = float("-inf"), float("inf")
+NEG = float("-inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,10 +194,12 @@ class Shaper:
         l1: int,
         at: float,
         steps: list[Step] | None,
+        overlapped: bool = False,
         reads_until: float = NEG,
     ) -> float:
-        """Recompute tokens [lo, hi) x layers [l0, l1) from ``at``, slowed while loads run
-        beside it, until ``reads_until`` (``INF``: its own loads, throughout)."""
+        """Recompute tokens [lo, hi) x layers [l0, l1) from ``at``: slowed throughout when
+        ``overlapped`` (its own loads run beside it), else while loads already in flight
+        (other requests') run, until ``reads_until``."""
         n = hi - lo
         if n <= 0 or l1 <= l0:
             return at
@@ -209,7 +211,9 @@ class Shaper:
             * (c.step_s + n / c.tokens_per_s + c.attention_s_per_token_pair * pairs)
         )
         slow = 1.0 + c.overlap_slowdown
-        if reads_until > at and slow > 1.0:
+        if overlapped:
+            dur *= slow
+        elif reads_until > at and slow > 1.0:
             # slowed until those loads end, at full speed after: the work done beside them
             # is (reads_until - at) / slow
             if at + dur * slow <= reads_until:
@@ -231,10 +235,10 @@ class Shaper:
         reads = max(self.reads_until, max(io.values(), default=NEG))  # loads in flight
         if kind == TOKEN:
             mid = d + split
-            a = self._compute(d, mid, 0, L, tc, steps, INF if mid < end else reads)
+            a = self._compute(d, mid, 0, L, tc, steps, mid < end, reads)
             b, free = self._loads(mid, end, 0, io, cper, steps, is_split)
         elif kind == LAYER:
-            a = self._compute(d, end, 0, split, tc, steps, INF if split < L else reads)
+            a = self._compute(d, end, 0, split, tc, steps, split < L, reads)
             b, free = self._loads(d, end, split, io, cper, steps, is_split)
         else:  # LOAD_FRONT: the back's recompute is the forward that waits for the loads
             mid = d + split
@@ -243,7 +247,7 @@ class Shaper:
                 if mid > d:
                     rc *= 1.0 + self.cost.compute.overlap_slowdown
                 b, free = self._loads(d, mid, 0, io, rc / L, steps)
-                a = self._compute(mid, end, 0, L, max(tc, b), steps, INF if mid > d else reads)
+                a = self._compute(mid, end, 0, L, max(tc, b), steps, mid > d, reads)
                 b = NEG
             else:
                 a = tc
