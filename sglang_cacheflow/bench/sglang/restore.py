@@ -43,6 +43,8 @@ from sglang_cacheflow.planner import POLICIES
 
 __all__ = ["add_arguments", "run"]
 
+PAGE_TOKENS = 16  # the servers' --page-size
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -158,14 +160,14 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
         cfg = {
             "redis_url": f"redis://127.0.0.1:{redis_server.port}/0",
             "link": link,
-            "chunk_tokens": 16,
+            "chunk_tokens": PAGE_TOKENS,
             "log_decisions": True,
             # the nominal link rate as the prior; calibration refines it from the page reads
             "prior": {"redis_GBps": LinkShape.parse(link).bandwidth_bytes_per_s / 1e9},
             **args.config,
         }
-        flags = ["--dtype", args.dtype, "--page-size", "16", "--max-total-tokens", str(total)]
-        flags += ["--tp", str(args.tp)]
+        flags = ["--dtype", args.dtype, "--page-size", str(PAGE_TOKENS)]
+        flags += ["--max-total-tokens", str(total), "--tp", str(args.tp)]
         flags += [
             "--hicache-ratio",
             str(args.hicache_ratio),
@@ -188,12 +190,24 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             # warm-up: forwards of several lengths calibrate the compute cost
             for k in (64, 128, 256, 512, p):
                 server.generate(input_ids=[rng.randrange(256) for _ in range(k)], max_new_tokens=1)
-            # the conversations' first turns, hit twice so HiCache writes them through to L3
+            # the conversations' first turns, hit twice so HiCache writes them through to L3,
+            # each backup landed before the next forward: the measured phases run beside no
+            # backup (their pages are in Redis), and a forward beside one runs 10-60% slower
+            # (docs/benchmarks.md); warm-up prefills that all ran beside one were fitted with
+            # that slowdown as an attention term
+            stored = wait_for_backups(redis_server.url, settle_s=1.0)
             for ids in convs:
                 server.generate(input_ids=ids, max_new_tokens=1)
                 server.generate(input_ids=ids, max_new_tokens=1)
-            # a conversation's backup takes up to ~4 s at the default links
-            wait_for_backups(redis_server.url, settle_s=5.0)
+                stored = wait_for_backups(
+                    redis_server.url, settle_s=1.0, limit_s=60, at_least=stored + p // PAGE_TOKENS
+                )
+            # second turns (new tokens after a cached prefix, as returning turns are): with
+            # the prefills above they tell the attention term from the per-token one (the
+            # latest conversations: still in device memory)
+            for i, k in enumerate((64, 128, 256) * 2):
+                ids = convs[-1 - i % n] + [rng.randrange(256) for _ in range(k)]
+                server.generate(input_ids=ids, max_new_tokens=1)
             # warm-up of the restore path, before anything is counted: a fresh server's first
             # restore also calibrates what a restore costs beyond its forwards and transfers
             server.flush_cache(wait_s=60)
