@@ -1,11 +1,11 @@
 """Benchmark: time to first token of restored turns on a real SGLang server with --enable-cacheflow.
 
 For every emulated L3 link and every policy (``recompute``, ``load``, ``cake``, ``cacheflow``)
-the same server build starts once with a fresh Redis, warms up (calibration: forwards of
-several lengths, then one restore from Redis), and runs ``N``
-conversations of ``prefix`` tokens. Between phases ``/flush_cache`` drops device and host
-memory, so the conversations' prefixes come back from Redis only (written there by HiCache's
-write-through). Phases:
+the same server build starts once with a fresh Redis, warms up (calibration: prefills of
+several lengths, each backup landed before the next forward, second turns after cached
+prefixes, then one restore from Redis), and runs ``N`` conversations of ``prefix`` tokens.
+Between phases ``/flush_cache`` drops device and host memory, so the conversations' prefixes
+come back from Redis only (written there by HiCache's write-through). Phases:
 
 - (a) ``single``: one returning conversation at a time;
 - (b) ``together``: all ``N`` conversations return at once.
