@@ -74,6 +74,9 @@ def test_launching_mode_reads_restore_counters(smollm2_path, redis_server, tmp_p
     s = run["summary"]
     # the agents' contexts were evicted and came back: something was restored
     assert s["tokens_loaded"] + s["tokens_recomputed"] > 0
+    # and /metrics' measured-over-predicted histogram says how many the plan timed right
+    within10, within25 = s["predicted_within_10pct"], s["predicted_within_25pct"]
+    assert within10 is not None and 0.0 <= within10 <= within25 <= 1.0, s
     assert s["server_start_s"] > 0
 
 

@@ -175,8 +175,8 @@ def summary_table(runs: Sequence[Run], title: str) -> None:
     t = Table(title=title)
     columns = (
         "policy", "L3 link (emulated)", "returning turns", "mean TTFT ms", "p90 TTFT ms",
-        "loaded tok (host / Redis)", "recomputed tok", "restore shapes", "answers = ref",
-        "wall s",
+        "loaded tok (host / Redis)", "recomputed tok", "restore shapes",
+        "predicted within 10% / 25%", "answers = ref", "wall s",
     )  # fmt: skip
     for col in columns:
         t.add_column(col, justify="left" if col == "policy" else "right")
@@ -195,6 +195,10 @@ def summary_table(runs: Sequence[Run], title: str) -> None:
             f"{s['tokens_loaded']:.0f} ({loaded_by_tier(r.restores)})",
             f"{s['tokens_recomputed']:.0f}",
             shapes_text(r.restores),
+            " / ".join(
+                "-" if x is None else f"{x:.0%}"
+                for x in (s["predicted_within_10pct"], s["predicted_within_25pct"])
+            ),
             "-" if match is None else f"{match:.0%}",
             f"{s['wall_s']:.0f}",
         )

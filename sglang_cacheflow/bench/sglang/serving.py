@@ -118,6 +118,12 @@ class Run:
     answers_match: float | None = None  # fraction of turns equal to the reference policy
     errors: list[str] = field(default_factory=list)
 
+    def predicted_within(self, tolerance: float) -> float | None:
+        """:func:`predicted_within` of this run's restores; None if it measured none."""
+        if "ratio_le:inf" not in self.restores:
+            return None
+        return predicted_within({}, self.restores, tolerance)
+
     def returning_ttfts(self) -> list[float]:
         return [r.ttft_s for r in self.results if r.returning and not r.error]
 
@@ -136,6 +142,9 @@ class Run:
             "tokens_loaded": loaded,
             "tokens_recomputed": recomputed,
             "restores": self.restores,
+            # restores whose measured time was within 10% / 25% of the planned one
+            "predicted_within_10pct": self.predicted_within(0.10),
+            "predicted_within_25pct": self.predicted_within(0.25),
             "answers_match": self.answers_match,
             "failed_requests": sum(1 for r in self.results if r.error),
             "server_start_s": self.server_start_s,
