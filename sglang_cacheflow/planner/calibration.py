@@ -4,9 +4,8 @@ Compute: ``seconds = step_s + n / tokens_per_s + attention * (n*p + n*(n-1)/2)``
 its three coefficients, so a least-squares fit over (prefix, tokens, layers, seconds) samples
 recovers them; a coefficient that comes out negative is dropped and the rest refitted
 (non-negative least squares over three unknowns by enumeration). Forwards measured while
-loads were in flight are fitted apart: their excess over the fitted model is the
-``overlap_slowdown``, and the layer-limited ones among them (a layer split's chunk) show how
-much of a forward's fixed cost no layer count saves (``forward_s``).
+loads were in flight are fitted apart: their mean excess over the fitted model is the
+``overlap_slowdown``.
 
 Tiers: ``seconds = latency + bytes / bandwidth`` per transfer, tracked with exponentially
 weighted sums, so recent transfers count most and each update is O(1): a weighted linear
@@ -22,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -128,38 +128,8 @@ class Calibrator:
         alone = self._fit(self._compute)
         if not self._overlapped:
             return alone
-        return self._beside_reads(alone)
-
-    def _beside_reads(self, alone: ComputeCost) -> ComputeCost:
-        """The overlap slowdown ``s`` and a forward's fixed part ``F`` (``forward_s``) from the
-        forwards that ran beside reads: each took ``(1 + s) * (F + frac * (full - F))``, with
-        ``full`` the alone fit's all-layer time, which is linear in ``(1 + s) * F`` and
-        ``1 + s``. ``F`` shows only in forwards through part of the layers (a layer split's
-        chunk) and is kept only if it explains more than noise (BIC); priced as a share of
-        the layers, it had a chunk through 1 of 30 layers predicted at 18 ms where it took
-        67 ms, and that read as a 265% slowdown."""
-        s = np.asarray(self._overlapped)
-        frac, y = s[:, 2], s[:, 3]
-        full = np.array([alone.seconds(p, n) for p, n, _, _ in self._overlapped])
-        cols = np.stack([1.0 - frac, frac * full], axis=1) / y[:, None]
-        m = len(y)
-        subsets: list[list[int]] = [[1]]
-        if m >= 3 and int(np.count_nonzero(frac < 1.0)) >= 2:
-            subsets.append([0, 1])
-        best: tuple[float, float, float] | None = None  # (BIC, (1+s)*F, 1+s)
-        for keep in subsets:
-            coef, *_ = np.linalg.lstsq(cols[:, keep], np.ones(m), rcond=None)
-            if coef[-1] <= 0 or (coef < 0).any():
-                continue
-            sse = float(np.sum((cols[:, keep] @ coef - 1.0) ** 2))
-            err = m * math.log(max(sse / m, 1e-30)) + len(keep) * math.log(m)
-            if best is None or err < best[0]:
-                best = (err, float(coef[0]) if len(keep) == 2 else 0.0, float(coef[-1]))
-        if best is None:
-            return alone
-        _, u, v = best
-        fixed = min(max(u / v, 0.0), alone.step_s)
-        return replace(alone, overlap_slowdown=min(max(v - 1.0, 0.0), 3.0), forward_s=fixed)
+        excess = [t / (frac * alone.seconds(p, n)) - 1.0 for p, n, frac, t in self._overlapped]
+        return replace(alone, overlap_slowdown=min(max(statistics.fmean(excess), 0.0), 3.0))
 
     def _fit(self, samples: list[tuple[float, float, float, float]]) -> ComputeCost:
         if len(samples) < 3:
@@ -195,10 +165,7 @@ class Calibrator:
             return self.prior.compute
         step, per_token, pair = (float(x) for x in best[1])  # plain floats, JSON-ready
         prior = self.prior.compute
-        return ComputeCost(
-            1.0 / per_token, pair, step, prior.overlap_slowdown, prior.split_s,
-            min(prior.forward_s, step),
-        )  # fmt: skip
+        return ComputeCost(1.0 / per_token, pair, step, prior.overlap_slowdown, prior.split_s)
 
     def model(self) -> CostModel:
         """The prior with every measured part replaced by its fit."""

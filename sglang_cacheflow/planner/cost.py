@@ -2,8 +2,7 @@
 
 Recomputing tokens [p, p+n) through all layers costs
 ``step_s + n / tokens_per_s + attention_s_per_token_pair * (n*p + n*(n-1)/2)``; through ``l``
-of ``L`` layers, ``forward_s`` (the part of a forward's fixed cost no layer count saves) plus
-``l/L`` of the rest. Loading n tokens from a tier costs
+of ``L`` layers, ``l/L`` of that. Loading n tokens from a tier costs
 ``latency + n * kv_bytes_per_token / bandwidth`` (a layer range loads its share). Times are
 for the whole tensor-parallel group; each rank loads ``1/tp`` of the bytes.
 """
@@ -50,27 +49,15 @@ class ComputeCost:
     # executor's hand-offs between its chunk and its extend (SGLang: the splice, a scheduler
     # round); on the compute resource's path. Fitted by calibration.
     split_s: float = 0.0
-    # Of ``step_s``, what a forward costs whatever layers it runs (the scheduler's round, the
-    # batch's set-up, the embedding): a forward through ``l`` of ``L`` layers costs this plus
-    # ``l/L`` of the rest. Fitted by calibration from layer-limited forwards.
-    forward_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tokens_per_s <= 0:
             raise ValueError(f"compute.tokens_per_s must be > 0, got {self.tokens_per_s}")
-        fields = (
-            self.attention_s_per_token_pair, self.step_s, self.overlap_slowdown, self.split_s,
-            self.forward_s,
-        )  # fmt: skip
+        fields = (self.attention_s_per_token_pair, self.step_s, self.overlap_slowdown, self.split_s)
         if min(fields) < 0:
             raise ValueError(
-                "compute.attention_s_per_token_pair, step_s, overlap_slowdown, split_s and "
-                "forward_s must be >= 0"
-            )
-        if self.forward_s > self.step_s:
-            raise ValueError(
-                f"compute.forward_s ({self.forward_s}) is a part of step_s ({self.step_s}): it "
-                "must not exceed it"
+                "compute.attention_s_per_token_pair, step_s, overlap_slowdown and split_s "
+                "must be >= 0"
             )
 
     def seconds(self, prefix: float, n: float) -> float:
@@ -79,14 +66,6 @@ class ComputeCost:
             return 0.0
         pairs = n * prefix + n * (n - 1) / 2
         return self.step_s + n / self.tokens_per_s + self.attention_s_per_token_pair * pairs
-
-    def layers_seconds(self, prefix: float, n: float, frac: float) -> float:
-        """:meth:`seconds` of a forward through ``frac`` of the layers (``forward_s`` is paid
-        whole by any forward)."""
-        if n <= 0 or frac <= 0:
-            return 0.0
-        full = self.seconds(prefix, n)
-        return full if frac >= 1.0 else self.forward_s + frac * (full - self.forward_s)
 
 
 @dataclass(frozen=True)
@@ -130,7 +109,7 @@ class CostModel:
     def recompute_s(self, prefix: float, n: float, layers: float | None = None) -> float:
         """Time to recompute n tokens after ``prefix`` through ``layers`` layers (default all)."""
         frac = 1.0 if layers is None else layers / self.shape.num_layers
-        return self.compute.layers_seconds(prefix, n, frac)
+        return frac * self.compute.seconds(prefix, n)
 
     def load_s(self, tier: str, n: float, layers: float | None = None) -> float:
         """Time to load n tokens' KV for ``layers`` layers (default all) from ``tier``."""

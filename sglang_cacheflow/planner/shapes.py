@@ -205,9 +205,11 @@ class Shaper:
             return at
         c = self.cost.compute
         pairs = n * lo + n * (n - 1) / 2
-        dur = c.step_s + n / c.tokens_per_s + c.attention_s_per_token_pair * pairs
-        if l1 - l0 < self.num_layers:  # a forward's fixed part is paid whole (cost.py)
-            dur = c.forward_s + (l1 - l0) / self.num_layers * (dur - c.forward_s)
+        dur = (
+            (l1 - l0)
+            / self.num_layers
+            * (c.step_s + n / c.tokens_per_s + c.attention_s_per_token_pair * pairs)
+        )
         slow = 1.0 + c.overlap_slowdown
         if overlapped:
             dur *= slow
@@ -362,21 +364,16 @@ class Shaper:
     def _layer_crossing(self, tc: float, io: dict[str, float]) -> list[tuple[float, Shape]]:
         """The layer split where compute meets the loads, solved in closed form.
 
-        A(l) rises linearly from l = 1 on (a forward's fixed part, then C / L a layer); the
-        loads' readiness B(l) is a max of lines falling in l (one per tier and per end of
-        the layer range), so A(l) >= B(l) holds from the largest crossing point of A with
-        those lines on. l = 0 (no forward) is a candidate too.
+        A(l) = tc + l * C / L rises linearly; the loads' readiness B(l) is a max of lines
+        falling in l (one per tier and per end of the layer range), so A(l) >= B(l) holds
+        from the largest crossing point of A with those lines on.
         """
         L = self.num_layers
         if len({t.tier for t in self.tiers}) < len(self.tiers):  # a tier's loads queue up
             return self._crossing(LAYER, list(range(L + 1)), tc, io)
-        # for 0 < l < L the bottom layers run while the top ones stream in: A(l) = t0 + l *
-        # c_layer, t0 past tc by the forward's fixed part (cost.py), which l = 0 saves
-        slow = 1.0 + self.cost.compute.overlap_slowdown
-        full = self.cost.recompute_s(self.device_tokens, self.evicted)
-        fixed = min(self.cost.compute.forward_s, full)
-        c_layer = (full - fixed) / L * slow
-        t0 = tc + fixed * slow
+        # for 0 < l < L the bottom layers run while the top ones stream in
+        c_layer = self.cost.recompute_s(self.device_tokens, self.evicted) / L
+        c_layer *= 1.0 + self.cost.compute.overlap_slowdown
         cper = self.prefill_s / L
         cross = 0.0
         for tier, a, b, lat, per_tok, streamed, setup in self.tiers:
@@ -390,11 +387,10 @@ class Shaper:
                 lines = [(base + L * per, per + cper)]
             for k0, k1 in lines:
                 if c_layer + k1 > 0:
-                    cross = max(cross, (k0 - t0) / (c_layer + k1))
+                    cross = max(cross, (k0 - tc) / (c_layer + k1))
         hi = min(L, max(0, math.ceil(cross - 1e-12)))
         return [
-            (self._price(LAYER, x, tc, io, None)[2], Shape(LAYER, x))
-            for x in {0, max(0, hi - 1), hi}
+            (self._price(LAYER, x, tc, io, None)[2], Shape(LAYER, x)) for x in {max(0, hi - 1), hi}
         ]
 
     # -- Cake's run-time meeting point -----------------------------------------------------

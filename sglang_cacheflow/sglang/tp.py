@@ -29,7 +29,7 @@ def cost_vector(cost: CostModel, tiers: Sequence[str]) -> list[float]:
     """The cost model as numbers whose MIN is the conservative choice (costs negated)."""
     c = cost.compute
     out = [c.tokens_per_s, -c.attention_s_per_token_pair, -c.step_s]
-    out += [-c.overlap_slowdown, -c.split_s, -c.forward_s]
+    out += [-c.overlap_slowdown, -c.split_s]
     for name in tiers:
         t = cost.tier(name)
         out += [t.bandwidth_Bps, -t.latency_s, -t.setup_s]
@@ -37,10 +37,10 @@ def cost_vector(cost: CostModel, tiers: Sequence[str]) -> list[float]:
 
 
 def cost_from_vector(cost: CostModel, tiers: Sequence[str], vec: Sequence[float]) -> CostModel:
-    compute = ComputeCost(vec[0], *(-x for x in vec[1:6]))
+    compute = ComputeCost(vec[0], *(-x for x in vec[1:5]))
     new_tiers = dict(cost.tiers)
     for i, name in enumerate(tiers):
-        new_tiers[name] = TierCost(vec[6 + 3 * i], -vec[7 + 3 * i], -vec[8 + 3 * i])
+        new_tiers[name] = TierCost(vec[5 + 3 * i], -vec[6 + 3 * i], -vec[7 + 3 * i])
     return replace(cost, compute=compute, tiers=new_tiers)
 
 

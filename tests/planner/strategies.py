@@ -15,13 +15,11 @@ def cost_models(draw: st.DrawFn) -> CostModel:
     heads = draw(st.sampled_from([1, 2, 8]))
     tp = draw(st.sampled_from([1, 2])) if heads % 2 == 0 else 1
     shape = ModelShape(layers, heads, draw(st.sampled_from([64, 128])), 2, tp)
-    step = draw(st.sampled_from([0.0, 1e-3]))
     compute = ComputeCost(
         tokens_per_s=draw(st.floats(1e3, 1e5)),
         attention_s_per_token_pair=draw(st.sampled_from([0.0, 1e-10, 1e-9, 1e-8])),
-        step_s=step,
+        step_s=draw(st.sampled_from([0.0, 1e-3])),
         overlap_slowdown=draw(st.sampled_from([0.0, 0.3])),
-        forward_s=draw(st.sampled_from([0.0, 0.5 * step, step])),  # paid by any forward
     )
     tiers = {
         t: TierCost(

@@ -85,37 +85,6 @@ def test_forwards_overlapped_by_loads_give_the_slowdown():
     assert fitted.tokens_per_s == pytest.approx(8000, rel=0.05)
 
 
-def test_layer_limited_forwards_beside_reads_give_the_fixed_part_and_the_slowdown():
-    # A forward's 80 ms step, 60 ms of it paid whatever the layers; beside reads 15% slower.
-    truth = ComputeCost(tokens_per_s=1000, step_s=0.08, forward_s=0.06)
-    cal = Calibrator(PRIOR)
-    rng = random.Random(3)
-    for _ in range(40):
-        p, n = rng.randrange(0, 1024), rng.randrange(16, 1024)
-        cal.add_compute(p, n, truth.seconds(p, n) * rng.uniform(0.98, 1.02))
-    for layers in (1, 2, 5, 7, 11, 12, 13, 30):  # layer splits' chunks (30: a load-front's)
-        n = rng.randrange(128, 1024)
-        t = 1.15 * truth.layers_seconds(0, n, layers / 30) * rng.uniform(0.98, 1.02)
-        cal.add_compute(0, n, t, layers, overlapped=True)
-    fitted = cal.model().compute
-    assert fitted.forward_s == pytest.approx(0.06, abs=0.01)
-    assert fitted.overlap_slowdown == pytest.approx(0.15, abs=0.03)
-    # priced as a share of the layers, a chunk through 1 layer read as a 3x slowdown
-    thin = 1.15 * truth.layers_seconds(0, 384, 1 / 30)
-    assert cal.model().recompute_s(0, 384, 1) * 1.15 == pytest.approx(thin, rel=0.10)
-
-
-def test_full_forwards_beside_reads_leave_the_fixed_part_at_its_prior():
-    truth = ComputeCost(tokens_per_s=1000, step_s=0.08)
-    cal = Calibrator(PRIOR)
-    for n in (64, 128, 256, 512):
-        cal.add_compute(0, n, truth.seconds(0, n))
-        cal.add_compute(0, n, 1.2 * truth.seconds(0, n), overlapped=True)
-    fitted = cal.model().compute
-    assert fitted.forward_s == 0.0
-    assert fitted.overlap_slowdown == pytest.approx(0.2, rel=1e-6)
-
-
 def test_restore_overhead_is_learnt_per_tier_and_added_to_its_setup() -> None:
     prior = CostModel(ModelShape(4, 2, 32, 4), ComputeCost(1e4), {"redis": TierCost(1e8, 1e-3)})
     cal = Calibrator(prior)

@@ -50,20 +50,3 @@ def test_bad_shapes_say_what_to_change(kwargs, match):
 def test_unknown_tier_names_the_known_ones():
     with pytest.raises(KeyError, match="redis"):
         llama8b().tier("ssd")
-
-
-def test_a_forward_through_some_layers_pays_its_fixed_part_whole():
-    compute = ComputeCost(1000.0, step_s=0.09, forward_s=0.06)
-    full = compute.seconds(0, 512)
-    assert full == pytest.approx(0.09 + 0.512)
-    # 3 of 30 layers: the 60 ms a forward costs whatever its layers, a tenth of the rest
-    assert compute.layers_seconds(0, 512, 0.1) == pytest.approx(0.06 + 0.1 * (full - 0.06))
-    assert compute.layers_seconds(0, 512, 1.0) == full
-    assert compute.layers_seconds(0, 512, 0.0) == 0.0  # no layer, no forward
-    model = CostModel(ModelShape(30, 3, 64, 4), compute)
-    assert model.recompute_s(0, 512, layers=3) == compute.layers_seconds(0, 512, 0.1)
-
-
-def test_a_forwards_fixed_part_is_a_part_of_its_step():
-    with pytest.raises(ValueError, match=r"forward_s .* must not exceed"):
-        ComputeCost(1000.0, step_s=0.01, forward_s=0.02)

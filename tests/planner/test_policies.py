@@ -19,7 +19,7 @@ from sglang_cacheflow.planner import (
     validate,
 )
 from sglang_cacheflow.planner.capabilities import RUNTIME
-from sglang_cacheflow.planner.plan import Action, Plan
+from sglang_cacheflow.planner.plan import Action
 from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Shape, Shaper
 from sglang_cacheflow.sglang.capabilities import SGLANG, SGLANG_STREAMED
 
@@ -332,31 +332,6 @@ def test_sglang_splits_one_balanced_request():
     assert min(s.start for s in loads) == max(s.end for s in recomputes)  # front | back
     assert max(s.end for s in loads) == n
     assert cake.mean_ttft_s < 0.7 * best_pure
-
-
-def test_a_forwards_fixed_part_keeps_thin_layer_splits_out() -> None:
-    # A span the link loads in 60 ms: priced as a share of the layers, recomputing 1 of 32
-    # beside the load looks almost free and wins by a hair. A forward's fixed part, paid
-    # whole by any forward, makes that chunk dearer than what it saves: load all.
-    n = 1024
-    shape = ModelShape(32, 8, 128, 2, 1)
-    redis = TierCost(n * shape.kv_bytes_per_token / 0.06, 1e-3)
-    req = Request("r", 0, (Span("redis", n),), 16)
-
-    def planned(forward_s: float) -> Plan:
-        compute = ComputeCost(n / 1.0, step_s=0.08, forward_s=forward_s)  # 1.08 s to recompute
-        p = plan([req], CostModel(shape, compute, {"redis": redis}), "cacheflow", SGLANG)
-        validate(p, [req], 32)
-        return p
-
-    assert planned(0.0).requests["r"].shape == "layer split 1/32"
-    assert planned(0.08).requests["r"].shape == "load all"
-    # a split it keeps (a slower link) prices its chunk with the whole fixed part
-    redis = TierCost(n * shape.kv_bytes_per_token / 0.15, 1e-3)
-    rp = planned(0.08).requests["r"]
-    layers = int(rp.shape.removeprefix("layer split ").split("/")[0])
-    (chunk,) = [s for s in rp.steps if s.action is Action.RECOMPUTE]
-    assert chunk.finish_s - chunk.start_s == pytest.approx(0.08 + layers / 32 * 1.0)
 
 
 @pytest.mark.parametrize(
