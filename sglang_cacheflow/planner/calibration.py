@@ -5,7 +5,9 @@ its three coefficients, so a least-squares fit over (prefix, tokens, layers, sec
 recovers them; a coefficient that comes out negative is dropped and the rest refitted
 (non-negative least squares over three unknowns by enumeration). Forwards measured while
 loads were in flight are fitted apart: their mean excess over the fitted model is the
-``overlap_slowdown``.
+``overlap_slowdown``. The part of a forward outside its layer loop (``unlayered_s``), which a
+forward through some layers pays whole, is measured directly by an engine that can time its
+layer loop: the median of recent samples, taken off a layer-limited sample before the fit.
 
 Tiers: ``seconds = latency + bytes / bandwidth`` per transfer, tracked with exponentially
 weighted sums, so recent transfers count most and each update is O(1): a weighted linear
@@ -75,6 +77,8 @@ class Calibrator:
     _tiers: dict[str, _TierStats] = field(default_factory=dict)
     _setup: dict[str, float] = field(default_factory=dict)  # learnt extra setup_s per tier
     _split: float = 0.0  # learnt extra split_s
+    _unlayered: list[float] = field(default_factory=list)  # recent unlayered seconds
+    max_unlayered_samples: int = 64
 
     def add_compute(
         self,
@@ -93,6 +97,20 @@ class Calibrator:
         samples.append((float(prefix), float(tokens), frac, float(seconds)))
         if len(samples) > self.max_compute_samples:
             del samples[0]
+
+    def add_unlayered(self, seconds: float) -> None:
+        """A forward spent ``seconds`` outside its layer loop (see ``ComputeCost.unlayered_s``)."""
+        if seconds < 0:
+            return
+        self._unlayered.append(float(seconds))
+        if len(self._unlayered) > self.max_unlayered_samples:
+            del self._unlayered[0]
+
+    def unlayered_s(self) -> float:
+        """The median of the recent unlayered samples (the prior's value before any)."""
+        if not self._unlayered:
+            return self.prior.compute.unlayered_s
+        return statistics.median(self._unlayered)
 
     def add_transfer(self, tier: str, nbytes: float, seconds: float) -> None:
         if nbytes <= 0 or seconds <= 0:
@@ -123,19 +141,26 @@ class Calibrator:
         return self._setup.get(tier, 0.0)
 
     def compute_cost(self) -> ComputeCost:
+        u = self.unlayered_s()
         if len(self._compute) < 3:  # nothing measured alone yet: fit what there is
-            return self._fit(self._overlapped)
-        alone = self._fit(self._compute)
+            return self._fit(self._overlapped, u)
+        alone = self._fit(self._compute, u)
         if not self._overlapped:
             return alone
-        excess = [t / (frac * alone.seconds(p, n)) - 1.0 for p, n, frac, t in self._overlapped]
+        excess = [
+            t / (frac * alone.seconds(p, n) + alone.fixed_s(frac)) - 1.0
+            for p, n, frac, t in self._overlapped
+        ]
         return replace(alone, overlap_slowdown=min(max(statistics.fmean(excess), 0.0), 3.0))
 
-    def _fit(self, samples: list[tuple[float, float, float, float]]) -> ComputeCost:
-        if len(samples) < 3:
-            return self.prior.compute
-        s = np.asarray(samples)
-        m = len(samples)
+    def _fit(self, samples: list[tuple[float, float, float, float]], u: float) -> ComputeCost:
+        s = np.asarray(samples).reshape(-1, 4)
+        # a layer-limited forward's unlayered part is not its layer share: take it off
+        s[:, 3] -= (1.0 - s[:, 2]) * u
+        s = s[s[:, 3] > 0]
+        m = len(s)
+        if m < 3:
+            return replace(self.prior.compute, unlayered_s=u)
         p, n, frac, y = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
         # columns: step, per-token, per-token-pair, each scaled by the layer fraction
         cols = np.stack([frac, frac * n, frac * (n * p + n * (n - 1) / 2)], axis=1)
@@ -161,11 +186,11 @@ class Calibrator:
                 full = np.zeros(3)
                 full[list(keep)] = coef
                 best = (err, full)
-        if best is None or best[1][1] <= 0:
-            return self.prior.compute
-        step, per_token, pair = (float(x) for x in best[1])  # plain floats, JSON-ready
         prior = self.prior.compute
-        return ComputeCost(1.0 / per_token, pair, step, prior.overlap_slowdown, prior.split_s)
+        if best is None or best[1][1] <= 0:
+            return replace(prior, unlayered_s=u)
+        step, per_token, pair = (float(x) for x in best[1])  # plain floats, JSON-ready
+        return ComputeCost(1.0 / per_token, pair, step, prior.overlap_slowdown, prior.split_s, u)
 
     def model(self) -> CostModel:
         """The prior with every measured part replaced by its fit."""

@@ -2,9 +2,10 @@
 
 Recomputing tokens [p, p+n) through all layers costs
 ``step_s + n / tokens_per_s + attention_s_per_token_pair * (n*p + n*(n-1)/2)``; through ``l``
-of ``L`` layers, ``l/L`` of that. Loading n tokens from a tier costs
-``latency + n * kv_bytes_per_token / bandwidth`` (a layer range loads its share). Times are
-for the whole tensor-parallel group; each rank loads ``1/tp`` of the bytes.
+of ``L`` layers, ``l/L`` of that except ``unlayered_s`` (the part of ``step_s`` spent
+outside the layer loop), which a forward pays whole whatever layers it runs. Loading n tokens
+from a tier costs ``latency + n * kv_bytes_per_token / bandwidth`` (a layer range loads its
+share). Times are for the whole tensor-parallel group; each rank loads ``1/tp`` of the bytes.
 """
 
 from __future__ import annotations
@@ -49,15 +50,25 @@ class ComputeCost:
     # executor's hand-offs between its chunk and its extend (SGLang: the splice, a scheduler
     # round); on the compute resource's path. Fitted by calibration.
     split_s: float = 0.0
+    # The part of ``step_s`` outside the layer loop (batch set-up, embedding, logits): a
+    # forward through some of the layers pays it whole. Measured by the engine that can
+    # (SGLang on CPU times its layer loop); 0 scales all of ``step_s`` with the layers.
+    unlayered_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tokens_per_s <= 0:
             raise ValueError(f"compute.tokens_per_s must be > 0, got {self.tokens_per_s}")
-        fields = (self.attention_s_per_token_pair, self.step_s, self.overlap_slowdown, self.split_s)
+        fields = (
+            self.attention_s_per_token_pair,
+            self.step_s,
+            self.overlap_slowdown,
+            self.split_s,
+            self.unlayered_s,
+        )
         if min(fields) < 0:
             raise ValueError(
-                "compute.attention_s_per_token_pair, step_s, overlap_slowdown and split_s "
-                "must be >= 0"
+                "compute.attention_s_per_token_pair, step_s, overlap_slowdown, split_s and "
+                "unlayered_s must be >= 0"
             )
 
     def seconds(self, prefix: float, n: float) -> float:
@@ -66,6 +77,11 @@ class ComputeCost:
             return 0.0
         pairs = n * prefix + n * (n - 1) / 2
         return self.step_s + n / self.tokens_per_s + self.attention_s_per_token_pair * pairs
+
+    def fixed_s(self, frac: float) -> float:
+        """The unlayered part of a forward through ``frac`` of the layers, beyond ``frac``
+        of an all-layer forward: what :meth:`CostModel.recompute_s` adds to the layer share."""
+        return (1.0 - frac) * min(self.unlayered_s, self.step_s) if frac < 1.0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -108,8 +124,10 @@ class CostModel:
 
     def recompute_s(self, prefix: float, n: float, layers: float | None = None) -> float:
         """Time to recompute n tokens after ``prefix`` through ``layers`` layers (default all)."""
+        if n <= 0:
+            return 0.0
         frac = 1.0 if layers is None else layers / self.shape.num_layers
-        return frac * self.compute.seconds(prefix, n)
+        return frac * self.compute.seconds(prefix, n) + self.compute.fixed_s(frac)
 
     def load_s(self, tier: str, n: float, layers: float | None = None) -> float:
         """Time to load n tokens' KV for ``layers`` layers (default all) from ``tier``."""

@@ -205,11 +205,10 @@ class Shaper:
             return at
         c = self.cost.compute
         pairs = n * lo + n * (n - 1) / 2
-        dur = (
-            (l1 - l0)
-            / self.num_layers
-            * (c.step_s + n / c.tokens_per_s + c.attention_s_per_token_pair * pairs)
-        )
+        frac = (l1 - l0) / self.num_layers
+        dur = frac * (c.step_s + n / c.tokens_per_s + c.attention_s_per_token_pair * pairs)
+        if frac < 1.0:  # the part outside the layer loop is paid whole (ComputeCost.fixed_s)
+            dur += (1.0 - frac) * min(c.unlayered_s, c.step_s)
         slow = 1.0 + c.overlap_slowdown
         if overlapped:
             dur *= slow
@@ -372,8 +371,12 @@ class Shaper:
         if len({t.tier for t in self.tiers}) < len(self.tiers):  # a tier's loads queue up
             return self._crossing(LAYER, list(range(L + 1)), tc, io)
         # for 0 < l < L the bottom layers run while the top ones stream in
-        c_layer = self.cost.recompute_s(self.device_tokens, self.evicted) / L
-        c_layer *= 1.0 + self.cost.compute.overlap_slowdown
+        # A(l) = tc + slow * (fixed + l * (C - fixed) / L): the unlayered part paid whole
+        slow = 1.0 + self.cost.compute.overlap_slowdown
+        fixed = self.cost.compute.fixed_s(0.0)
+        c_full = self.cost.recompute_s(self.device_tokens, self.evicted)
+        c_layer = slow * (c_full - fixed) / L
+        a0 = tc + slow * fixed
         cper = self.prefill_s / L
         cross = 0.0
         for tier, a, b, lat, per_tok, streamed, setup in self.tiers:
@@ -387,7 +390,7 @@ class Shaper:
                 lines = [(base + L * per, per + cper)]
             for k0, k1 in lines:
                 if c_layer + k1 > 0:
-                    cross = max(cross, (k0 - tc) / (c_layer + k1))
+                    cross = max(cross, (k0 - a0) / (c_layer + k1))
         hi = min(L, max(0, math.ceil(cross - 1e-12)))
         return [
             (self._price(LAYER, x, tc, io, None)[2], Shape(LAYER, x)) for x in {max(0, hi - 1), hi}

@@ -308,13 +308,15 @@ class CacheFlowController(SplitControl):
         layers: int | None = None,
         started: float | None = None,
         streamed: dict[str, bool] | None = None,
+        outside: float | None = None,
     ) -> None:
         """An extend forward of ``batch`` through its first ``layers`` layers (default all),
-        begun at ``started`` (``perf_counter()``), took ``seconds``: calibrate, and measure
-        its restores. A split's own chunk that ran beside reads calibrates the overlap
-        slowdown the planner charges a split's recompute. ``streamed``: the streamed splits
-        it took (:meth:`finish_streams`); it waited for their loads, so it does not
-        calibrate the compute, and those cut back got no token from it."""
+        begun at ``started`` (``perf_counter()``), took ``seconds``, ``outside`` of them
+        outside its layer loop where measured: calibrate, and measure its restores. A
+        split's own chunk that ran beside reads calibrates the overlap slowdown the planner
+        charges a split's recompute. ``streamed``: the streamed splits it took
+        (:meth:`finish_streams`); it waited for their loads, so it does not calibrate the
+        compute, and those cut back got no token from it."""
         mode = batch.forward_mode
         if not mode.is_extend():
             return
@@ -332,6 +334,8 @@ class CacheFlowController(SplitControl):
                 self.costs.observe_compute(
                     batch.prefix_lens, batch.extend_lens, seconds, layers, overlapped
                 )
+            if outside is not None and not overlapped:
+                self.costs.observe_unlayered(outside)
         if not self.pending:
             return
         now = self.clock()

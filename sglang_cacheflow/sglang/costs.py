@@ -75,6 +75,13 @@ class CostTracker:
             s * 1e3, predicted * 1e3,
         )  # fmt: skip
 
+    def observe_unlayered(self, s: float) -> None:
+        """An extend forward spent ``s`` outside its layer loop (``LayerClock``)."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self.calibrator.add_unlayered(s)
+
     def observe_transfer(self, tier: str, nbytes: float, s: float) -> None:
         """One load of ``nbytes`` from ``tier`` took ``s`` (one latency: one planned load)."""
         if not self.enabled or nbytes <= 0 or s <= 0:

@@ -36,6 +36,7 @@ from types import ModuleType
 from typing import Any
 
 from sglang_cacheflow.sglang.arrivals import gather_burst
+from sglang_cacheflow.sglang.layer_clock import layer_clock
 
 __all__ = ["create_cacheflow_cache", "install"]
 
@@ -272,20 +273,28 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, batch, *args, **kwargs)
         # A layer split's first chunk: run the span through its bottom layers only.
         top = ctl.layer_chunk_of(batch) if ctl.splits else None
-        stack = _layer_stack(self) if top is not None else None
-        saved = stack.end_layer if stack is not None else None
-        if stack is not None:
+        stack = _layer_stack(self)
+        limited = stack is not None and top is not None
+        saved = stack.end_layer if limited else None
+        if limited:
             stack.end_layer = stack.start_layer + top
+        clock = layer_clock(stack, getattr(getattr(self, "model_runner", None), "device", None))
+        if clock is not None:
+            clock.reset()
         start = time.perf_counter()
         try:
             out = original(self, batch, *args, **kwargs)
         finally:
-            if stack is not None:
+            if limited:
                 stack.end_layer = saved
         elapsed = time.perf_counter() - start
+        outside = clock.outside(elapsed) if clock is not None else None
         # Not under _safe: a stream that did not land must cut its request back, or fail.
         streamed = ctl.finish_streams(batch) if ctl.streamed else None
-        _safe("forward bookkeeping", lambda: ctl.forward_done(batch, elapsed, top, start, streamed))
+        _safe(
+            "forward bookkeeping",
+            lambda: ctl.forward_done(batch, elapsed, top, start, streamed, outside),
+        )
         return out
 
     return forward_batch_generation

@@ -5,10 +5,10 @@ differs between ranks is what each measured: its calibrated cost model and, for 
 its own storage lookup found. :func:`reduce_round` makes those identical with **one**
 ``all_reduce(MIN)`` over the TP CPU (gloo) group per planning round, whatever the number of
 requests in it: compute throughput and tier bandwidths take the minimum, per-token-pair,
-per-forward, overlap, split hand-off and latency costs the maximum (so every rank plans with
-the most conservative view), hit lengths the minimum (a page counts only if every rank has
-it), and the work the resources still owe earlier rounds the maximum (ranks read their clocks
-at slightly different times).
+per-forward (and its unlayered part), overlap, split hand-off and latency costs the maximum
+(so every rank plans with the most conservative view), hit lengths the minimum (a page
+counts only if every rank has it), and the work the resources still owe earlier rounds the
+maximum (ranks read their clocks at slightly different times).
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from sglang_cacheflow.planner.plan import COMPUTE
 
 __all__ = ["cost_from_vector", "cost_vector", "reduce_round"]
 
+_COMPUTE_FIELDS = 6  # ComputeCost's fields, in order, first in the vector
+
 
 def cost_vector(cost: CostModel, tiers: Sequence[str]) -> list[float]:
     """The cost model as numbers whose MIN is the conservative choice (costs negated)."""
     c = cost.compute
     out = [c.tokens_per_s, -c.attention_s_per_token_pair, -c.step_s]
-    out += [-c.overlap_slowdown, -c.split_s]
+    out += [-c.overlap_slowdown, -c.split_s, -c.unlayered_s]
     for name in tiers:
         t = cost.tier(name)
         out += [t.bandwidth_Bps, -t.latency_s, -t.setup_s]
@@ -37,10 +39,11 @@ def cost_vector(cost: CostModel, tiers: Sequence[str]) -> list[float]:
 
 
 def cost_from_vector(cost: CostModel, tiers: Sequence[str], vec: Sequence[float]) -> CostModel:
-    compute = ComputeCost(vec[0], *(-x for x in vec[1:5]))
+    compute = ComputeCost(vec[0], *(-x for x in vec[1:_COMPUTE_FIELDS]))
     new_tiers = dict(cost.tiers)
     for i, name in enumerate(tiers):
-        new_tiers[name] = TierCost(vec[5 + 3 * i], -vec[6 + 3 * i], -vec[7 + 3 * i])
+        j = _COMPUTE_FIELDS + 3 * i
+        new_tiers[name] = TierCost(vec[j], -vec[j + 1], -vec[j + 2])
     return replace(cost, compute=compute, tiers=new_tiers)
 
 

@@ -18,8 +18,9 @@ def cost_models(draw: st.DrawFn) -> CostModel:
     compute = ComputeCost(
         tokens_per_s=draw(st.floats(1e3, 1e5)),
         attention_s_per_token_pair=draw(st.sampled_from([0.0, 1e-10, 1e-9, 1e-8])),
-        step_s=draw(st.sampled_from([0.0, 1e-3])),
+        step_s=draw(st.sampled_from([0.0, 1e-3, 0.1])),
         overlap_slowdown=draw(st.sampled_from([0.0, 0.3])),
+        unlayered_s=draw(st.sampled_from([0.0, 3e-4, 0.03])),
     )
     tiers = {
         t: TierCost(

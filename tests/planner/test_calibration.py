@@ -85,6 +85,32 @@ def test_forwards_overlapped_by_loads_give_the_slowdown():
     assert fitted.tokens_per_s == pytest.approx(8000, rel=0.05)
 
 
+def test_the_unlayered_part_keeps_thin_chunks_from_reading_as_slowdown():
+    # a forward pays 30 ms outside its layer loop whatever layers it runs; chunks through
+    # 1-3 of 30 layers beside reads run 20% slower than that model
+    truth = CostModel(SHAPE, ComputeCost(600.0, 0.0, 0.13, unlayered_s=0.03))
+    rng = random.Random(3)
+    samples = [(rng.randrange(0, 512), rng.randrange(16, 768)) for _ in range(60)]
+    chunks = [(p, n, rng.randrange(1, 4)) for p, n in samples[:20]]
+    fits = {}
+    for measured in (False, True):
+        cal = Calibrator(PRIOR)
+        for p, n in samples:
+            cal.add_compute(p, n, truth.recompute_s(p, n))
+            if measured:
+                cal.add_unlayered(0.03 * rng.uniform(0.95, 1.05))
+        for p, n, layers in chunks:
+            cal.add_compute(p, n, 1.2 * truth.recompute_s(p, n, layers), layers, True)
+        fits[measured] = cal.model().compute
+    with_u, without = fits[True], fits[False]
+    assert with_u.unlayered_s == pytest.approx(0.03, rel=0.05)
+    assert with_u.step_s == pytest.approx(0.13, rel=0.02)
+    assert with_u.overlap_slowdown == pytest.approx(0.2, abs=0.02)
+    # scaled with the layers, the unlayered part reads as a large slowdown
+    assert without.unlayered_s == 0.0
+    assert without.overlap_slowdown > 0.5
+
+
 def test_restore_overhead_is_learnt_per_tier_and_added_to_its_setup() -> None:
     prior = CostModel(ModelShape(4, 2, 32, 4), ComputeCost(1e4), {"redis": TierCost(1e8, 1e-3)})
     cal = Calibrator(prior)

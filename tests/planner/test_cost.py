@@ -26,6 +26,20 @@ def test_recompute_follows_the_scenario_formula():
     assert c.recompute_s(p, 0) == 0.0
 
 
+def test_a_layer_limited_forward_pays_the_unlayered_part_whole():
+    shape = ModelShape(30, 3, 64, 4)
+    c = CostModel(shape, ComputeCost(1000.0, 0.0, 0.1, unlayered_s=0.03))
+    full = c.recompute_s(0, 300)
+    assert full == pytest.approx(0.1 + 0.3)  # all layers: unchanged
+    # 3 of 30 layers: a tenth of the layered work, all of the unlayered part
+    assert c.recompute_s(0, 300, layers=3) == pytest.approx(0.03 + (full - 0.03) / 10)
+    assert c.recompute_s(0, 300, layers=30) == pytest.approx(full)
+    assert c.recompute_s(0, 0, layers=3) == 0.0
+    # never more than the forward's fixed cost
+    capped = CostModel(shape, ComputeCost(1000.0, 0.0, 0.01, unlayered_s=0.03))
+    assert capped.recompute_s(0, 300, layers=3) == pytest.approx(0.01 + 0.3 / 10)
+
+
 def test_load_is_latency_plus_bytes_over_bandwidth_per_rank():
     n = 4096
     one = llama8b().load_s("redis", n)

@@ -352,6 +352,19 @@ def test_a_forced_shape_is_what_every_request_gets(kind: str, fraction: float, s
     assert {rp.shape for rp in p.requests.values()} == {shape}
 
 
+def test_a_layer_split_chunk_is_priced_as_the_cost_model_prices_it():
+    base = llama8b(2e-9)
+    cost = CostModel(base.shape, ComputeCost(20000, 2e-9, 0.1, 0.25, unlayered_s=0.03), base.tiers)
+    req = Request("r", 64, (Span("redis", 2048),), 16)
+    p = plan([req], cost, "cacheflow", SGLANG, chunk_tokens=256, force=("layer", 0.25))
+    (chunk,) = [s for s in p.requests["r"].steps if s.action == Action.RECOMPUTE]
+    assert (chunk.layer_start, chunk.layer_end) == (0, 8)
+    # the chunk runs beside its own loads: slowed, and it pays the unlayered part whole
+    expected = 1.25 * cost.recompute_s(64, 2048, layers=8)
+    assert chunk.finish_s - chunk.start_s == pytest.approx(expected)
+    assert expected > 1.25 * cost.recompute_s(64, 2048) / 4 + 1.25 * 0.02
+
+
 RUNTIME_TOKENS = Capabilities(token_split=True, layer_split=False, load_front=True)
 
 

@@ -64,6 +64,8 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
     # and the overlap slowdown: rank 0's split chunks ran 10% slower beside a read
     ctl.costs.observe_compute([0], [256], 1.1 * 256 / 40_000.0 if rank == 0 else 256 / 8_000.0,
                               None, True)  # fmt: skip
+    # and the part of a forward outside its layer loop: rank 1 measured it larger
+    ctl.costs.observe_unlayered(0.02 if rank == 0 else 0.03)
     ctl.plan_prefetches(_calls(6))
     # two late arrivals, planned behind the first round's work; the ranks read their clocks
     # at different times, so what that work still owes differs unless reduced
@@ -81,7 +83,11 @@ def _decide(rank: int, group: Any) -> dict[str, Any]:
         "collectives": ctl.collectives,
         "rounds": ctl.rounds,
         "busy": busy,
-        "hand_off": [reduced.compute.split_s, reduced.compute.overlap_slowdown],
+        "hand_off": [
+            reduced.compute.split_s,
+            reduced.compute.overlap_slowdown,
+            reduced.compute.unlayered_s,
+        ],
     }
 
 
@@ -119,6 +125,8 @@ def test_two_gloo_ranks_take_identical_decisions(tmp_path: Path) -> None:
     assert r0["local"]["hand_off"][0] == pytest.approx(0.03)
     assert r0["tp"]["hand_off"][1] == max(r0["local"]["hand_off"][1], r1["local"]["hand_off"][1])
     assert r0["local"]["hand_off"][1] > 0
+    assert r0["local"]["hand_off"][2] == pytest.approx(0.02)
+    assert r0["tp"]["hand_off"][2] == pytest.approx(0.03)
     # the round mixes loading and recomputing, and uses the hit every rank has (MIN)
     plans = r0["tp"]["plans"]
     assert any(v > 0 for v in plans.values()) and any(v < 512 for v in plans.values())
