@@ -23,9 +23,11 @@ thread, under a lock). Per scheduling round it does two kinds of planning, both 
 Requests that return together reach the scheduler one or two per round, so each plan also
 takes what the shared resources still owe earlier rounds (``busy``: planned seconds of
 compute and of each tier, less the time gone by, cleared when every planned restore has run
-its first forward). A request arriving behind a queue of recomputes then loads, and one
-arriving behind a busy link recomputes: the I/O of some requests overlaps the compute of
-others, as in a plan of the whole group.
+its first forward), and the compute that runs before its requests can: the prefills queued
+ahead and, while the device pool cannot hold them, running requests' decode steps. A
+request arriving behind a queue of recomputes then loads, and one arriving behind a busy link
+recomputes: the I/O of some requests overlaps the compute of others, as in a plan of the
+whole group.
 
 Decisions are identical on every TP rank: the inputs that differ between ranks (calibrated
 cost model, L3 hit lengths, busy seconds) are reduced with one collective per planning round
@@ -37,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sglang_cacheflow.planner import (
@@ -51,6 +53,7 @@ from sglang_cacheflow.planner import (
     serves_in_order,
 )
 from sglang_cacheflow.sglang.accounting import RestoreAccounting
+from sglang_cacheflow.sglang.admission import admission_steps, decode_budget
 from sglang_cacheflow.sglang.capabilities import sglang_capabilities
 from sglang_cacheflow.sglang.config import CacheFlowConfig
 from sglang_cacheflow.sglang.costs import CostTracker
@@ -72,6 +75,7 @@ __all__ = ["CacheFlowController", "current_controller"]
 logger = logging.getLogger("sglang_cacheflow.sglang")
 
 _MAX_TRACKED = 4096
+_DECODE_RATE = 0.3  # weight of the newest decode step in its moving average
 _STALE_S = 60.0  # an L3 decision whose request left the queue unadmitted this long ago is dropped
 
 _CONTROLLER: CacheFlowController | None = None
@@ -124,7 +128,8 @@ class CacheFlowController(SplitControl):
         self.caps = sglang_capabilities(cfg.stream_groups)
         self.scheduler: Any = None  # SGLang's scheduler, as of the last admission round
         self.queue: Sequence[Any] = ()  # the scheduler's waiting queue, as of the last round
-        self._queued_s = 0.0  # queued prefill seconds counted in the last round's busy
+        self._queued_s = 0.0  # queued compute seconds counted in the last round's busy
+        self._decode_s: float | None = None  # measured decode step (moving average)
         self._log = logger.info if cfg.log_decisions else logger.debug
         metrics = RestoreMetrics(enable_metrics and tp_rank == 0)
         self.account = RestoreAccounting(metrics, self._log)
@@ -134,34 +139,55 @@ class CacheFlowController(SplitControl):
     # -- planning ------------------------------------------------------------------------
 
     def _round_inputs(
-        self, hits: Sequence[int], now: float, planned: set[str]
+        self, hits: Sequence[int], now: float, planned: Mapping[str, int]
     ) -> tuple[CostModel, list[int], dict[str, float]]:
         """Cost model, hit lengths and busy seconds of this round, identical on every rank.
         The compute resource also owes the prefills queued ahead of the ``planned``
-        requests (:meth:`queued_prefill_s`)."""
+        requests and the decode steps they wait for (:meth:`queued_compute_s`)."""
         self.rounds += 1
         if self.tp_group is not None:
             self.collectives += 1
         cost = self.costs.model()
         busy = self.owed.busy(now)
-        self._queued_s = self.queued_prefill_s(cost, planned)
+        self._queued_s = self.queued_compute_s(cost, planned)
         if self._queued_s > 0:
             busy["compute"] = busy.get("compute", 0.0) + self._queued_s
         return reduce_round(cost, hits, self.tp_group, busy)
 
-    def queued_prefill_s(self, cost: CostModel, planned: set[str]) -> float:
-        """Predicted seconds of the prefills waiting in the scheduler's queue that are not
-        restores (theirs are owed already) nor among the ``planned`` requests: SGLang
-        admits in queue order, so they run before the requests planned now."""
-        known = planned | set(self.storage_plans) | set(self.splits) | set(self.pending)
+    def queued_compute_s(self, cost: CostModel, planned: Mapping[str, int]) -> float:
+        """Predicted compute seconds before the ``planned`` requests (rid -> tokens each
+        needs in the device pool) can run: the prefills waiting in the scheduler's queue
+        that are not restores (theirs are owed already) nor planned now, which SGLang admits
+        first (queue order), and the running requests' decode steps while the pool cannot
+        hold the queue and the planned requests (:mod:`.admission`)."""
+        known = set(planned) | set(self.storage_plans) | set(self.splits) | set(self.pending)
         total = 0.0
+        needs = list(planned.values())
+        pool = self.scheduler is not None and hasattr(self.scheduler, "running_batch")
         for req in list(self.queue)[: self.cfg.max_round_requests]:
-            if req.rid in known or req.finished():
+            if req.rid in planned or req.finished():
                 continue
             n = len(req.origin_input_ids) + len(req.output_ids) - req.prefix_len
-            if n > 0:
+            if n > 0 and req.rid not in known:
                 total += cost.recompute_s(req.prefix_len, n)
+            if pool:
+                needs.append(max(n, 0) + decode_budget(req))
+        if pool and needs:
+            steps = admission_steps(self.scheduler, needs)
+            total += steps * self.decode_step_s(cost)
         return total
+
+    def decode_step_s(self, cost: CostModel) -> float:
+        """A decode step's time: measured (a moving average), else the model's per-forward
+        cost."""
+        return self._decode_s if self._decode_s is not None else cost.compute.step_s
+
+    def _need(self, req: Any, cached: int) -> int:
+        """Tokens ``req`` needs in the device pool beyond its ``cached`` ones (SGLang's
+        admission counts its decode budget too); 0 off a real scheduler."""
+        if self.scheduler is None or not hasattr(self.scheduler, "running_batch"):
+            return 0
+        return max(0, len(req.origin_input_ids) - cached) + decode_budget(req)
 
     # -- decisions -----------------------------------------------------------------------
 
@@ -209,7 +235,9 @@ class CacheFlowController(SplitControl):
             return
         now = self.clock()
         cost, hits, busy = self._round_inputs(
-            [r.host_hit_length for r in cands], now, {r.rid for r in cands}
+            [r.host_hit_length for r in cands],
+            now,
+            {r.rid: self._need(r, r.prefix_len) for r in cands},
         )
         reqs = []
         for r, hit in zip(cands, hits, strict=True):
@@ -318,6 +346,9 @@ class CacheFlowController(SplitControl):
         (:meth:`finish_streams`); it waited for their loads, so it does not calibrate the
         compute, and those cut back got no token from it."""
         mode = batch.forward_mode
+        if mode.is_decode():
+            prev = self._decode_s
+            self._decode_s = seconds if prev is None else prev + _DECODE_RATE * (seconds - prev)
         if not mode.is_extend():
             return
         streamed = streamed or {}
@@ -361,6 +392,7 @@ class CacheFlowController(SplitControl):
         self.deferred = []
         if scheduler is not None:
             self.queue = scheduler.waiting_queue
+            self.scheduler = scheduler
 
     def end_arrivals(self) -> None:
         self.collecting = False
@@ -392,7 +424,12 @@ class CacheFlowController(SplitControl):
         if not probed:
             return
         now = self.clock()
-        planned = {call["request"].rid for call, _ in probed}
+        planned = {
+            call["request"].rid: self._need(
+                call["request"], len(call["matched_prefix_tokens"] or ())
+            )
+            for call, _ in probed
+        }
         cost, hits, busy = self._round_inputs([h for _, h in probed], now, planned)
         reqs: list[Request] = []
         by_id: dict[str, dict[str, Any]] = {}

@@ -149,7 +149,7 @@ def test_prefills_queued_ahead_count_as_owed_compute() -> None:
     loaded.end_arrivals()
     loaded.plan_prefetches([_call("restore")])
     queued = (1024 + 88) / 5500  # the prefills ahead; the restore itself is being planned
-    assert loaded.queued_prefill_s(loaded.costs.model(), {"restore"}) == pytest.approx(queued)
+    assert loaded.queued_compute_s(loaded.costs.model(), {"restore": 0}) == pytest.approx(queued)
     a, b = idle.storage_plans["restore"], loaded.storage_plans["restore"]
     assert b.predicted_s > queued > a.predicted_s  # the restore's first token comes after them
     # alone it splits its span; behind a busy compute resource it loads all of it
@@ -251,6 +251,9 @@ def test_under_cacheflow_a_forward_carries_one_restore() -> None:
 class _Mode:
     def is_extend(self) -> bool:
         return True
+
+    def is_decode(self) -> bool:
+        return False
 
     def is_mixed(self) -> bool:
         return False

@@ -1,0 +1,101 @@
+"""Decode steps a request waits for when the device pool cannot hold it yet, and the
+restore plan that counts them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from sglang_cacheflow.sglang.admission import (
+    Running,
+    admission_steps,
+    pool_state,
+    steps_until_room,
+)
+from tests.sglang.test_controller import _call, _controller
+
+
+def test_room_comes_as_the_running_requests_finish_soonest_first() -> None:
+    running = [Running(600, 7, 3.5), Running(300, 2, 1.0), Running(500, 4, 2.0)]
+    assert steps_until_room(400, 400, running) == 0  # room now
+    assert steps_until_room(100, 400, running) == 2  # the 2-step one frees 301
+    assert steps_until_room(100, 402, running) == 4  # then the 4-step one's 502
+    assert steps_until_room(100, 1500, running) == 7
+    assert steps_until_room(100, 10_000, running) == 7  # all finish: no more to wait for
+    assert steps_until_room(0, 10, []) == 0
+
+
+class _Req:
+    """A request as SGLang's scheduler holds it."""
+
+    def __init__(self, rid: str, tokens: int, out: int = 0, max_new: int = 8) -> None:
+        self.rid = rid
+        self.origin_input_ids = list(range(tokens))
+        self.output_ids = list(range(out))
+        self.prefix_len = 0
+        self.sampling_params = SimpleNamespace(max_new_tokens=max_new, ignore_eos=False)
+
+    def finished(self) -> bool:
+        return False
+
+
+def _scheduler(free: int, running: list[_Req], last: list[_Req] | None = None) -> Any:
+    mode = SimpleNamespace(is_extend=lambda: True)
+    return SimpleNamespace(
+        waiting_queue=[],
+        running_batch=SimpleNamespace(reqs=running),
+        last_batch=SimpleNamespace(forward_mode=mode, reqs=last) if last else None,
+        chunked_req=None,
+        token_to_kv_pool_allocator=SimpleNamespace(available_size=lambda: free),
+        tree_cache=SimpleNamespace(evictable_size=lambda: 50),
+        new_token_ratio_tracker=SimpleNamespace(current=0.5),
+    )
+
+
+def test_the_pool_is_counted_as_sglang_admission_counts_it() -> None:
+    # one decoding request, and one whose prefill just ran (not merged into the batch yet)
+    sched = _scheduler(200, [_Req("a", 700, out=2)], last=[_Req("b", 400)])
+    free, running = pool_state(sched)
+    assert [(r.held, r.steps_left) for r in running] == [(702, 6), (400, 8)]
+    assert free == pytest.approx(200 + 50 - 0.5 * (6 + 8))
+    assert admission_steps(sched, [100]) == 0
+    assert admission_steps(sched, [600]) == 6  # "a" finishes first
+    assert admission_steps(sched, [600, 700]) == 8
+
+
+def _restore_alongside(running: list[_Req], decode_s: float | None, free: int = 100) -> Any:
+    ctl, _ = _controller()
+    if decode_s is not None:
+        ctl._decode_s = decode_s
+    sched = _scheduler(free, running)
+    ctl.begin_arrivals(sched)
+    ctl.end_arrivals()
+    call = _call("restore")
+    call["request"] = _Req("restore", 512)
+    ctl.plan_prefetches([call])
+    return ctl.storage_plans["restore"]
+
+
+def test_a_restore_the_pool_cannot_hold_waits_for_the_decode_steps_it_needs() -> None:
+    idle = _restore_alongside([], None)
+    # two requests decode; the pool has room for the restore once the 5-step one is done
+    blocked = _restore_alongside([_Req("a", 900, out=3), _Req("b", 300, out=7)], 0.13)
+    assert 5 * 0.13 < blocked.predicted_s < 5 * 0.13 + idle.predicted_s
+    assert not blocked.alone
+    # the span loads while the request waits: nothing is left to recompute after the wait
+    assert idle.shape != "load all" and blocked.shape == "load all"
+    # room for it now: the running requests do not delay it
+    roomy = _restore_alongside([_Req("c", 10, out=3)], 0.13, free=1000)
+    assert roomy.predicted_s == pytest.approx(idle.predicted_s)
+
+
+def test_decode_steps_are_timed_as_they_run() -> None:
+    ctl, _ = _controller()
+    model = ctl.costs.model()
+    assert ctl.decode_step_s(model) == model.compute.step_s  # nothing measured yet
+    decode = SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False)
+    for s in (0.1, 0.2):
+        ctl.forward_done(SimpleNamespace(forward_mode=decode, reqs=[]), s)
+    assert ctl.decode_step_s(model) == pytest.approx(0.1 + 0.3 * 0.1)  # a moving average
