@@ -171,7 +171,7 @@ class CacheFlowController(SplitControl):
             if n > 0 and req.rid not in known:
                 total += cost.recompute_s(req.prefix_len, n)
             if pool:
-                needs.append(max(n, 0) + decode_budget(req))
+                needs.append(self._need(req))
         if pool and needs:
             steps = admission_steps(self.scheduler, needs)
             total += steps * self.decode_step_s(cost)
@@ -182,12 +182,20 @@ class CacheFlowController(SplitControl):
         cost."""
         return self._decode_s if self._decode_s is not None else cost.compute.step_s
 
-    def _need(self, req: Any, cached: int) -> int:
-        """Tokens ``req`` needs in the device pool beyond its ``cached`` ones (SGLang's
-        admission counts its decode budget too); 0 off a real scheduler."""
+    def _need(self, req: Any) -> int:
+        """Tokens the queued request ``req`` needs in the device pool: its tokens beyond
+        its device prefix and, as SGLang's admission counts it, its decode budget."""
+        return max(0, len(req.full_untruncated_fill_ids) - req.prefix_len) + decode_budget(req)
+
+    def _call_need(self, call: dict[str, Any]) -> int:
+        """:meth:`_need` of a prefetch ``call``'s request (its handle carries the rid only:
+        found in the queue, where a batch of arrivals has put it by its planning), else the
+        span it looks up; 0 off a real scheduler."""
         if self.scheduler is None or not hasattr(self.scheduler, "running_batch"):
             return 0
-        return max(0, len(req.origin_input_ids) - cached) + decode_budget(req)
+        rid = call["request"].rid
+        req = next((r for r in self.queue if r.rid == rid), None)
+        return self._need(req) if req is not None else len(call["new_input_tokens"])
 
     # -- decisions -----------------------------------------------------------------------
 
@@ -237,7 +245,7 @@ class CacheFlowController(SplitControl):
         cost, hits, busy = self._round_inputs(
             [r.host_hit_length for r in cands],
             now,
-            {r.rid: self._need(r, r.prefix_len) for r in cands},
+            {r.rid: self._need(r) for r in cands},
         )
         reqs = []
         for r, hit in zip(cands, hits, strict=True):
@@ -424,12 +432,7 @@ class CacheFlowController(SplitControl):
         if not probed:
             return
         now = self.clock()
-        planned = {
-            call["request"].rid: self._need(
-                call["request"], len(call["matched_prefix_tokens"] or ())
-            )
-            for call, _ in probed
-        }
+        planned = {call["request"].rid: self._call_need(call) for call, _ in probed}
         cost, hits, busy = self._round_inputs([h for _, h in probed], now, planned)
         reqs: list[Request] = []
         by_id: dict[str, dict[str, Any]] = {}

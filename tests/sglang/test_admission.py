@@ -34,6 +34,7 @@ class _Req:
         self.rid = rid
         self.origin_input_ids = list(range(tokens))
         self.output_ids = list(range(out))
+        self.full_untruncated_fill_ids = self.origin_input_ids + self.output_ids
         self.prefix_len = 0
         self.sampling_params = SimpleNamespace(max_new_tokens=max_new, ignore_eos=False)
 
@@ -70,11 +71,10 @@ def _restore_alongside(running: list[_Req], decode_s: float | None, free: int = 
     if decode_s is not None:
         ctl._decode_s = decode_s
     sched = _scheduler(free, running)
+    sched.waiting_queue.append(_Req("restore", 512))  # the prefetch call has its handle
     ctl.begin_arrivals(sched)
+    ctl.on_prefetch(_call("restore"))
     ctl.end_arrivals()
-    call = _call("restore")
-    call["request"] = _Req("restore", 512)
-    ctl.plan_prefetches([call])
     return ctl.storage_plans["restore"]
 
 
