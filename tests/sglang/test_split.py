@@ -82,6 +82,10 @@ def _check_restores(
         else:  # the same request loaded half of its span and recomputed the other half
             assert loaded == recomputed == PREFIX // 2, (tier, m)
     assert total(m, FALLBACKS) == 0, m
+    # the CPU engine times its layer loop: what a forward spends outside it is measured
+    # (a layer split's chunk pays it whole), a part of the per-forward cost
+    step, outside = map(float, re.findall(r"([\d.]+) ms/forward \(([\d.]+) outside", log)[-1])
+    assert 0 < outside <= step, (step, outside)
     if "split" in shape:  # both restores were spliced whole
         layers = r"(?:layers \[\d+, \d+\) of )?"
         pattern = rf"split rid=\S+: {re.escape(shape)}; loaded {layers}(\d+) of the (\d+)"
