@@ -41,8 +41,11 @@ class RestoreAccounting:
 
     def l3_admitted(self, d: Decision, req: Any, tier_faulted: bool) -> None:
         """An L3 restore admitted after its prefetch: SGLang's ``storage_hit_length`` came
-        from L3, the rest of the host pages from host memory."""
-        from_l3 = min(int(getattr(req, "storage_hit_length", 0) or 0), d.evicted)
+        from L3, the rest of the host pages from host memory. Only what ``load_back`` then
+        loaded counts: a request that waited for room in the device pool can find its
+        prefetched pages evicted from host memory and recompute them."""
+        prefetched = int(getattr(req, "storage_hit_length", 0) or 0)
+        from_l3 = min(prefetched, req.host_loaded_length, d.evicted)
         self.metrics.restored("load", L3_TIER, from_l3)
         self.metrics.restored("load", HOST_TIER, max(0, req.host_loaded_length - from_l3))
         self.metrics.restored("recompute", L3_TIER, d.evicted - from_l3)
