@@ -3,10 +3,18 @@ the prediction accuracy it reads from ``/metrics``."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from sglang_cacheflow.bench.sglang.restore import _average, balanced_link, summarize
-from sglang_cacheflow.bench.sglang.serving import parse_restores, predicted_within
+from sglang_cacheflow.bench.sglang.serving import (
+    ServerSpec,
+    link_prior,
+    parse_restores,
+    predicted_within,
+)
 from sglang_cacheflow.sglang.metrics import RATIO_BUCKETS
 
 
@@ -70,3 +78,14 @@ def test_prediction_accuracy_from_the_error_ratio_histogram() -> None:
     assert predicted_within(second, second, 0.10) is None  # nothing measured in between
     with pytest.raises(ValueError, match="no bucket"):
         predicted_within({}, first, 0.3)
+
+
+def test_a_server_behind_an_emulated_link_starts_from_its_nominal_rate() -> None:
+    # 0.193 Gbit/s: 24.1 MB/s, the first restores' plans before any page read is measured
+    assert link_prior("0.193gbps+0.2ms") == {"redis_GBps": pytest.approx(0.193 / 8)}
+    spec = ServerSpec(Path("model"))
+    args = spec.launch_args("cacheflow", "redis://127.0.0.1:1/0", "0.193gbps+0.2ms")
+    config = json.loads(args[args.index("--cacheflow-config") + 1])
+    assert config["prior"] == link_prior("0.193gbps+0.2ms")
+    args = spec.launch_args("cacheflow", "redis://127.0.0.1:1/0", None)  # the raw link
+    assert "prior" not in json.loads(args[args.index("--cacheflow-config") + 1])

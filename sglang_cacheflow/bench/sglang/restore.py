@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sglang_cacheflow.bench.sglang.serving import predicted_within, scrape_restores
+from sglang_cacheflow.bench.sglang.serving import link_prior, predicted_within, scrape_restores
 from sglang_cacheflow.planner import POLICIES
 
 __all__ = ["add_arguments", "run"]
@@ -150,7 +150,6 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
     from sglang_cacheflow.sglang.cuda.install import cuda_server_args
     from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
     from sglang_cacheflow.testing.server import SGLangServer
-    from sglang_cacheflow.tiers.shaping import LinkShape
 
     rng = random.Random(0)
     n, p = args.conversations, args.prefix
@@ -162,8 +161,7 @@ def _one(model: Path, link: str, policy: str, args: argparse.Namespace) -> dict[
             "link": link,
             "chunk_tokens": PAGE_TOKENS,
             "log_decisions": True,
-            # the nominal link rate as the prior; calibration refines it from the page reads
-            "prior": {"redis_GBps": LinkShape.parse(link).bandwidth_bytes_per_s / 1e9},
+            "prior": link_prior(link),
             **args.config,
         }
         flags = ["--dtype", args.dtype, "--page-size", str(PAGE_TOKENS)]

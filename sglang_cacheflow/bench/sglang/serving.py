@@ -43,6 +43,7 @@ class ServerSpec:
             config["redis_url"] = redis_url
             if link:
                 config["link"] = link
+                config["prior"] = link_prior(link)
         return [
             "--max-total-tokens", str(self.max_total_tokens),
             "--hicache-ratio", str(self.hicache_ratio),
@@ -52,6 +53,15 @@ class ServerSpec:
             "--cacheflow-config", json.dumps(config),
             *self.args,
         ]  # fmt: skip
+
+
+def link_prior(link: str) -> dict[str, float]:
+    """The cost-model prior of a server whose L3 is seen through the emulated ``link``: its
+    nominal rate, as an operator knows their network's (calibration refines it from the
+    page reads; without it the first restores are planned with the default prior)."""
+    from sglang_cacheflow.tiers.shaping import LinkShape
+
+    return {"redis_GBps": LinkShape.parse(link).bandwidth_bytes_per_s / 1e9}
 
 
 def link_for(gbps: float | None) -> str | None:
