@@ -126,7 +126,7 @@ class CacheFlowController(SplitControl):
         self.owed = OwedWork(clock)
         self._init_splits(cfg, cache)
         self.caps = sglang_capabilities(cfg.stream_groups)
-        self.scheduler: Any = None  # SGLang's scheduler, as of the last admission round
+        self.scheduler: Any = None  # SGLang's scheduler, as of the last round
         self.queue: Sequence[Any] = ()  # the scheduler's waiting queue, as of the last round
         self._queued_s = 0.0  # queued compute seconds counted in the last round's busy
         self._decode_s: float | None = None  # measured decode step (moving average)
@@ -139,11 +139,12 @@ class CacheFlowController(SplitControl):
     # -- planning ------------------------------------------------------------------------
 
     def _round_inputs(
-        self, hits: Sequence[int], now: float, planned: Mapping[str, int]
+        self, hits: Sequence[int], now: float, planned: Mapping[str, int | None]
     ) -> tuple[CostModel, list[int], dict[str, float]]:
         """Cost model, hit lengths and busy seconds of this round, identical on every rank.
         The compute resource also owes the prefills queued ahead of the ``planned``
-        requests and the decode steps they wait for (:meth:`queued_compute_s`)."""
+        requests and the decode steps they wait for (:meth:`queued_compute_s`; ``planned``
+        maps each to the tokens it needs in the device pool, None for none to wait for)."""
         self.rounds += 1
         if self.tp_group is not None:
             self.collectives += 1
@@ -154,16 +155,22 @@ class CacheFlowController(SplitControl):
             busy["compute"] = busy.get("compute", 0.0) + self._queued_s
         return reduce_round(cost, hits, self.tp_group, busy)
 
-    def queued_compute_s(self, cost: CostModel, planned: Mapping[str, int]) -> float:
+    def queued_compute_s(self, cost: CostModel, planned: Mapping[str, int | None]) -> float:
         """Predicted compute seconds before the ``planned`` requests (rid -> tokens each
         needs in the device pool) can run: the prefills waiting in the scheduler's queue
         that are not restores (theirs are owed already) nor planned now, which SGLang admits
         first (queue order), and the running requests' decode steps while the pool cannot
-        hold the queue and the planned requests (:mod:`.admission`)."""
+        hold the queue and the planned requests (:mod:`.admission`). A round planned as
+        SGLang admits its requests (host hits: a decision counts only if admitted in its
+        round) has nothing to wait for: its needs are None."""
         known = set(planned) | set(self.storage_plans) | set(self.splits) | set(self.pending)
         total = 0.0
-        needs = list(planned.values())
-        pool = self.scheduler is not None and hasattr(self.scheduler, "running_batch")
+        needs = [n for n in planned.values() if n is not None]
+        pool = (
+            len(needs) == len(planned)
+            and self.scheduler is not None
+            and hasattr(self.scheduler, "running_batch")
+        )
         for req in list(self.queue)[: self.cfg.max_round_requests]:
             if req.rid in planned or req.finished():
                 continue
@@ -245,7 +252,7 @@ class CacheFlowController(SplitControl):
         cost, hits, busy = self._round_inputs(
             [r.host_hit_length for r in cands],
             now,
-            {r.rid: self._need(r) for r in cands},
+            dict.fromkeys((r.rid for r in cands), None),  # admitted now, or planned again
         )
         reqs = []
         for r, hit in zip(cands, hits, strict=True):

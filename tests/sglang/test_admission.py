@@ -99,3 +99,14 @@ def test_decode_steps_are_timed_as_they_run() -> None:
     for s in (0.1, 0.2):
         ctl.forward_done(SimpleNamespace(forward_mode=decode, reqs=[]), s)
     assert ctl.decode_step_s(model) == pytest.approx(0.1 + 0.3 * 0.1)  # a moving average
+
+
+def test_a_round_planned_as_sglang_admits_it_waits_for_nothing() -> None:
+    # host hits are planned while SGLang admits them: a decision counts only if its request
+    # is admitted in that round, so the pool had room; an L3 arrival waits for it
+    ctl, _ = _controller()
+    ctl._decode_s = 0.13
+    ctl.scheduler = _scheduler(100, [_Req("a", 900, out=3)])
+    model = ctl.costs.model()
+    assert ctl.queued_compute_s(model, {"host-hit": None}) == 0.0
+    assert ctl.queued_compute_s(model, {"arrival": 520}) == pytest.approx(5 * 0.13)
