@@ -4,15 +4,16 @@ SGLang admits a prefill only if the pool has room for its new tokens and its dec
 counting what the running requests may still decode (``PrefillAdder``'s token budget); if
 not, the request waits while the running requests decode, until enough of them finish and
 leave their KV to the tree, where it can be evicted. Under a multi-turn load a restore
-waited up to 1.2 s so, behind decode steps no plan counted. This module predicts how many
-decode steps that is, from the scheduler's state; the controller charges them to the compute
-the round's restores wait behind.
+waited up to 1.2 s so, behind decode steps no plan counted. This module replays that, from
+the scheduler's state: the queue admitted in order as room comes, the running requests'
+decode steps in between; the controller charges the time to the compute the round's
+restores wait behind.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +30,41 @@ class Running:
     reserved: float  # tokens SGLang's budget keeps for what it may still decode
 
 
-def steps_until_room(free: float, need: float, running: Sequence[Running]) -> int:
-    """Decode steps until a pool with ``free`` tokens (by SGLang's count) has room for
-    ``need``, as the running requests finish one after another (all of them at most)."""
-    if need <= free:
-        return 0
-    for r in sorted(running, key=lambda r: r.steps_left):
-        free += r.held + r.reserved
-        if free >= need:
-            return r.steps_left
-    return max((r.steps_left for r in running), default=0)
+@dataclass(frozen=True)
+class Waiting:
+    """A request in SGLang's waiting queue."""
+
+    tokens: int  # tokens its prefill puts in the pool
+    budget: int  # its decode budget: reserved at admission, decode steps until it finishes
+    prefill_s: float = 0.0  # compute its prefill takes (0 where it is counted elsewhere)
+
+
+def wait_s(
+    free: float, running: Sequence[Running], queue: Sequence[Waiting], step_s: float
+) -> float:
+    """Compute seconds before the last request of ``queue`` is admitted: SGLang admits the
+    queue in order while the pool (``free`` tokens by its count) has room for a request's
+    tokens and budget, and runs a decode step of the running requests when it has not; a
+    request that finishes leaves its KV to the tree, evictable. The prefills of the
+    requests admitted before the last count; the last one's own does not."""
+    live = [[r.held + r.reserved, r.steps_left] for r in running]
+    t = 0.0
+    for i, w in enumerate(queue):
+        need = w.tokens + w.budget
+        while need > free and live:  # a decode step; the requests it finishes leave room
+            t += step_s
+            for r in live:
+                r[1] -= 1
+            free += sum(r[0] for r in live if r[1] <= 0)
+            live = [r for r in live if r[1] > 0]
+        if i == len(queue) - 1:
+            break
+        # admitted (or, with nothing left to finish, SGLang evicts or retracts: admitted too)
+        free -= need
+        t += w.prefill_s
+        if w.budget > 0:
+            live.append([float(need), w.budget])
+    return t
 
 
 def decode_budget(req: Any) -> int:
@@ -72,10 +98,3 @@ def pool_state(scheduler: Any) -> tuple[float, list[Running]]:
     free = scheduler.token_to_kv_pool_allocator.available_size()
     free += scheduler.tree_cache.evictable_size()
     return free - sum(r.reserved for r in running), running
-
-
-def admission_steps(scheduler: Any, needs: Iterable[int]) -> int:
-    """Decode steps before requests needing ``needs`` tokens each (new tokens plus decode
-    budget) can all be admitted."""
-    free, running = pool_state(scheduler)
-    return steps_until_room(free, float(sum(needs)), running)

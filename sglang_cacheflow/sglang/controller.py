@@ -53,7 +53,7 @@ from sglang_cacheflow.planner import (
     serves_in_order,
 )
 from sglang_cacheflow.sglang.accounting import RestoreAccounting
-from sglang_cacheflow.sglang.admission import admission_steps, decode_budget
+from sglang_cacheflow.sglang.admission import Waiting, decode_budget, pool_state, wait_s
 from sglang_cacheflow.sglang.capabilities import sglang_capabilities
 from sglang_cacheflow.sglang.config import CacheFlowConfig
 from sglang_cacheflow.sglang.costs import CostTracker
@@ -157,32 +157,36 @@ class CacheFlowController(SplitControl):
 
     def queued_compute_s(self, cost: CostModel, planned: Mapping[str, int | None]) -> float:
         """Predicted compute seconds before the ``planned`` requests (rid -> tokens each
-        needs in the device pool) can run: the prefills waiting in the scheduler's queue
-        that are not restores (theirs are owed already) nor planned now, which SGLang admits
-        first (queue order), and the running requests' decode steps while the pool cannot
-        hold the queue and the planned requests (:mod:`.admission`). A round planned as
-        SGLang admits its requests (host hits: a decision counts only if admitted in its
-        round) has nothing to wait for: its needs are None."""
+        needs in the device pool, with its decode budget) can run. SGLang admits its queue
+        in order: the prefills ahead of the first planned request run first (those of
+        restores are owed already), and, while the device pool cannot hold what comes
+        next, the running requests' decode steps run (:mod:`.admission`). A round planned
+        as SGLang admits its requests (host hits: a decision counts only if admitted in its
+        round) has no room to wait for: its needs are None."""
         known = set(planned) | set(self.storage_plans) | set(self.splits) | set(self.pending)
-        total = 0.0
-        needs = [n for n in planned.values() if n is not None]
         pool = (
-            len(needs) == len(planned)
+            None not in planned.values()
             and self.scheduler is not None
             and hasattr(self.scheduler, "running_batch")
         )
+        queue: list[Waiting] = []
+        first: int | None = None
         for req in list(self.queue)[: self.cfg.max_round_requests]:
-            if req.rid in planned or req.finished():
+            if req.finished():
                 continue
+            if req.rid in planned:  # what is queued behind it is admitted after it
+                first = planned[req.rid]
+                break
             n = len(req.origin_input_ids) + len(req.output_ids) - req.prefix_len
-            if n > 0 and req.rid not in known:
-                total += cost.recompute_s(req.prefix_len, n)
-            if pool:
-                needs.append(self._need(req))
-        if pool and needs:
-            steps = admission_steps(self.scheduler, needs)
-            total += steps * self.decode_step_s(cost)
-        return total
+            prefill = cost.recompute_s(req.prefix_len, n) if req.rid not in known else 0.0
+            queue.append(Waiting(max(n, 0), decode_budget(req) if pool else 0, prefill))
+        if not pool:
+            return sum(w.prefill_s for w in queue)
+        if first is None:  # not queued yet: it arrives behind the queue
+            first = next(iter(planned.values()), 0)
+        queue.append(Waiting(first or 0, 0))
+        free, running = pool_state(self.scheduler)
+        return wait_s(free, running, queue, self.decode_step_s(cost))
 
     def decode_step_s(self, cost: CostModel) -> float:
         """A decode step's time: measured (a moving average), else the model's per-forward

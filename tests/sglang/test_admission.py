@@ -8,23 +8,32 @@ from typing import Any
 
 import pytest
 
-from sglang_cacheflow.sglang.admission import (
-    Running,
-    admission_steps,
-    pool_state,
-    steps_until_room,
-)
+from sglang_cacheflow.sglang.admission import Running, Waiting, pool_state, wait_s
 from tests.sglang.test_controller import _call, _controller
 
 
 def test_room_comes_as_the_running_requests_finish_soonest_first() -> None:
     running = [Running(600, 7, 3.5), Running(300, 2, 1.0), Running(500, 4, 2.0)]
-    assert steps_until_room(400, 400, running) == 0  # room now
-    assert steps_until_room(100, 400, running) == 2  # the 2-step one frees 301
-    assert steps_until_room(100, 402, running) == 4  # then the 4-step one's 502
-    assert steps_until_room(100, 1500, running) == 7
-    assert steps_until_room(100, 10_000, running) == 7  # all finish: no more to wait for
-    assert steps_until_room(0, 10, []) == 0
+
+    def steps(free: float, need: int) -> float:
+        return wait_s(free, running, [Waiting(need, 0)], 1.0)
+
+    assert steps(400, 400) == 0  # room now
+    assert steps(100, 400) == 2  # the 2-step one frees 301
+    assert steps(100, 402) == 4  # then the 4-step one's 502
+    assert steps(100, 1500) == 7
+    assert steps(100, 10_000) == 7  # all finish: no more to wait for
+    assert wait_s(0, [], [Waiting(10, 0)], 1.0) == 0
+
+
+def test_a_queue_ahead_is_admitted_in_order_and_decodes_before_room_comes() -> None:
+    # 1000 free; two requests ahead need 700 each (600 tokens, 100 decode steps), the last
+    # one 500: the first is admitted at once, the second waits for the first's 100 steps,
+    # the last for the second's
+    queue = [Waiting(600, 100, 0.5), Waiting(600, 100, 0.5), Waiting(500, 0)]
+    assert wait_s(1000, [], queue, 0.01) == pytest.approx(0.5 + 1.0 + 0.5 + 1.0)
+    # a pool that holds them all: only the prefills ahead
+    assert wait_s(5000, [], queue, 0.01) == pytest.approx(1.0)
 
 
 class _Req:
@@ -61,9 +70,9 @@ def test_the_pool_is_counted_as_sglang_admission_counts_it() -> None:
     free, running = pool_state(sched)
     assert [(r.held, r.steps_left) for r in running] == [(702, 6), (400, 8)]
     assert free == pytest.approx(200 + 50 - 0.5 * (6 + 8))
-    assert admission_steps(sched, [100]) == 0
-    assert admission_steps(sched, [600]) == 6  # "a" finishes first
-    assert admission_steps(sched, [600, 700]) == 8
+    assert wait_s(free, running, [Waiting(100, 0)], 1.0) == 0
+    assert wait_s(free, running, [Waiting(600, 0)], 1.0) == 6  # "a" finishes first
+    assert wait_s(free, running, [Waiting(1300, 0)], 1.0) == 8
 
 
 def _restore_alongside(running: list[_Req], decode_s: float | None, free: int = 100) -> Any:
@@ -110,3 +119,18 @@ def test_a_round_planned_as_sglang_admits_it_waits_for_nothing() -> None:
     model = ctl.costs.model()
     assert ctl.queued_compute_s(model, {"host-hit": None}) == 0.0
     assert ctl.queued_compute_s(model, {"arrival": 520}) == pytest.approx(5 * 0.13)
+
+
+def test_a_prefill_queued_ahead_runs_first_and_takes_the_room() -> None:
+    ctl, _ = _controller()
+    ctl._decode_s = 0.13
+    sched = _scheduler(600, [])  # 650 free, nothing running
+    sched.waiting_queue = [_Req("chat", 500), _Req("restore", 512), _Req("behind", 900)]
+    ctl.scheduler, ctl.queue = sched, sched.waiting_queue
+    model = ctl.costs.model()
+    prefill = model.recompute_s(0, 500)
+    # the chat is admitted first (its prefill), then holds the pool for its 8 decode steps;
+    # the request queued behind the restore does not count
+    got = ctl.queued_compute_s(model, {"restore": 520})
+    assert got == pytest.approx(prefill + 8 * 0.13)
+    assert ctl.queued_compute_s(model, {"restore": 100}) == pytest.approx(prefill)
