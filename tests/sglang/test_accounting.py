@@ -11,7 +11,7 @@ from sglang_cacheflow.sglang.metrics import RestoreMetrics
 
 
 class _Recorded(RestoreMetrics):
-    """The restore metrics, recorded in plain lists instead of Prometheus counters."""
+    """The restore metrics, recorded in plain containers instead of Prometheus counters."""
 
     def __init__(self) -> None:
         super().__init__(False)
