@@ -12,13 +12,9 @@ restores wait behind.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-# SGLang's cap on the decode budget counted per request (schedule_policy.CLIP_MAX_NEW_TOKENS)
-_CLIP = int(os.environ.get("SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION", "4096"))
 
 
 @dataclass(frozen=True)
@@ -68,9 +64,18 @@ def wait_s(
 
 
 def decode_budget(req: Any) -> int:
-    """Tokens SGLang's admission reserves for ``req``'s decode (its remaining new tokens)."""
+    """Tokens SGLang's admission reserves for ``req``'s decode (its remaining new tokens,
+    capped as SGLang caps them)."""
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
+
     left = req.sampling_params.max_new_tokens - len(req.output_ids)
-    return min(max(left, 0), _CLIP)
+    return min(max(left, 0), CLIP_MAX_NEW_TOKENS)
+
+
+def prefill_tokens(req: Any) -> int:
+    """Tokens a queued ``req`` prefills: its input and output so far, beyond its device
+    prefix."""
+    return len(req.origin_input_ids) + len(req.output_ids) - req.prefix_len
 
 
 def running_requests(scheduler: Any) -> list[Any]:

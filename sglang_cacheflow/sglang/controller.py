@@ -53,7 +53,13 @@ from sglang_cacheflow.planner import (
     serves_in_order,
 )
 from sglang_cacheflow.sglang.accounting import RestoreAccounting
-from sglang_cacheflow.sglang.admission import Waiting, decode_budget, pool_state, wait_s
+from sglang_cacheflow.sglang.admission import (
+    Waiting,
+    decode_budget,
+    pool_state,
+    prefill_tokens,
+    wait_s,
+)
 from sglang_cacheflow.sglang.capabilities import sglang_capabilities
 from sglang_cacheflow.sglang.config import CacheFlowConfig
 from sglang_cacheflow.sglang.costs import CostTracker
@@ -164,11 +170,7 @@ class CacheFlowController(SplitControl):
         as SGLang admits its requests (host hits: a decision counts only if admitted in its
         round) has no room to wait for: its needs are None."""
         known = set(planned) | set(self.storage_plans) | set(self.splits) | set(self.pending)
-        pool = (
-            None not in planned.values()
-            and self.scheduler is not None
-            and hasattr(self.scheduler, "running_batch")
-        )
+        pool = None not in planned.values() and self._sees_pool()
         queue: list[Waiting] = []
         first: int | None = None
         for req in list(self.queue)[: self.cfg.max_round_requests]:
@@ -177,7 +179,7 @@ class CacheFlowController(SplitControl):
             if req.rid in planned:  # what is queued behind it is admitted after it
                 first = planned[req.rid]
                 break
-            n = len(req.origin_input_ids) + len(req.output_ids) - req.prefix_len
+            n = prefill_tokens(req)
             prefill = cost.recompute_s(req.prefix_len, n) if req.rid not in known else 0.0
             queue.append(Waiting(max(n, 0), decode_budget(req) if pool else 0, prefill))
         if not pool:
@@ -193,20 +195,22 @@ class CacheFlowController(SplitControl):
         cost."""
         return self._decode_s if self._decode_s is not None else cost.compute.step_s
 
-    def _need(self, req: Any) -> int:
-        """Tokens the queued request ``req`` needs in the device pool: its tokens beyond
-        its device prefix and, as SGLang's admission counts it, its decode budget."""
-        return max(0, len(req.full_untruncated_fill_ids) - req.prefix_len) + decode_budget(req)
+    def _sees_pool(self) -> bool:
+        """Whether the last round's scheduler shows its pool and running batch (a real one)."""
+        return self.scheduler is not None and hasattr(self.scheduler, "running_batch")
 
     def _call_need(self, call: dict[str, Any]) -> int:
-        """:meth:`_need` of a prefetch ``call``'s request (its handle carries the rid only:
-        found in the queue, where a batch of arrivals has put it by its planning), else the
-        span it looks up; 0 off a real scheduler."""
-        if self.scheduler is None or not hasattr(self.scheduler, "running_batch"):
+        """Tokens a prefetch ``call``'s request needs in the device pool, its decode budget
+        as SGLang's admission counts it included: found in the queue (its handle carries
+        the rid only; a batch of arrivals has queued it by its planning), else the span it
+        looks up; 0 off a real scheduler."""
+        if not self._sees_pool():
             return 0
         rid = call["request"].rid
         req = next((r for r in self.queue if r.rid == rid), None)
-        return self._need(req) if req is not None else len(call["new_input_tokens"])
+        if req is None:
+            return len(call["new_input_tokens"])
+        return max(0, prefill_tokens(req)) + decode_budget(req)
 
     # -- decisions -----------------------------------------------------------------------
 

@@ -43,7 +43,6 @@ class _Req:
         self.rid = rid
         self.origin_input_ids = list(range(tokens))
         self.output_ids = list(range(out))
-        self.full_untruncated_fill_ids = self.origin_input_ids + self.output_ids
         self.prefix_len = 0
         self.sampling_params = SimpleNamespace(max_new_tokens=max_new, ignore_eos=False)
 
