@@ -4,10 +4,11 @@ Compute: ``seconds = step_s + n / tokens_per_s + attention * (n*p + n*(n-1)/2)``
 its three coefficients, so a least-squares fit over (prefix, tokens, layers, seconds) samples
 recovers them; a coefficient that comes out negative is dropped and the rest refitted
 (non-negative least squares over three unknowns by enumeration). Forwards measured while
-loads were in flight are fitted apart: their mean excess over the fitted model is the
-``overlap_slowdown``. The part of a forward outside its layer loop (``unlayered_s``), which a
-forward through some layers pays whole, is measured directly by an engine that can time its
-layer loop: the median of recent samples, taken off a layer-limited sample before the fit.
+loads were in flight are fitted apart: the excess of the recent ones over the fitted model
+(their summed time over what the model gives them alone) is the ``overlap_slowdown``. The
+part of a forward outside its layer loop (``unlayered_s``), which a forward through some
+layers pays whole, is measured directly by an engine that can time its layer loop: the
+median of recent samples, taken off a layer-limited sample before the fit.
 
 Tiers: ``seconds = latency + bytes / bandwidth`` per transfer, tracked with exponentially
 weighted sums, so recent transfers count most and each update is O(1): a weighted linear
@@ -71,6 +72,9 @@ class Calibrator:
     prior: CostModel
     decay: float = 0.9  # weight kept by older tier samples at each new one
     max_compute_samples: int = 512
+    # forwards beside reads that give the slowdown: the recent ones, since what else runs
+    # beside a forward (other requests' reads, write-backs) changes with the load
+    overlap_window: int = 32
     _compute: list[tuple[float, float, float, float]] = field(default_factory=list)
     _overlapped: list[tuple[float, float, float, float]] = field(default_factory=list)
     setup_rate: float = 0.3  # weight of the newest residual in a tier's setup estimate
@@ -147,11 +151,12 @@ class Calibrator:
         alone = self._fit(self._compute, u)
         if not self._overlapped:
             return alone
-        excess = [
-            t / (frac * alone.seconds(p, n) + alone.fixed_s(frac)) - 1.0
-            for p, n, frac, t in self._overlapped
-        ]
-        return replace(alone, overlap_slowdown=min(max(statistics.fmean(excess), 0.0), 3.0))
+        recent = self._overlapped[-self.overlap_window :]
+        # summed, not averaged per forward: a long forward's slowdown is what costs time
+        measured = sum(t for *_, t in recent)
+        modelled = sum(frac * alone.seconds(p, n) + alone.fixed_s(frac) for p, n, frac, _ in recent)
+        slowdown = measured / modelled - 1.0 if modelled > 0 else 0.0
+        return replace(alone, overlap_slowdown=min(max(slowdown, 0.0), 3.0))
 
     def _fit(self, samples: list[tuple[float, float, float, float]], u: float) -> ComputeCost:
         s = np.asarray(samples).reshape(-1, 4)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
@@ -209,19 +210,24 @@ class Shaper:
         dur = frac * (c.step_s + n / c.tokens_per_s + c.attention_s_per_token_pair * pairs)
         if frac < 1.0:  # the part outside the layer loop is paid whole (ComputeCost.fixed_s)
             dur += (1.0 - frac) * min(c.unlayered_s, c.step_s)
-        slow = 1.0 + c.overlap_slowdown
         if overlapped:
-            dur *= slow
-        elif reads_until > at and slow > 1.0:
-            # slowed until those loads end, at full speed after: the work done beside them
-            # is (reads_until - at) / slow
-            if at + dur * slow <= reads_until:
-                dur *= slow
-            else:
-                dur += (reads_until - at) * (1.0 - 1.0 / slow)
+            dur *= 1.0 + c.overlap_slowdown
+        else:
+            dur = self._beside(dur, at, reads_until)
         if steps is not None:
             steps.append(Step(lo, hi, l0, l1, Action.RECOMPUTE, None, at, at + dur))
         return at + dur
+
+    def _beside(self, dur: float, at: float, reads_until: float) -> float:
+        """A forward of ``dur`` seconds alone, begun at ``at``: slowed while loads run beside
+        it (until ``reads_until``), at full speed after."""
+        slow = 1.0 + self.cost.compute.overlap_slowdown
+        if reads_until <= at or slow <= 1.0:
+            return dur
+        if at + dur * slow <= reads_until:
+            return dur * slow
+        # the work done beside the loads is (reads_until - at) / slow
+        return dur + (reads_until - at) * (1.0 - 1.0 / slow)
 
     def _price(
         self, kind: ShapeKind, split: int, tc: float, io: dict[str, float], steps: list[Step] | None
@@ -258,7 +264,12 @@ class Shaper:
             if kind == LOAD_FRONT and split < self.evicted:
                 # the recomputed back and the new tokens are one forward: one fixed cost
                 prefill = max(0.0, prefill - self.cost.compute.step_s)
-            ttft = max(a, b) + hand_off + prefill
+            start = max(a, b) + hand_off
+            if is_split:
+                # the extend reads the span layer by layer while the split's loads stream
+                # in: it runs beside them until they end
+                prefill = self._beside(prefill, start, max(free.values(), default=NEG))
+            ttft = start + prefill
             if steps is not None:
                 e = self.req.evicted_end
                 steps.append(
@@ -337,26 +348,37 @@ class Shaper:
     def _crossing(
         self, kind: str, points: list[int], tc: float, io: dict[str, float]
     ) -> list[tuple[float, Shape]]:
-        """Binary search for the first split where compute is no earlier than the loads.
+        """Binary search for the first split where compute is no earlier than the loads,
+        and for the first where the loads end before the extend starts.
 
-        TTFT = max(A(x), B(x)) + prefill with A non-decreasing and B non-increasing in x, so
-        the optimum is at that split or the one before it.
+        TTFT = max(A(x), B(x)) + prefill with A non-decreasing and B non-increasing in x;
+        the prefill runs slower while the split's loads (ending at F(x), non-increasing) run
+        beside it, which makes the TTFT about linear between the two splits found. So the
+        optimum is at one of them or the split before the first.
         """
         seen: dict[int, float] = {}
-        lo, hi = 0, len(points) - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            a, b, seen[mid], _ = self._price(kind, points[mid], tc, io, None)
-            if a >= b:
-                hi = mid
-            else:
-                lo = mid + 1
+
+        def first(ready: Callable[[float, float, dict[str, float]], bool]) -> int:
+            lo, hi = 0, len(points) - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                a, b, seen[mid], free = self._price(kind, points[mid], tc, io, None)
+                if ready(a, b, free):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return lo
+
+        meet = first(lambda a, b, free: a >= b)
+        ends = meet
+        if self.cost.compute.overlap_slowdown > 0:
+            ends = first(lambda a, b, free: a >= max(free.values(), default=NEG))
         return [
             (
                 seen[i] if i in seen else self._price(kind, points[i], tc, io, None)[2],
                 Shape(kind, points[i]),
             )
-            for i in (lo - 1, lo)
+            for i in sorted({meet - 1, meet, ends})
             if i >= 0
         ]
 
@@ -378,10 +400,11 @@ class Shaper:
         c_layer = slow * (c_full - fixed) / L
         a0 = tc + slow * fixed
         cper = self.prefill_s / L
-        cross = 0.0
+        cross = ends = 0.0
         for tier, a, b, lat, per_tok, streamed, setup in self.tiers:
             streamed = streamed or self.caps.streamed_splits  # 0 < l < L: a split
-            base = io.get(tier, 0.0) + lat + setup
+            start = io.get(tier, 0.0) + lat
+            base = start + setup
             per = (b - a) * per_tok
             # B's pieces as k0 - k1 * l, l = first loaded layer (see _loads)
             if streamed:
@@ -391,9 +414,13 @@ class Shaper:
             for k0, k1 in lines:
                 if c_layer + k1 > 0:
                     cross = max(cross, (k0 - a0) / (c_layer + k1))
-        hi = min(L, max(0, math.ceil(cross - 1e-12)))
+            # where the loads (ending at start + (L - l) * per) end before the extend starts
+            if slow > 1.0 and c_layer + per > 0:
+                ends = max(ends, (start + L * per - a0) / (c_layer + per))
+        hi, end = (min(L, max(0, math.ceil(x - 1e-12))) for x in (cross, ends))
         return [
-            (self._price(LAYER, x, tc, io, None)[2], Shape(LAYER, x)) for x in {max(0, hi - 1), hi}
+            (self._price(LAYER, x, tc, io, None)[2], Shape(LAYER, x))
+            for x in {max(0, hi - 1), hi, end}
         ]
 
     # -- Cake's run-time meeting point -----------------------------------------------------
