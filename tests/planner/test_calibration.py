@@ -85,6 +85,28 @@ def test_forwards_overlapped_by_loads_give_the_slowdown():
     assert fitted.tokens_per_s == pytest.approx(8000, rel=0.05)
 
 
+def test_the_slowdown_follows_the_recent_forwards_beside_reads_weighted_by_time():
+    truth = ComputeCost(tokens_per_s=8000, attention_s_per_token_pair=0.0, step_s=0.004)
+    cal = Calibrator(PRIOR)
+    for n in range(100, 2100, 100):
+        cal.add_compute(0, n, truth.seconds(0, n))
+    for _ in range(40):  # an idle server: 10% slower beside reads
+        cal.add_compute(0, 1000, 1.1 * truth.seconds(0, 1000), overlapped=True)
+    assert cal.model().compute.overlap_slowdown == pytest.approx(0.1, rel=1e-6)
+    for _ in range(cal.overlap_window):  # under load: 80%
+        cal.add_compute(0, 1000, 1.8 * truth.seconds(0, 1000), overlapped=True)
+    assert cal.model().compute.overlap_slowdown == pytest.approx(0.8, rel=1e-6)
+    # a short forward's large excess counts by the time it costs, not one vote in two
+    cal = Calibrator(PRIOR)
+    for n in range(100, 2100, 100):
+        cal.add_compute(0, n, truth.seconds(0, n))
+    cal.add_compute(0, 2000, 1.2 * truth.seconds(0, 2000), overlapped=True)  # 0.3 s
+    cal.add_compute(0, 10, 3.0 * truth.seconds(0, 10), overlapped=True)  # 5 ms
+    long_s, short_s = truth.seconds(0, 2000), truth.seconds(0, 10)
+    want = (1.2 * long_s + 3.0 * short_s) / (long_s + short_s) - 1
+    assert cal.model().compute.overlap_slowdown == pytest.approx(want, rel=1e-6)
+
+
 def test_the_unlayered_part_keeps_thin_chunks_from_reading_as_slowdown():
     # a forward pays 30 ms outside its layer loop whatever layers it runs; chunks through
     # 1-3 of 30 layers beside reads run 20% slower than that model

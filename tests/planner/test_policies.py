@@ -92,6 +92,31 @@ def test_streamed_splits_price_the_extend_beside_the_load() -> None:
     )
 
 
+def test_a_splits_extend_is_slowed_while_its_own_loads_stream_in() -> None:
+    # The extend after a streamed split reads the span layer by layer while the rest of it
+    # streams in: it runs beside the split's loads until they end, at full speed after.
+    shape = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
+    req = Request("one", 0, (Span("redis", 512),), 200)
+    for kind, split in ((TOKEN, 128), (LAYER, 5)):
+        for slow in (0.0, 0.25):
+            compute = ComputeCost(tokens_per_s=700.0, step_s=0.1, overlap_slowdown=slow)
+            cost = CostModel(shape, compute, {"redis": TierCost(25e6, 1e-3)})
+            s = Shaper(req, cost, SGLANG_STREAMED, 16)
+            steps: list = []
+            s.run(Shape(kind, split), 0.0, {}, steps)
+            (extend,) = [x for x in steps if x.action == Action.PREFILL]
+            loads_end = max(x.finish_s for x in steps if x.action == Action.LOAD)
+            assert extend.start_s < loads_end  # it starts before the last layer is in
+            beside = min(loads_end - extend.start_s, s.prefill_s * (1 + slow))
+            want = s.prefill_s + beside * (1 - 1 / (1 + slow))
+            assert extend.finish_s - extend.start_s == pytest.approx(want, rel=1e-9)
+        # a whole-span load is not a split: its extend waits for the whole load
+        steps = []
+        s.run(Shape(kind, 0), 0.0, {}, steps)
+        (extend,) = [x for x in steps if x.action == Action.PREFILL]
+        assert extend.finish_s - extend.start_s == pytest.approx(s.prefill_s, rel=1e-9)
+
+
 def brute_force_best(req: Request, cost: CostModel, caps: Capabilities, chunk: int) -> float:
     s = Shaper(req, cost, caps, chunk)
     shapes = [Shape(LOAD_FRONT, 0), Shape(LOAD_FRONT, req.evicted_tokens)]
