@@ -48,11 +48,19 @@ def _fixed(kind: ShapeKind, full: bool) -> Chooser:
 
 
 _recompute_all = _fixed(LOAD_FRONT, full=False)  # load nothing, recompute the rest
-_load_all = _fixed(LOAD_FRONT, full=True)
+_load_all = _fixed(LOAD_FRONT, full=True)  # the load baseline: what the engine does alone
+
+
+def _load_all_staged(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
+    """Load all where the engine can stage it, else recompute all (CacheFlow's candidate)."""
+    return (_load_all if s.req.stages(s.evicted) else _recompute_all)(s, tc, io)
 
 
 def _cake(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
-    shape = Shape(TOKEN, s.cake_split(tc, io))
+    split = s.cake_split(tc, io)
+    if split == 0 and not s.req.stages(s.evicted):  # a whole-span load it cannot stage
+        split = s.grid[1]
+    shape = Shape(TOKEN, split)
     return shape, s.run(shape, tc, io)
 
 
@@ -213,7 +221,7 @@ def plan(
         candidates = [
             _schedule(shortest_first, _best, busy),
             _schedule(shapers, _recompute_all, busy),
-            _schedule(shapers, _load_all, busy),
+            _schedule(shapers, _load_all_staged, busy),
         ]
         if capabilities.token_split:
             candidates.append(_schedule(shapers, _cake, busy))

@@ -29,10 +29,23 @@ class Request:
     device_tokens: int
     spans: tuple[Span, ...]
     new_tokens: int
+    # A load that is not a split (a front of the span, or all of it) goes through the
+    # engine's staging (SGLang: an L3 prefetch into host memory), which loads nothing or
+    # between ``lo`` and ``hi`` tokens: its smallest prefetch and its free room. None: any.
+    staged_load: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.device_tokens < 0 or self.new_tokens < 0:
             raise ValueError(f"request {self.id!r}: device_tokens and new_tokens must be >= 0")
+        if self.staged_load is not None and min(self.staged_load) < 0:
+            raise ValueError(f"request {self.id!r}: staged_load bounds must be >= 0")
+
+    def stages(self, tokens: int) -> bool:
+        """Whether a load of the span's first ``tokens`` that is not a split can run."""
+        if tokens == 0 or self.staged_load is None:
+            return True
+        lo, hi = self.staged_load
+        return lo <= tokens <= hi
 
     @property
     def evicted_tokens(self) -> int:

@@ -300,6 +300,7 @@ class Shaper:
             cands += self._layer_crossing(tc, io)
         if self.caps.load_front or not cands:
             points = self.grid if self.caps.load_front else [0]
+            points = [j for j in points if self.req.stages(j)]
             cands += [
                 self._convex_min(LOAD_FRONT, seg, tc, io)
                 for seg in self._load_front_segments(points)
@@ -373,14 +374,20 @@ class Shaper:
         ends = meet
         if self.cost.compute.overlap_slowdown > 0:
             ends = first(lambda a, b, free: a >= max(free.values(), default=NEG))
+        low = self._first_split()  # the first point if it loads all, else the next one
         return [
             (
                 seen[i] if i in seen else self._price(kind, points[i], tc, io, None)[2],
                 Shape(kind, points[i]),
             )
-            for i in sorted({meet - 1, meet, ends})
-            if i >= 0
+            for i in sorted({max(low, x) for x in (meet - 1, meet, ends)})
+            if i < len(points)
         ]
+
+    def _first_split(self) -> int:
+        """0, or 1 where loading the whole span (split 0 of a token or layer split, which is
+        no split) is a load the engine cannot stage (``Request.staged_load``)."""
+        return 0 if self.req.stages(self.evicted) else 1
 
     def _layer_crossing(self, tc: float, io: dict[str, float]) -> list[tuple[float, Shape]]:
         """The layer split where compute meets the loads, solved in closed form.
@@ -418,9 +425,10 @@ class Shaper:
             if slow > 1.0 and c_layer + per > 0:
                 ends = max(ends, (start + L * per - a0) / (c_layer + per))
         hi, end = (min(L, max(0, math.ceil(x - 1e-12))) for x in (cross, ends))
+        low = self._first_split()
         return [
             (self._price(LAYER, x, tc, io, None)[2], Shape(LAYER, x))
-            for x in {max(0, hi - 1), hi, end}
+            for x in {max(low, hi - 1), max(low, hi), max(low, end)}
         ]
 
     # -- Cake's run-time meeting point -----------------------------------------------------

@@ -82,6 +82,7 @@ logger = logging.getLogger("sglang_cacheflow.sglang")
 
 _MAX_TRACKED = 4096
 _DECODE_RATE = 0.3  # weight of the newest decode step in its moving average
+_UNBOUNDED = 1 << 40  # host room of a cache that cannot tell it (exact in the float reduction)
 _STALE_S = 60.0  # an L3 decision whose request left the queue unadmitted this long ago is dropped
 
 _CONTROLLER: CacheFlowController | None = None
@@ -448,7 +449,13 @@ class CacheFlowController(SplitControl):
             return
         now = self.clock()
         planned = {call["request"].rid: self._call_need(call) for call, _ in probed}
-        cost, hits, busy = self._round_inputs([h for _, h in probed], now, planned)
+        # what SGLang's prefetch can stage, agreed by the ranks in the round's one reduction
+        staged = cache.cacheflow_staged_load()
+        lo, room = staged if staged is not None else (0, _UNBOUNDED)
+        found = [h for _, h in probed]
+        cost, hits, busy = self._round_inputs([*found, -lo, room], now, planned)
+        *hits, lo, room = hits
+        staged_load = (-lo, room) if room < _UNBOUNDED else None
         reqs: list[Request] = []
         by_id: dict[str, dict[str, Any]] = {}
         for (call, _), hit in zip(probed, hits, strict=True):
@@ -459,7 +466,7 @@ class CacheFlowController(SplitControl):
                 continue
             device = len(call["matched_prefix_tokens"] or ())
             new = max(1, len(call["new_input_tokens"]) + 1 - hit)
-            reqs.append(Request(rid, device, (Span(L3_TIER, hit),), new))
+            reqs.append(Request(rid, device, (Span(L3_TIER, hit),), new, staged_load))
             by_id[rid] = call
         if not reqs:
             return

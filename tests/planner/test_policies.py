@@ -117,6 +117,57 @@ def test_a_splits_extend_is_slowed_while_its_own_loads_stream_in() -> None:
         assert extend.finish_s - extend.start_s == pytest.approx(s.prefill_s, rel=1e-9)
 
 
+def _staged(p, req: Request) -> int | None:
+    """Tokens a plan loads for ``req`` through the engine's staging (a front of the span or
+    all of it, not a split), None when it loads nothing so or splits."""
+    loads = [x for x in p.requests[req.id].steps if x.action is Action.LOAD]
+    if not loads or min(x.layer_start for x in loads) > 0:
+        return None
+    if min(x.start for x in loads) > req.device_tokens:
+        return None
+    return max(x.end for x in loads) - req.device_tokens
+
+
+def test_a_load_the_engine_cannot_stage_is_split_or_recomputed() -> None:
+    # SGLang stages an L3 load that is not a split in host memory, and prefetches nothing
+    # under its threshold: a fast link would load all of a short span, which cannot run.
+    shape = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
+    cost = CostModel(shape, ComputeCost(700.0, 0.0, 0.1), {"redis": TierCost(5e9, 1e-3)})
+    free = Request("one", 24, (Span("redis", 40),), 100)
+    assert plan([free], cost, "cacheflow", SGLANG_STREAMED, 16).requests["one"].shape == (
+        "load all"
+    )
+    short = Request("one", 24, (Span("redis", 40),), 100, staged_load=(64, 2048))
+    p = plan([short], cost, "cacheflow", SGLANG_STREAMED, 16)
+    assert _staged(p, short) is None and p.requests["one"].shape not in ("load all",)
+    # the host room caps a front the executor loads through staging
+    big = Request("one", 24, (Span("redis", 512),), 16, staged_load=(64, 200))
+    p = plan([big], cost, "cacheflow", LOAD_FRONT_ONLY, 16)
+    assert 64 <= _staged(p, big) <= 200
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    cost=cost_models(),
+    caps=st.sampled_from(sorted(EXECUTORS)),
+    policy=st.sampled_from(["cake", "cacheflow"]),
+    span=st.integers(1, 3000),
+    device=st.integers(0, 700),
+    new=st.integers(0, 200),
+    lo=st.integers(0, 600),
+    room=st.integers(0, 3000),
+)
+def test_no_policy_plans_a_load_the_engine_cannot_stage(
+    cost, caps, policy, span, device, new, lo, room
+):
+    capabilities = EXECUTORS[caps]
+    if policy not in policies_for(capabilities):
+        return
+    req = Request("one", device, (Span("redis", span),), new, staged_load=(lo, room))
+    staged = _staged(plan([req], cost, policy, capabilities, 64), req)
+    assert staged is None or req.stages(staged)
+
+
 def brute_force_best(req: Request, cost: CostModel, caps: Capabilities, chunk: int) -> float:
     s = Shaper(req, cost, caps, chunk)
     shapes = [Shape(LOAD_FRONT, 0), Shape(LOAD_FRONT, req.evicted_tokens)]

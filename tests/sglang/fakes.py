@@ -36,6 +36,7 @@ class Cache:
     pages), prefetches are recorded in ``issued`` (rid -> tokens)."""
 
     enable_storage = False  # no SGLang prefetch is under way
+    staged: tuple[int, int] | None = None  # what SGLang's prefetch stages (None: any)
 
     def __init__(self, hits: dict[str, int] | None = None) -> None:
         self.hits = hits
@@ -46,6 +47,9 @@ class Cache:
         rid = call["request"].rid
         hit = self.hits[rid] if self.hits else len(call["new_input_tokens"]) // 16 * 16
         return hit, [f"{rid}-page{i}" for i in range(hit // 16)]
+
+    def cacheflow_staged_load(self) -> tuple[int, int] | None:
+        return self.staged
 
     def cacheflow_issue_prefetch(self, call: dict[str, Any]) -> None:
         rid, n = call["request"].rid, len(call["new_input_tokens"])

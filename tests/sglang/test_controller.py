@@ -83,6 +83,28 @@ def test_a_request_alone_splits_and_one_behind_it_plans_against_the_owed_work() 
     assert second.split is not None  # a split too, against what the first still owes
 
 
+def test_an_l3_load_sglangs_prefetch_cannot_stage_is_not_planned() -> None:
+    # SGLang prefetches no fewer tokens than its threshold, into host memory it has free:
+    # a planned load outside that comes to nothing, and the span is recomputed late.
+    prior = {"tokens_per_s": 5500.0, "redis_GBps": 10.0, "redis_latency_ms": 0.1}
+    cfg = parse_config(
+        "cacheflow", json.dumps({"redis_url": "redis://h:1/0", "calibrate": False, "prior": prior})
+    )
+    shapes = {}
+    for staged in (None, (64, 10**6), (16, 96)):
+        cache = Cache()
+        cache.staged = staged
+        ctl = CacheFlowController(cfg, cache, SHAPE, 16, clock=Clock())
+        ctl.plan_prefetches([_call("short", 48), _call("long", 512)])
+        shapes[staged] = {rid: ctl.storage_plans[rid].shape for rid in ("short", "long")}
+        lo, hi = staged or (0, 10**9)
+        assert all(lo <= n <= hi for n in cache.issued.values()), (staged, cache.issued)
+    assert shapes[None] == {"short": "load all", "long": "load all"}  # a fast link
+    assert shapes[(64, 10**6)]["short"] != "load all"  # under the threshold
+    assert shapes[(64, 10**6)]["long"] == "load all"
+    assert shapes[(16, 96)]["long"] != "load all"  # more than the host holds
+
+
 def test_owed_work_runs_down_with_time() -> None:
     clock = Clock()
     ctl, _ = _controller(clock)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +81,12 @@ def test_restores_from_host_and_redis_match_no_cache(
     assert total(m, "sglang:cacheflow_restore_seconds_count", kind="measured") > 0
     decisions = logged_decisions(cacheflow.log_text(), "redis")
     assert any(d.loaded > 0 for d in decisions) and any(d.recomputed > 0 for d in decisions)
+    # every L3 plan knew what SGLang's prefetch could stage: its threshold (a page here) and
+    # the host room, which the pool's size bounds
+    staged = re.findall(r"evicted on redis, .*; stages (\d+)-(\d+) tokens\)", cacheflow.log_text())
+    assert len(staged) == len(decisions), staged
+    host_pool = 1024 * float(HOST_RATIO)  # --max-total-tokens 1024 (helpers.COMMON)
+    assert all(lo == "16" and 0 <= int(hi) <= host_pool for lo, hi in staged), staged
     # ... and some requests do both: load the front of their Redis span, recompute the rest
     assert any(d.loaded > 0 and d.recomputed > 0 for d in decisions), decisions
 
