@@ -159,17 +159,14 @@ class CacheFlowRadixCache(UnifiedRadixCache):
 
     def cacheflow_staged_load(self) -> tuple[int, int] | None:
         """``(smallest, largest)`` L3 load SGLang's prefetch stages now: it prefetches no
-        fewer than ``prefetch_threshold`` tokens, into host memory it has free or can free
-        (host-only nodes nothing holds; a walk of the tree). None when this cache cannot
-        tell (no host pool, another tree core)."""
+        fewer than ``prefetch_threshold`` tokens, into host memory. The largest is the host
+        pool's free slots: what host eviction could free besides, SGLang's tree core does not
+        tell, so a load it could have staged by evicting is split or recomputed instead. None
+        without a host pool."""
         pool = getattr(self.cache_controller, "mem_pool_host", None)
-        root = getattr(self.tree_core, "root_node", None)
-        if pool is None or root is None:
+        if pool is None:
             return None
-        try:
-            room = int(pool.available_size()) + _host_evictable(root)
-        except (AttributeError, TypeError):
-            return None
+        room = int(pool.available_size())
         return int(self.prefetch_threshold), room - room % self.page_size
 
     # -- split restores ------------------------------------------------------------------
@@ -199,26 +196,3 @@ class CacheFlowRadixCache(UnifiedRadixCache):
             return None
         return pool, transfer.host_indices
 
-
-def _host_evictable(root: Any) -> int:
-    """Tokens host eviction can free under ``root``: nodes held in host memory only (evicted
-    from device, backed up), locked by nothing, with nothing but such nodes below them."""
-    total = 0
-    order, stack = [], [root]
-    while stack:  # parents before children; summed children first below
-        node = stack.pop()
-        order.append(node)
-        stack.extend(node.children.values())
-    free: dict[int, bool] = {}
-    for node in reversed(order):
-        ok = (
-            node is not root
-            and node.evicted
-            and node.backuped
-            and all(cd.host_lock_ref == 0 and cd.lock_ref == 0 for cd in node.component_data)
-            and all(free[id(c)] for c in node.children.values())
-        )
-        free[id(node)] = ok
-        if ok:
-            total += len(node.key)
-    return total
