@@ -195,4 +195,3 @@ class CacheFlowRadixCache(UnifiedRadixCache):
         if transfer is None or transfer.host_indices is None:
             return None
         return pool, transfer.host_indices
-
