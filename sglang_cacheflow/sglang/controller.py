@@ -314,6 +314,8 @@ class CacheFlowController(SplitControl):
                 d = plans.pop(rid)
                 if d.split is not None:
                     d.split.close()
+                else:
+                    self.cache.cacheflow_release_prefetch(rid)
 
     def end_admission(self, new_batch: Any) -> None:
         """Count what the admitted requests restored; caps end with the round."""
@@ -342,6 +344,7 @@ class CacheFlowController(SplitControl):
                 continue
             if d.split is None:  # else counted at the splice
                 self.account.l3_admitted(d, req, self._l3_faults() > d.l3_faults)
+                self.cache.cacheflow_release_prefetch(req.rid)
             self._track(d)
 
     def lookup_failed(self, rid: str, tokens: int) -> None:
@@ -502,7 +505,7 @@ class CacheFlowController(SplitControl):
                 self.splits[rid] = d
             self.metrics.planned(self.cfg.policy, d.shape)  # L3 decisions are not re-planned
             while len(self.storage_plans) > _MAX_TRACKED:
-                self.storage_plans.popitem(last=False)
+                self.cache.cacheflow_release_prefetch(self.storage_plans.popitem(last=False)[0])
             self._log(describe(plan_, req, L3_TIER, cost))
             if load > 0 and shape is None:
                 call = dict(by_id[rid])
@@ -520,6 +523,12 @@ class CacheFlowController(SplitControl):
             return 0
         stats = tier.stats.snapshot()
         return stats["errors"] + stats["corrupt"] + stats["misses"]
+
+    def holds_prefetch(self, rid: str) -> bool:
+        """Whether SGLang's prefetch of ``rid`` is a load this controller planned, whose
+        host pages are held until the request is admitted."""
+        d = self.storage_plans.get(rid)
+        return d is not None and d.split is None and d.planned_load > 0
 
     def is_restore(self, rid: str) -> bool:
         """Whether ``rid`` is a planned restore whose first token is not out yet."""

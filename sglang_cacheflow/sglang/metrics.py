@@ -15,7 +15,10 @@ collector reads them. Only TP rank 0 records (the decisions are identical on eve
 - ``sglang:cacheflow_planned_requests_total{policy, shape}``: restores by the shape they
   were given (``load all``, ``recompute all``, ``load front``, ``token split``), counted once
   per request when its decision is executed (a waiting request is re-planned each round
-  until it is admitted; only the decision it is admitted with counts).
+  until it is admitted; only the decision it is admitted with counts);
+- ``sglang:cacheflow_held_prefetches_total{event}``: planned L3 loads whose host pages were
+  held until their request was admitted (``held``), and let go (``released``: admitted, or
+  gone); equal once no restore waits.
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ class RestoreMetrics:
             names,
             buckets=RATIO_BUCKETS,
         )
+        self._held = Counter(
+            "sglang:cacheflow_held_prefetches_total",
+            "Planned L3 loads whose host pages were held until admitted, and released.",
+            [*names, "event"],
+        )
         self._planned = Counter(
             "sglang:cacheflow_planned_requests_total",
             "Restores, by policy and the shape each was given (once per request).",
@@ -87,6 +95,11 @@ class RestoreMetrics:
             self._fallbacks.labels(**self._l(reason=reason)).inc()
             if tokens > 0:
                 self._fallback_tokens.labels(**self._l(tier=tier)).inc(tokens)
+
+    def prefetch_hold(self, event: str) -> None:
+        """A planned prefetch's host pages ``held`` or ``released``."""
+        if self.enabled:
+            self._held.labels(**self._l(event=event)).inc()
 
     def planned(self, policy: str, shape: str) -> None:
         if self.enabled:

@@ -9,6 +9,10 @@ changes two things, and only while the restore controller asks for them:
   with the extend through ``LayerDoneCounter``) and the extend recomputes the rest;
 - :meth:`prefetch_from_storage` hands L3 prefetches to the controller, which plans the
   requests that arrived together and issues each prefetch capped at the front it loads;
+- :meth:`_handle_prefetch_result` holds the host pages of a prefetch the controller
+  planned until its request is admitted: while the request waited for device room, host
+  eviction took them (write-through backups of the running requests need host room) and the
+  span was recomputed after the wait;
 - :meth:`check_hicache_events` (once per scheduler step, before the next batch is chosen)
   first waits, a few milliseconds at most, for SGLang's prefetch thread to answer the hit
   queries of the prefetches just issued. SGLang starts a transfer only when this step drains
@@ -45,6 +49,7 @@ class CacheFlowRadixCache(UnifiedRadixCache):
     cacheflow: CacheFlowController | None = None
     hit_query_wait_s = 0.02  # longest wait for the prefetch thread's hit queries
     _issued_hits = 0  # prefetches issued since the last drain
+    _held: dict[str, tuple[Any, Any]] | None = None  # rid -> (host node, its lock's release)
 
     def check_hicache_events(self) -> None:
         cc = self.cache_controller
@@ -104,6 +109,42 @@ class CacheFlowRadixCache(UnifiedRadixCache):
             return self.cacheflow_issue_prefetch(call)
         ctl.on_prefetch(call)
         return None
+
+    def _handle_prefetch_result(self, operation: Any) -> None:
+        ctl = self.cacheflow
+        rid = operation.handle.rid
+        if ctl is None or not ctl.holds_prefetch(rid):
+            return super()._handle_prefetch_result(operation)
+        # the host node the prefetch inserts: SGLang's insert result names it, and this
+        # method has no other way to it than the tree core's call
+        core, inserted = self.tree_core, []
+        insert_host = core.insert_host
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            result = insert_host(*args, **kwargs)
+            inserted.append(result)
+            return result
+
+        core.insert_host = recorded
+        try:
+            super()._handle_prefetch_result(operation)
+        finally:
+            del core.insert_host
+        node = next((r.inserted_host_node for r in inserted if not r.host_insert_dropped), None)
+        if node is not None:
+            if self._held is None:
+                self._held = {}
+            self.cacheflow_release_prefetch(rid)
+            self._held[rid] = (node, self.inc_host_lock_ref(node).to_dec_params())
+            ctl.metrics.prefetch_hold("held")
+
+    def cacheflow_release_prefetch(self, rid: str) -> None:
+        """Let host eviction have ``rid``'s prefetched pages again (admitted, or gone)."""
+        held = self._held.pop(rid, None) if self._held else None
+        if held is not None:
+            self.dec_host_lock_ref(*held)
+            if self.cacheflow is not None:
+                self.cacheflow.metrics.prefetch_hold("released")
 
     def cacheflow_issue_prefetch(self, call: dict[str, Any]) -> bool | None:
         """SGLang's own prefetch of ``call`` (possibly capped by the controller)."""

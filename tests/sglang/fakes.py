@@ -41,6 +41,7 @@ class Cache:
     def __init__(self, hits: dict[str, int] | None = None) -> None:
         self.hits = hits
         self.issued: dict[str, int] = {}
+        self.released: list[str] = []  # prefetches whose host pages were let go
         self.issue_order: list[tuple[str, int]] = []
 
     def cacheflow_storage_hit(self, call: dict[str, Any]) -> tuple[int, list[str]]:
@@ -50,6 +51,9 @@ class Cache:
 
     def cacheflow_staged_load(self) -> tuple[int, int] | None:
         return self.staged
+
+    def cacheflow_release_prefetch(self, rid: str) -> None:
+        self.released.append(rid)
 
     def cacheflow_issue_prefetch(self, call: dict[str, Any]) -> None:
         rid, n = call["request"].rid, len(call["new_input_tokens"])

@@ -138,6 +138,36 @@ def test_decisions_of_requests_that_left_the_queue_are_dropped() -> None:
     assert set(ctl.storage_plans) == {"waiting"}
 
 
+def test_the_host_pages_of_a_planned_load_are_held_until_it_is_admitted() -> None:
+    # SGLang's prefetch stages a planned load in host memory; while the request waits for
+    # device room, host eviction took those pages and the span was recomputed after the wait
+    prior = {"tokens_per_s": 5500.0, "redis_GBps": 10.0, "redis_latency_ms": 0.1}
+    cfg = parse_config(
+        "cacheflow", json.dumps({"redis_url": "redis://h:1/0", "calibrate": False, "prior": prior})
+    )
+    clock = Clock()
+    cache = Cache()
+    ctl = CacheFlowController(cfg, cache, SHAPE, 16, clock=clock)
+    ctl.plan_prefetches([_call("admitted"), _call("aborted")])
+    assert {ctl.storage_plans[r].shape for r in ("admitted", "aborted")} == {"load all"}
+    assert ctl.holds_prefetch("admitted") and ctl.holds_prefetch("aborted")
+    assert not ctl.holds_prefetch("unknown")
+    waiting = [_Queued("admitted", 512), _Queued("aborted", 512)]
+    sched = SimpleNamespace(waiting_queue=waiting)
+    ctl.begin_admission(sched)
+    assert cache.released == []  # both still wait: held
+    admitted = SimpleNamespace(rid="admitted", storage_hit_length=512, host_loaded_length=512)
+    ctl.end_admission(SimpleNamespace(reqs=[admitted]))
+    assert cache.released == ["admitted"]  # its load-back holds them now
+    clock.now += 120.0  # the other left the queue unadmitted long ago (an abort)
+    ctl.begin_admission(SimpleNamespace(waiting_queue=[]))
+    assert cache.released == ["admitted", "aborted"]
+    # a split reads into its own staging: nothing of SGLang's is held for it
+    ctl2, _ = _controller()
+    ctl2.plan_prefetches([_call("split")])
+    assert ctl2.storage_plans["split"].split is not None and not ctl2.holds_prefetch("split")
+
+
 class _Queued:
     """A request waiting in SGLang's queue: ``prefix_len`` tokens cached, the rest to prefill."""
 

@@ -89,6 +89,12 @@ def test_restores_from_host_and_redis_match_no_cache(
     assert all(lo == "16" and 0 <= int(hi) <= host_pool for lo, hi in staged), staged
     # ... and some requests do both: load the front of their Redis span, recompute the rest
     assert any(d.loaded > 0 and d.recomputed > 0 for d in decisions), decisions
+    # the host pages of planned L3 prefetches (loads that are not splits) were held until
+    # their requests were admitted, and all let go
+    held = "sglang:cacheflow_held_prefetches_total"
+    staged = [d for d in decisions if d.shape.startswith("load") and d.loaded > 0]
+    assert total(m, held, event="held") >= min(1, len(staged)), (m, decisions)
+    assert total(m, held, event="held") == total(m, held, event="released"), m
 
 
 def test_requests_sent_together_are_planned_as_one_round(
