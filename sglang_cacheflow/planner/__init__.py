@@ -16,7 +16,13 @@ from sglang_cacheflow.planner.calibration import Calibrator
 from sglang_cacheflow.planner.capabilities import RUNTIME, Capabilities
 from sglang_cacheflow.planner.cost import ComputeCost, CostModel, ModelShape, TierCost
 from sglang_cacheflow.planner.plan import Action, Plan, RequestPlan, Step
-from sglang_cacheflow.planner.policies import POLICIES, plan, reuses_evicted_kv, serves_in_order
+from sglang_cacheflow.planner.policies import (
+    POLICIES,
+    is_baseline,
+    plan,
+    reuses_evicted_kv,
+    serves_in_order,
+)
 from sglang_cacheflow.planner.request import Request, Span
 from sglang_cacheflow.planner.shapes import ShapeKind
 from sglang_cacheflow.planner.validate import PlanError, validate
@@ -44,6 +50,7 @@ __all__ = [
     "Step",
     "TierCost",
     "fluid_bound",
+    "is_baseline",
     "plan",
     "plan_blend",
     "reuses_evicted_kv",

@@ -250,6 +250,14 @@ def reuses_evicted_kv(policy: str) -> bool:
     return policy != "recompute"
 
 
+def is_baseline(policy: str) -> bool:
+    """Whether ``policy`` is a baseline, what the engine does on its own (``load``: every
+    evicted span loaded as its cache would; ``recompute``): an executor plans it for its
+    predictions and adds nothing of CacheFlow's to how it runs."""
+    _check_policy(policy)
+    return policy in ("load", "recompute")
+
+
 def serves_in_order(policy: str) -> bool:
     """Whether an executor runs ``policy``'s restores one at a time in the plan's service
     order (one restore's recompute per forward, as the plan prices the compute resource):

@@ -48,6 +48,7 @@ from sglang_cacheflow.planner import (
     Plan,
     Request,
     Span,
+    is_baseline,
     plan,
     reuses_evicted_kv,
     serves_in_order,
@@ -526,9 +527,12 @@ class CacheFlowController(SplitControl):
 
     def holds_prefetch(self, rid: str) -> bool:
         """Whether SGLang's prefetch of ``rid`` is a load this controller planned, whose
-        host pages are held until the request is admitted."""
+        host pages are held until the request is admitted (not under a baseline policy,
+        which runs as SGLang's HiCache does)."""
         d = self.storage_plans.get(rid)
-        return d is not None and d.split is None and d.planned_load > 0
+        if d is None or is_baseline(self.cfg.policy):
+            return False
+        return d.split is None and d.planned_load > 0
 
     def is_restore(self, rid: str) -> bool:
         """Whether ``rid`` is a planned restore whose first token is not out yet."""

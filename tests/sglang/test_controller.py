@@ -166,6 +166,14 @@ def test_the_host_pages_of_a_planned_load_are_held_until_it_is_admitted() -> Non
     ctl2, _ = _controller()
     ctl2.plan_prefetches([_call("split")])
     assert ctl2.storage_plans["split"].split is not None and not ctl2.holds_prefetch("split")
+    # the load baseline runs as SGLang's HiCache does: nothing held
+    base = CacheFlowController(
+        parse_config("load", json.dumps({"redis_url": "redis://h:1/0", "calibrate": False})),
+        Cache(), SHAPE, 16, clock=Clock(),
+    )  # fmt: skip
+    base.plan_prefetches([_call("baseline")])
+    assert base.storage_plans["baseline"].shape == "load all"
+    assert not base.holds_prefetch("baseline")
 
 
 class _Queued:
