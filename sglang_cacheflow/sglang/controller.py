@@ -453,7 +453,9 @@ class CacheFlowController(SplitControl):
             return
         now = self.clock()
         planned = {call["request"].rid: self._call_need(call) for call, _ in probed}
-        # what SGLang's prefetch can stage, agreed by the ranks in the round's one reduction
+        # What SGLang's prefetch can stage, agreed by the ranks in the round's one reduction:
+        # it takes the MIN of the hit lengths, so the two bounds ride after them, the
+        # threshold negated (the ranks' largest threshold is the binding one).
         staged = cache.cacheflow_staged_load()
         lo, room = staged if staged is not None else (0, _UNBOUNDED)
         found = [h for _, h in probed]
