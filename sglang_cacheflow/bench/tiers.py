@@ -2,8 +2,9 @@
 
 Writes ``--pages`` pages of ``--shape`` (``--page-tokens`` tokens each) to the Redis at
 ``--url`` (or to a private redis-server it starts when no URL is given), reads them back
-whole and by layer range, and reports GB/s for batches and the median latency of
-single-page calls. With ``--redis-benchmark`` it also runs ``redis-benchmark`` GET/SET on
+whole and by layer range, and reports GB/s for batches, the median latency of
+single-page calls, and the client's CPU time per page (what a read takes from a forward
+on the same host: with small pages the per-command work, not the bytes, is most of it). With ``--redis-benchmark`` it also runs ``redis-benchmark`` GET/SET on
 the same server, with values of the tier's record size and the same number of
 connections, and reports the tier's share of it. Its SET test writes random keys (about
 63% of its key space), so before its GET test the benchmark writes the keys it left out:
@@ -48,6 +49,9 @@ class BenchResult:
     gbps: float  # GB/s (1e9 bytes) over the batch
     page_ms: float  # median latency of a single-page call, ms
     bytes_per_page: int
+    # CPU time of this process (the tier's client, all its threads) per page of the batch:
+    # what a read takes from a forward that shares the host with it
+    cpu_us_per_page: float = 0.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,12 +142,18 @@ def _ranges(specs: list[str] | None, layers: int) -> list[tuple[int, int]]:
 
 
 def _best_time(fn: Any, repeat: int) -> float:
-    times = []
+    return _best_times(fn, repeat)[0]
+
+
+def _best_times(fn: Any, repeat: int) -> tuple[float, float]:
+    """The lowest wall time and the lowest process CPU time of ``repeat`` calls of ``fn``."""
+    wall, cpu = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return min(wall), min(cpu)
 
 
 def run_bench(
@@ -158,7 +168,7 @@ def run_bench(
     hashes = [f"{uuid.uuid4().hex}" for _ in range(pages)]
     results = []
     try:
-        t_set = _best_time(lambda: _check(tier.batch_put(ns, hashes, data)), repeat)
+        t_set, c_set = _best_times(lambda: _check(tier.batch_put(ns, hashes, data)), repeat)
         single = [
             _best_time(lambda h=h, p=p: tier.put(ns, h, p), 1)
             for h, p in zip(hashes[:8], data[:8], strict=True)
@@ -169,13 +179,14 @@ def run_bench(
                 pages * layout.page_bytes / t_set / 1e9,
                 statistics.median(single) * 1e3,
                 layout.page_bytes,
+                c_set / pages * 1e6,
             )
         )
         for rng in [None, *ranges]:
             l0, l1 = layout.check_layers(rng)
             # Touched before timing, as a host pool is: page faults are not the tier's.
             outs = [torch.zeros(layout.shape(rng), dtype=layout.dtype) for _ in range(pages)]
-            t_get = _best_time(
+            t_get, c_get = _best_times(
                 lambda rng=rng, outs=outs: _check(tier.batch_get_into(ns, hashes, outs, rng)),
                 repeat,
             )
@@ -188,7 +199,11 @@ def run_bench(
             name = "get" if rng is None else f"get layers {l0}:{l1}"
             results.append(
                 BenchResult(
-                    name, pages * nbytes / t_get / 1e9, statistics.median(single) * 1e3, nbytes
+                    name,
+                    pages * nbytes / t_get / 1e9,
+                    statistics.median(single) * 1e3,
+                    nbytes,
+                    c_get / pages * 1e6,
                 )
             )
             for i in range(min(pages, 4)):
@@ -200,13 +215,14 @@ def run_bench(
 
 
 def _best_of(rounds: list[list[BenchResult]]) -> list[BenchResult]:
-    """Per op, the highest GB/s and the lowest single-page latency over the rounds."""
+    """Per op, the highest GB/s and the lowest single-page latency and CPU over the rounds."""
     return [
         BenchResult(
             same[0].op,
             max(r.gbps for r in same),
             min(r.page_ms for r in same),
             same[0].bytes_per_page,
+            min(r.cpu_us_per_page for r in same),
         )
         for same in zip(*rounds, strict=True)
     ]
@@ -400,11 +416,11 @@ def _print_table(report: dict[str, Any]) -> None:
         f"({report['record_bytes'] / 2**20:.2f} MiB) per Redis value, "
         f"direct_io={report['direct_io']}, best of {report['rounds']} rounds"
     )
-    print(f"{'op':<22}{'GB/s':>8}{'ms/page':>10}{'MiB/page':>10}")
+    print(f"{'op':<22}{'GB/s':>8}{'ms/page':>10}{'MiB/page':>10}{'CPU us/page':>13}")
     for r in report["results"]:
         print(
             f"{r['op']:<22}{r['gbps']:>8.2f}{r['page_ms']:>10.2f}"
-            f"{r['bytes_per_page'] / 2**20:>10.2f}"
+            f"{r['bytes_per_page'] / 2**20:>10.2f}{r['cpu_us_per_page']:>13.1f}"
         )
     ref = report.get("redis_benchmark_gbps")
     if ref:

@@ -30,6 +30,7 @@ import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
@@ -135,15 +136,15 @@ class PageLayout:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def layer_shape(self) -> tuple[int, int, int, int]:
         return (self.components, self.page_tokens, self.kv_heads, self.head_dim)
 
-    @property
+    @cached_property
     def layer_bytes(self) -> int:
-        """Bytes of one layer of one page (K and V)."""
+        """Bytes of one layer of one page (K and V). Cached: a reader asks once per record."""
         c, t, h, d = self.layer_shape
         return c * t * h * d * self.itemsize
 

@@ -84,6 +84,8 @@ class GetCommands:
         self._log = log
         self._url = url
         self.corrupt_keys: list[str] = []
+        # per page: its destination's bytes (None: strided), made once per call, not per op
+        self._views: dict[int, memoryview | None] = {}
 
     def _corrupt(self, op: Op, reason: object) -> Status:
         self._log.logger.warning("Redis tier %s: corrupt record %s: %s", self._url, op.key, reason)
@@ -143,10 +145,19 @@ class GetCommands:
             for piece in pack_command(b"GETRANGE", op.key, lo, hi)
         ]
 
+    def _dst(self, op: Op) -> memoryview | None:
+        """The bytes of ``op``'s destination, when its page's destination is contiguous."""
+        if op.page not in self._views:
+            self._views[op.page] = writable_bytes(self._outs[op.page])
+        view = self._views[op.page]
+        if view is None:
+            return None
+        lb = self._layout.layer_bytes
+        return view[op.dst_offset * lb : (op.dst_offset + op.count) * lb]
+
     def read(self, reader: ReplyReader, op: Op, scratch: Scratch) -> Status:
         head = scratch.header(BlockHeader.size_for(op.block_count))
-        out = self._out(op)
-        dst = writable_bytes(out)
+        dst = self._dst(op)
         staged = dst is None
         if dst is None:
             dst = scratch.stage(op.count * self._layout.layer_bytes)
@@ -157,7 +168,7 @@ class GetCommands:
         if st == Status.HIT:
             st = self._verify(op, head, dst)
         if st == Status.HIT and staged:
-            copy_bytes_into(out, dst, 0)
+            copy_bytes_into(self._out(op), dst, 0)
         return st
 
     def _read_get(self, reader: ReplyReader, op: Op, head: memoryview, dst: memoryview) -> Status:

@@ -26,6 +26,7 @@ def test_json_report_with_redis_benchmark(
     ops = {r["op"]: r for r in report["results"]}
     assert set(ops) == {"set", "get", "get layers 1:3"}
     assert all(r["gbps"] > 0 and r["page_ms"] > 0 for r in ops.values())
+    assert all(r["cpu_us_per_page"] > 0 for r in ops.values())
     assert ops["get layers 1:3"]["bytes_per_page"] * 2 == ops["get"]["bytes_per_page"]
     assert report["redis_benchmark_gbps"]["get"] > 0
     assert report["redis_benchmark_get_hit_fraction"] == [1.0]  # every GET found a value
