@@ -4,12 +4,12 @@ Writes ``--pages`` pages of ``--shape`` (``--page-tokens`` tokens each) to the R
 ``--url`` (or to a private redis-server it starts when no URL is given), reads them back
 whole and by layer range, and reports GB/s for batches, the median latency of single-page
 calls, and the client's CPU time per page (what a read takes from a forward on the same
-host: with small pages the per-command work, not the bytes, is most of it). With ``--redis-
-benchmark`` it also runs ``redis-benchmark`` GET/SET on the same server, with values of the
-tier's record size and the same number of connections, and reports the tier's share of it.
-Its SET test writes random keys (about 63% of its key space), so before its GET test the
-benchmark writes the keys it left out: every GET then moves a value, as the tier's do
-(otherwise a third of them read nil, which moves nothing and inflates GB/s). The whole
+host: with small pages the per-command work, not the bytes, is most of it). With
+``--redis-benchmark`` it also runs ``redis-benchmark`` GET/SET on the same server, with
+values of the tier's record size and the same number of connections, and reports the tier's
+share of it. Its SET test writes random keys (about 63% of its key space), so before its GET
+test the benchmark writes the keys it left out: every GET then moves a value, as the tier's
+do (otherwise a third of them read nil, which moves nothing and inflates GB/s). The whole
 measurement runs ``--repeat`` rounds, the tier and ``redis-benchmark`` alternating, and
 keeps the best round of each (other jobs on the machine then disturb both alike).
 ``--emulate 10gbps`` measures through the link emulation wrapper instead (labelled as
