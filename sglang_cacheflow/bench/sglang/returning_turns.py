@@ -63,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hicache-ratio", type=float, default=2.0, help="host pool / device")
     parser.add_argument("--chunk-tokens", type=int, default=64)
     parser.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        help="SGLang --page-size of the servers (default SGLang's, one token: one L3 record "
+        "per token); --chunk-tokens must be a multiple of it",
+    )
+    parser.add_argument(
         "--dtype",
         default=None,
         help="SGLang --dtype of the servers (float32 makes the answer check a check of the "
@@ -252,7 +259,9 @@ def run(args: argparse.Namespace) -> int:
     bandwidths: list[float | None] = [None] if auto else parse_gbps(args.l3_gbps)
     sessions, described = build_sessions(args, model)
     total = sum(len(s.turns) for s in sessions)
-    extra = ("--dtype", args.dtype) if getattr(args, "dtype", None) else ()
+    extra: tuple[str, ...] = ("--dtype", args.dtype) if getattr(args, "dtype", None) else ()
+    if getattr(args, "page_size", None):
+        extra += ("--page-size", str(args.page_size))
     spec = ServerSpec(
         model, args.max_total_tokens, args.hicache_ratio, args.chunk_tokens, args=extra
     )
@@ -317,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
             "max_total_tokens": args.max_total_tokens,
             "hicache_ratio": args.hicache_ratio,
             "chunk_tokens": args.chunk_tokens,
+            "page_size": getattr(args, "page_size", None) or 1,
         },
         "concurrency": args.concurrency,
         "request_rate": args.request_rate,
