@@ -7,6 +7,7 @@ in docs/sglang.md ("Configuration"); the flags and what they imply are in
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -291,4 +292,12 @@ def check_page_size(cfg: CacheFlowConfig, page_size: int | None) -> None:
         raise ConfigError(
             f"{FLAG_CONFIG}: chunk_tokens={cfg.chunk_tokens} must be a multiple of "
             f"--page-size {page} (restores split at page boundaries)"
+        )
+    if page == 1 and cfg.redis_url:
+        logging.getLogger("sglang_cacheflow.sglang").warning(
+            "%s: with SGLang's default --page-size 1 the Redis L3 holds one value per token: "
+            "a restore reads one per token and layer group, and the reads' CPU slows the "
+            'forwards beside them (docs/benchmarks.md, "One-token pages"); --page-size 16 '
+            "stores one value per 16 tokens",
+            FLAG_CONFIG,
         )

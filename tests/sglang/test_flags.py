@@ -4,6 +4,7 @@ SGLang flags they imply on the plugin route."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -84,6 +85,16 @@ def test_chunk_must_be_page_aligned() -> None:
     check_page_size(parse_config(None, '{"chunk_tokens": 64}'), 16)
     with pytest.raises(ConfigError, match="multiple of --page-size 16"):
         check_page_size(parse_config(None, '{"chunk_tokens": 40}'), 16)
+
+
+def test_one_token_pages_with_redis_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    redis = '{"redis_url": "redis://127.0.0.1:7000/0"}'
+    with caplog.at_level(logging.WARNING, logger="sglang_cacheflow.sglang"):
+        check_page_size(parse_config(None, redis), 16)
+        check_page_size(parse_config(None, None), None)  # host tier only: nothing per token
+        assert not caplog.records
+        check_page_size(parse_config(None, redis), None)
+    assert len(caplog.records) == 1 and "--page-size 16" in caplog.records[0].getMessage()
 
 
 def test_rewrite_argv_implies_hicache_radix_backend_and_redis(
