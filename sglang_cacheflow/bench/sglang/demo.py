@@ -26,6 +26,10 @@ DEFAULTS = {
     "max_total_tokens": 2048,  # device KV pool: the chats do not fit, earlier turns go down
     "hicache_ratio": 1.0,  # host pool of the same size: older turns go on to Redis
     "chunk_tokens": 64,
+    # one L3 value per 16 tokens, as the README's launch line: with SGLang's default of one
+    # token a restore's reads cost the scheduler's process a command per token and layer
+    # group, which slows the forwards beside them (docs/benchmarks.md, "One-token pages")
+    "page_size": 16,
     # fp32: a restored prefix must give the same greedy answer as no reuse, so the "answers =
     # ref" column checks the restores (in bf16 a decode and a recompute round differently)
     "dtype": "float32",
