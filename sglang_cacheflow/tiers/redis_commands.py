@@ -146,12 +146,12 @@ class GetCommands:
         ]
 
     def _dst(self, op: Op) -> memoryview | None:
-        """The bytes of ``op``'s destination, when its page's destination is contiguous."""
+        """The bytes of ``op``'s destination when they are one range (None: strided)."""
         if op.page not in self._views:
             self._views[op.page] = writable_bytes(self._outs[op.page])
         view = self._views[op.page]
-        if view is None:
-            return None
+        if view is None:  # a strided page (a layer-first host pool): one layer may be a range
+            return writable_bytes(self._out(op))
         lb = self._layout.layer_bytes
         return view[op.dst_offset * lb : (op.dst_offset + op.count) * lb]
 

@@ -155,6 +155,38 @@ def test_direct_and_pipeline_paths_agree(
         assert direct.stats.corrupt == 0 and direct.stats.errors == 0
 
 
+def test_layers_of_a_layer_first_pool_are_received_in_place(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of a layer-first pool (SGLang's host layout) is strided across layers, but each
+    layer of it is one byte range: one-layer records are received straight into it, never
+    staged, and come back exact."""
+    from sglang_cacheflow.tiers import redis_batch
+
+    staged: list[int] = []
+    stage = redis_batch.Scratch.stage
+
+    def counted(self: redis_batch.Scratch, nbytes: int) -> memoryview:
+        staged.append(nbytes)
+        return stage(self, nbytes)
+
+    monkeypatch.setattr(redis_batch.Scratch, "stage", counted)
+    layout = PageLayout(6, 4, 2, 8, torch.float32)
+    ns = unique_ns(layout)
+    pages = random_pages(layout, 5)
+    hashes = page_hashes(5)
+    pool = torch.zeros(layout.num_layers, 5, *layout.layer_shape, dtype=layout.dtype)
+    outs = [pool[:, i] for i in range(5)]
+    assert not outs[0].is_contiguous() and outs[0][2].is_contiguous()
+    with RedisTier(redis_server.url, layers_per_block=1) as tier:
+        assert tier.direct_io
+        assert tier.batch_put(ns, hashes, pages) == [True] * 5
+        assert tier.batch_get_into(ns, hashes, outs) == [True] * 5
+    for out, want in zip(outs, pages, strict=True):
+        assert_same(out, want)
+    assert staged == []
+
+
 def test_bad_values_in_one_batch_are_misses_and_the_connection_stays(
     fresh_redis: RedisServer,
 ) -> None:
