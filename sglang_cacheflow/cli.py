@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("sglang_cacheflow.cli", "print each policy's restore plan for a scenario file"),
     "planner-bench": ("sglang_cacheflow.bench.planner", "planner speed and plan quality"),
     "tier-bench": ("sglang_cacheflow.bench.tiers", "KV tier throughput and latency"),
+    "overlap-bench": (
+        "sglang_cacheflow.bench.overlap",
+        "what a tier read costs a forward that runs beside it (alone vs beside, per layer count)",
+    ),
     "restore-bench": (
         "sglang_cacheflow.bench.restore",
         "restore time per policy on the reference runtime (context x emulated bandwidth)",
