@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from sglang_cacheflow.tiers import LinkShape, Namespace, ShapedTier
     from sglang_cacheflow.tiers.redis import RedisTier
 
+    if min(args.tokens, args.page_tokens, args.groups, args.rounds) < 1:
+        raise SystemExit("--tokens, --page-tokens, --groups and --rounds must be at least 1")
     if args.tokens % args.page_tokens:
         raise SystemExit("--tokens must be a multiple of --page-tokens")
     path = args.model

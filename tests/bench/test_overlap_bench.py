@@ -30,6 +30,8 @@ def test_report_has_a_row_per_layer_count(tiny_llama_path: Path, tmp_path: Path)
 def test_bad_arguments_say_what_to_change(tiny_llama_path: Path) -> None:
     with pytest.raises(SystemExit, match="--layers"):
         main(["overlap-bench", "--model", str(tiny_llama_path), "--layers", "9"])
+    with pytest.raises(SystemExit, match="at least 1"):
+        main(["overlap-bench", "--model", str(tiny_llama_path), "--groups", "0"])
     with pytest.raises(SystemExit, match="multiple of --page-tokens"):
         main(["overlap-bench", "--model", str(tiny_llama_path), "--tokens", "10",
               "--page-tokens", "4"])  # fmt: skip
