@@ -1,13 +1,14 @@
 """``sglang-cacheflow overlap-bench``: what a tier read costs a forward that runs beside it.
 
 A split restore's forwards run while its back is read from the tier in the same process.
-This bench times a prefill of ``--tokens`` tokens through the first N layers of a model
-(transformers, on this machine's CPU) alone and beside a thread that keeps reading the
-pages of as many tokens from a private redis-server (through an emulated ``--link``), in
-rounds of alone, beside, beside, alone, and reports per layer count the delay the reads
-added. It also reports the client's CPU time of one such read on its own (the process's
-CPU time over the call): on a 2-core machine the delay tracks that CPU, not the forward's
-length, which is what the servers' overlap slowdown (a proportion) does not capture.
+This bench times a prefill of ``--tokens`` tokens through the first N layers of a model (the
+reference runtime's partial forward, on this machine's CPU) alone and beside a thread that
+keeps reading the pages of as many tokens from a private redis-server (through an emulated
+``--link``), in rounds of alone, beside, beside, alone, and reports per layer count the
+delay the reads added. It also reports the client's CPU time of one such read on its own
+(the process's CPU time over the call): on a 2-core machine the delay tracks that CPU, not
+the forward's length, which is what the servers' overlap slowdown (a proportion) does not
+capture.
 """
 
 from __future__ import annotations
@@ -36,19 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
 
 
-def _layout(config: Any, page_tokens: int) -> Any:
-    from sglang_cacheflow.tiers import PageLayout
-
-    heads = config.num_key_value_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return PageLayout(config.num_hidden_layers, page_tokens, heads, dim, torch.float32)
-
-
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
+    from sglang_cacheflow.runtime.model import ModelAdapter
     from sglang_cacheflow.testing.redis import RedisServer
-    from sglang_cacheflow.tiers import LinkShape, Namespace, ShapedTier
+    from sglang_cacheflow.tiers import LinkShape, Namespace, PageLayout, ShapedTier
     from sglang_cacheflow.tiers.redis import RedisTier
 
     if min(args.tokens, args.page_tokens, args.groups, args.rounds) < 1:
@@ -60,15 +54,18 @@ def run(args: argparse.Namespace) -> int:
         from sglang_cacheflow.models import convert_smollm2
 
         path = str(convert_smollm2())  # the weights the demo serves, run in fp32 here
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    layout = _layout(model.config, args.page_tokens)
+    model = ModelAdapter(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    info = model.info
+    layout = PageLayout(
+        info.num_layers, args.page_tokens, info.num_kv_heads, info.head_dim, info.dtype
+    )
     counts = [int(x) for x in args.layers.split(",")]
     if not counts or min(counts) < 1 or max(counts) > layout.num_layers:
         raise SystemExit(f"--layers: each count must be in [1, {layout.num_layers}]")
-    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens))
+    ids = torch.randint(0, info.vocab_size, (1, args.tokens))
+    kv = model.new_kv(args.tokens, args.page_tokens)
     pages = args.tokens // args.page_tokens
     read_layers = (1, layout.num_layers) if layout.num_layers > 1 else (0, 1)
-    all_layers = model.model.layers
     report: dict[str, Any] = {
         "model": path, "tokens": args.tokens, "page_tokens": args.page_tokens,
         "pages": pages, "groups": args.groups, "link": args.link,
@@ -103,39 +100,37 @@ def run(args: argparse.Namespace) -> int:
             while not stop.is_set():
                 read(tier)
 
-        def forward() -> float:
-            with torch.no_grad():
-                t = time.perf_counter()
-                model.model(ids)
-                return time.perf_counter() - t
+        def forward(layers: int) -> float:
+            """A prefill of ``ids`` through the first ``layers`` layers (a split's chunk)."""
+            t = time.perf_counter()
+            model.run_layers(kv, model.embed(ids), 0, 0, layers)
+            return time.perf_counter() - t
 
-        def beside() -> float:
+        def beside(layers: int) -> float:
             stop.clear()
             thread = threading.Thread(target=reader)
             thread.start()
             try:
-                return forward()
+                return forward(layers)
             finally:
                 stop.set()
                 thread.join()
 
         try:
             for n in counts:
-                model.model.layers = all_layers[:n]
-                forward()  # warm
+                forward(n)  # warm
                 alone: list[float] = []
                 slow: list[float] = []
                 for _ in range(args.rounds):
-                    alone.append(forward())
-                    slow += [beside(), beside()]
-                    alone.append(forward())
+                    alone.append(forward(n))
+                    slow += [beside(n), beside(n)]
+                    alone.append(forward(n))
                 a, b = statistics.mean(alone), statistics.mean(slow)
                 report["results"].append(
                     {"layers": n, "alone_ms": a * 1e3, "beside_ms": b * 1e3,
                      "delay_ms": (b - a) * 1e3, "slowdown": b / a - 1.0}
                 )  # fmt: skip
         finally:
-            model.model.layers = all_layers
             rtier.delete(ns, keys)
     print(
         f"{pages} pages of {args.page_tokens} tokens read in {len(bounds)} call(s) through "
