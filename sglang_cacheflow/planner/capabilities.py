@@ -18,6 +18,11 @@ class Capabilities:
     ``streamed_splits``: the loads of token and layer splits stream layer by layer into
     the forward that follows them, from any tier (the executor reads them itself, whatever
     its whole-span loads do).
+    ``batch_tokens``: the engine runs the waiting prefills together in forwards of up to
+    this many tokens (SGLang: ``chunked_prefill_size``), each of them getting its first
+    token when the forward holding its last token ends; under a policy it does not serve
+    one restore per forward (the baselines), the restores that load nothing are timed so
+    (:mod:`~sglang_cacheflow.planner.batching`). 0: one restore per forward.
     """
 
     token_split: bool = True
@@ -25,6 +30,7 @@ class Capabilities:
     load_front: bool = False
     streamed_tiers: frozenset[str] | None = None
     streamed_splits: bool = False
+    batch_tokens: int = 0
 
     def streams(self, tier: str) -> bool:
         """Whether whole-span loads from ``tier`` arrive layer by layer."""

@@ -16,8 +16,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from sglang_cacheflow.planner.batching import batch_prefills
 from sglang_cacheflow.planner.capabilities import RUNTIME, Capabilities
 from sglang_cacheflow.planner.cost import CostModel
 from sglang_cacheflow.planner.plan import COMPUTE, Plan, RequestPlan, Step
@@ -231,14 +232,20 @@ def plan(
             # things: some load while the others recompute.
             candidates += _request_splits(shapers, busy)
         best = min(candidates, key=lambda c: (c[0], c[1]))
-    served, owed = _emit(best[2], cost.shape.num_layers, busy, best[3])
+    served = _emit(best[2], cost.shape.num_layers, busy, best[3])
+    if capabilities.batch_tokens and not serves_in_order(policy):
+        by_id = {r.id: r for r in requests}
+        served = batch_prefills(
+            served, by_id, cost.compute, cost.shape.num_layers, capabilities.batch_tokens,
+            _clocks(busy)[0],
+        )  # fmt: skip
     elapsed_ms = (time.perf_counter() - t0) * 1e3
     return Plan(
         policy,
         {r.id: served[r.id] for r in requests},  # report in arrival order
         planner_time_ms=elapsed_ms,
         order=tuple(served),
-        owed_s=owed,
+        owed_s=_owed(served.values(), busy),
     )
 
 
@@ -288,11 +295,9 @@ def _emit(
     num_layers: int,
     busy: Mapping[str, float] | None,
     reads_until: float,
-) -> tuple[dict[str, RequestPlan], dict[str, float]]:
-    """Replay the chosen schedule, this time recording the timed steps; also return the
-    seconds of work each resource owes once the plan is issued (``busy`` included)."""
+) -> dict[str, RequestPlan]:
+    """Replay the chosen schedule, this time recording the timed steps (in service order)."""
     tc, io = _clocks(busy)
-    owed = {COMPUTE: tc, **io}
     plans: dict[str, RequestPlan] = {}
     for s, shape in chosen:
         s.reads_until = reads_until
@@ -301,7 +306,15 @@ def _emit(
         tc = out.compute_free
         io.update(out.io_free)
         desc = shape.describe(s.evicted, num_layers)
-        rp = plans[s.req.id] = RequestPlan(s.req.id, desc, tuple(steps), out.ttft)
+        plans[s.req.id] = RequestPlan(s.req.id, desc, tuple(steps), out.ttft)
+    return plans
+
+
+def _owed(plans: Iterable[RequestPlan], busy: Mapping[str, float] | None) -> dict[str, float]:
+    """The seconds of work each resource owes once ``plans`` are issued (``busy`` included)."""
+    tc, io = _clocks(busy)
+    owed = {COMPUTE: tc, **io}
+    for rp in plans:
         for resource, seconds in rp.work_s().items():
             owed[resource] = owed.get(resource, 0.0) + seconds
-    return plans, owed
+    return owed

@@ -10,7 +10,10 @@ A plan is valid when, for every request:
   listed before it; a PREFILL reads the whole span at every layer;
 - the predicted times agree: a step begins a layer only after the KV and hidden states it
   reads for that layer are predicted ready, and steps on one resource (the compute resource,
-  one I/O channel per tier) never overlap.
+  one I/O channel per tier) never overlap;
+- the predicted TTFT is not before the request's last step ends (it may be later: on an
+  engine that batches prefills a restore's first token comes when its forward ends,
+  :mod:`~sglang_cacheflow.planner.batching`).
 """
 
 from __future__ import annotations
@@ -134,9 +137,9 @@ def _validate_request(req: Request, rp: RequestPlan, num_layers: int, eps: float
     if prefill_area != req.new_tokens * L:
         raise PlanError(f"request {rid!r}: the {req.new_tokens} new tokens are not prefilled once")
     last = max((s.finish_s for s in rp.steps), default=0.0)
-    if abs(last - rp.predicted_ttft_s) > eps:
+    if rp.predicted_ttft_s + eps < last:
         raise PlanError(
-            f"request {rid!r}: predicted TTFT {rp.predicted_ttft_s:.6g}s is not the finish "
+            f"request {rid!r}: predicted TTFT {rp.predicted_ttft_s:.6g}s is before the finish "
             f"of its last step ({last:.6g}s)"
         )
 

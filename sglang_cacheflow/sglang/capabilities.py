@@ -4,6 +4,7 @@ choose for it (see docs/sglang.md, "Split restores")."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from sglang_cacheflow.planner.capabilities import Capabilities
 from sglang_cacheflow.tiers.names import HOST_TIER
@@ -23,5 +24,21 @@ SGLANG_STREAMED = replace(SGLANG, streamed_splits=True)
 new tokens starts at the splice and each of its layers waits for that layer of the load."""
 
 
-def sglang_capabilities(stream_groups: int | None) -> Capabilities:
-    return SGLANG_STREAMED if (stream_groups or 1) > 1 else SGLANG
+def sglang_capabilities(stream_groups: int | None, batch_tokens: int = 0) -> Capabilities:
+    """What a server runs: splits streamed with ``stream_groups`` > 1; prefills batched in
+    forwards of up to ``batch_tokens`` tokens (:func:`prefill_budget`)."""
+    caps = SGLANG_STREAMED if (stream_groups or 1) > 1 else SGLANG
+    return replace(caps, batch_tokens=max(0, batch_tokens))
+
+
+def prefill_budget(server_args: Any) -> int:
+    """Tokens SGLang puts in one prefill forward: its ``chunked_prefill_size`` (a request
+    beyond it is chunked), within ``max_prefill_tokens``; 0 where neither is set."""
+    limits = [
+        int(v) for v in (
+            getattr(server_args, "chunked_prefill_size", None),
+            getattr(server_args, "max_prefill_tokens", None),
+        )
+        if v is not None and int(v) > 0
+    ]  # fmt: skip
+    return min(limits, default=0)

@@ -113,6 +113,7 @@ class CacheFlowController(SplitControl):
         tp_group: Any | None = None,
         tp_rank: int = 0,
         enable_metrics: bool = False,
+        batch_tokens: int = 0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.cfg = cfg
@@ -133,7 +134,7 @@ class CacheFlowController(SplitControl):
         self.clock = clock
         self.owed = OwedWork(clock)
         self._init_splits(cfg, cache)
-        self.caps = sglang_capabilities(cfg.stream_groups)
+        self.caps = sglang_capabilities(cfg.stream_groups, batch_tokens)
         self.scheduler: Any = None  # SGLang's scheduler, as of the last round
         self.queue: Sequence[Any] = ()  # the scheduler's waiting queue, as of the last round
         self._queued_s = 0.0  # queued compute seconds counted in the last round's busy
@@ -401,6 +402,8 @@ class CacheFlowController(SplitControl):
         for req in batch.reqs:
             if req.rid in self.splits or not streamed.get(req.rid, True):
                 continue  # a split's first chunk, or cut back: the restore goes on
+            if getattr(req, "inflight_middle_chunks", 0) > 0:
+                continue  # a chunk before its last (its prefill was over the budget)
             d = self.pending.pop(req.rid, None)
             if d is None:
                 continue

@@ -57,6 +57,7 @@ def create_cacheflow_cache(ctx: Any) -> Any:
     from sglang.srt.mem_cache.registry import create_unified_radix_cache
 
     from sglang_cacheflow.planner import ModelShape
+    from sglang_cacheflow.sglang.capabilities import prefill_budget
     from sglang_cacheflow.sglang.config import check_page_size
     from sglang_cacheflow.sglang.controller import CacheFlowController, set_current_controller
     from sglang_cacheflow.sglang.flags import config_from_server_args
@@ -99,6 +100,7 @@ def create_cacheflow_cache(ctx: Any) -> Any:
         tp_group=group,
         tp_rank=int(ctx.tp_rank),
         enable_metrics=bool(getattr(ctx.server_args, "enable_metrics", False)),
+        batch_tokens=prefill_budget(ctx.server_args),
     )
     cache.cacheflow = ctl
     set_current_controller(ctl)

@@ -372,3 +372,35 @@ def test_decision_log_lines_read_back() -> None:
         assert d.shape == plan_.requests[r.id].shape
         assert d.round_size == 2
     assert [d.rid for d in logged_decisions(log, "host")] == ["b"]
+
+
+def test_a_baselines_round_is_predicted_as_sglangs_batched_prefill() -> None:
+    # SGLang runs the waiting prefills of a baseline's round in one forward (up to its
+    # chunked_prefill_size): both restores get their first token when it ends.
+    prior = {"tokens_per_s": 2e4, "step_s": 0.01}  # a fixed cost per forward
+    conf = {"redis_url": "redis://h:1/0", "calibrate": False, "prior": prior}
+    cfg = parse_config("recompute", json.dumps(conf))
+    batched = CacheFlowController(cfg, Cache(), SHAPE, 16, batch_tokens=4096, clock=Clock())
+    batched.plan_prefetches([_call("a", 512), _call("b", 512)])
+    a, b = (batched.storage_plans[rid].predicted_s for rid in ("a", "b"))
+    assert a == pytest.approx(b)
+    one = CacheFlowController(cfg, Cache(), SHAPE, 16, clock=Clock())  # one per forward
+    one.plan_prefetches([_call("a", 512), _call("b", 512)])
+    first, second = sorted(one.storage_plans[rid].predicted_s for rid in ("a", "b"))
+    assert first < a < second  # one fixed cost fewer than the chain's last
+
+
+def test_a_chunk_before_a_restores_last_gives_it_no_first_token() -> None:
+    clock = Clock()
+    cfg = parse_config("recompute", json.dumps({"redis_url": "redis://h:1/0", "calibrate": False}))
+    ctl = CacheFlowController(cfg, Cache(), SHAPE, 16, batch_tokens=256, clock=clock)
+    ctl.plan_prefetches([_call("a", 512)])
+    ctl._track(ctl.storage_plans.pop("a"))
+    chunk = _batch("a", 256)
+    chunk.reqs[0].inflight_middle_chunks = 1  # SGLang's mark of a chunk before the last
+    clock.now += 0.05
+    ctl.forward_done(chunk, 0.05)
+    assert "a" in ctl.pending  # over the budget: its prefill goes on
+    clock.now += 0.05
+    ctl.forward_done(_batch("a", 256), 0.05)
+    assert "a" not in ctl.pending
