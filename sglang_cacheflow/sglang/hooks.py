@@ -92,6 +92,7 @@ def create_cacheflow_cache(ctx: Any) -> Any:
     group = None
     if ctx.tp_size > 1 and ctx.tp_group is not None:
         group = getattr(ctx.tp_group, "cpu_group", ctx.tp_group)
+    batch_tokens = prefill_budget(_schedule_settings(ctx.server_args))
     ctl = CacheFlowController(
         cfg,
         cache,
@@ -100,16 +101,28 @@ def create_cacheflow_cache(ctx: Any) -> Any:
         tp_group=group,
         tp_rank=int(ctx.tp_rank),
         enable_metrics=bool(getattr(ctx.server_args, "enable_metrics", False)),
-        batch_tokens=prefill_budget(ctx.server_args),
+        batch_tokens=batch_tokens,
     )
     cache.cacheflow = ctl
     set_current_controller(ctl)
     logger.info(
-        "cacheflow: policy %s, chunk %d tokens, L3 %s%s, TP %d, model %s",
+        "cacheflow: policy %s, chunk %d tokens, L3 %s%s, TP %d, prefill forwards of up to %d "
+        "tokens, model %s",
         cfg.policy, cfg.chunk_tokens, (cfg.redis_url and "redis") or "none",
-        f" through {cfg.link}" if cfg.link else "", ctx.tp_size, shape,
+        f" through {cfg.link}" if cfg.link else "", ctx.tp_size, batch_tokens, shape,
     )  # fmt: skip
     return cache
+
+
+def _schedule_settings(server_args: Any) -> Any:
+    """SGLang's resolved scheduling settings (``chunked_prefill_size``...): 0.5.23 keeps
+    them in its runtime context, where the server arguments may hold the unresolved ones."""
+    try:
+        from sglang.srt.runtime_context import get_schedule
+
+        return get_schedule()
+    except Exception:  # another SGLang layout, or no context: the arguments as given
+        return server_args
 
 
 def _safe(what: str, fn: Callable[[], None]) -> None:
