@@ -6,7 +6,9 @@ recovers them; a coefficient that comes out negative is dropped and the rest ref
 (non-negative least squares over three unknowns by enumeration). Forwards measured while
 loads were in flight are fitted apart: the excess of the recent ones over the fitted model
 (their summed time over what the model gives them alone) is the ``overlap_slowdown``. The
-part of a forward outside its layer loop (``unlayered_s``), which a forward through some
+CPU the loads' client spent while such a forward ran (``TierCost.cpu_s_per_token``) is taken
+off first: the slowdown is what is left (memory bandwidth, copies). The part of a forward
+outside its layer loop (``unlayered_s``), which a forward through some
 layers pays whole, is measured directly by an engine that can time its layer loop: the
 median of recent samples, taken off a layer-limited sample before the fit.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -59,10 +62,10 @@ class _TierStats:
             slope = (self.xy / self.w - mx * my) / var
             latency = my - slope * mx
             if slope > 0 and latency >= 0:
-                return TierCost(1.0 / slope, latency, self.prior.setup_s)
+                return replace(self.prior, bandwidth_Bps=1.0 / slope, latency_s=latency)
         # One transfer size (or a noisy fit): keep the latency, fit the bandwidth.
         latency = self.prior.latency_s if self.prior.latency_s < my else 0.5 * my
-        return TierCost(mx / max(my - latency, 1e-12), latency, self.prior.setup_s)
+        return replace(self.prior, bandwidth_Bps=mx / max(my - latency, 1e-12), latency_s=latency)
 
 
 @dataclass
@@ -76,7 +79,8 @@ class Calibrator:
     # beside a forward (other requests' reads, write-backs) changes with the load
     overlap_window: int = 32
     _compute: list[tuple[float, float, float, float]] = field(default_factory=list)
-    _overlapped: list[tuple[float, float, float, float]] = field(default_factory=list)
+    # (prefix, tokens, layer fraction, seconds, read CPU the model charges it)
+    _overlapped: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     setup_rate: float = 0.3  # weight of the newest residual in a tier's setup estimate
     _tiers: dict[str, _TierStats] = field(default_factory=dict)
     _setup: dict[str, float] = field(default_factory=dict)  # learnt extra setup_s per tier
@@ -91,16 +95,22 @@ class Calibrator:
         seconds: float,
         layers: int | None = None,
         overlapped: bool = False,
+        read_cpu_s: float = 0.0,
     ) -> None:
         """A forward of ``tokens`` after ``prefix`` cached tokens over ``layers`` layers;
-        ``overlapped`` when loads were in flight while it ran."""
+        ``overlapped`` when loads were in flight while it ran, ``read_cpu_s`` of their CPU
+        (``TierCost.read_cpu_s``) spent meanwhile: the slowdown is what is left."""
         if tokens <= 0 or seconds <= 0:
             return
         frac = 1.0 if layers is None else layers / self.prior.shape.num_layers
-        samples = self._overlapped if overlapped else self._compute
-        samples.append((float(prefix), float(tokens), frac, float(seconds)))
-        if len(samples) > self.max_compute_samples:
-            del samples[0]
+        if overlapped:
+            sample = (float(prefix), float(tokens), frac, float(seconds), float(read_cpu_s))
+            self._overlapped.append(sample)
+        else:
+            self._compute.append((float(prefix), float(tokens), frac, float(seconds)))
+        for samples in (self._compute, self._overlapped):
+            if len(samples) > self.max_compute_samples:
+                del samples[0]
 
     def add_unlayered(self, seconds: float) -> None:
         """A forward spent ``seconds`` outside its layer loop (see ``ComputeCost.unlayered_s``)."""
@@ -125,6 +135,13 @@ class Calibrator:
             stats = self._tiers[tier] = _TierStats(prior, self.decay)
         stats.add(nbytes, seconds)
 
+    def set_tier_prior(self, tier: str, cost: TierCost) -> None:
+        """Plan ``tier`` with ``cost`` where nothing measured replaces it (its CPU terms,
+        measured apart; its bandwidth and latency until transfers are fitted)."""
+        self.prior = replace(self.prior, tiers={**self.prior.tiers, tier: cost})
+        if tier in self._tiers:
+            self._tiers[tier].prior = cost
+
     def add_restore(self, tier: str, measured_s: float, predicted_s: float) -> None:
         """A restore from ``tier`` that had the machine to itself took ``measured_s`` where
         the model (with the setup learnt so far) predicted ``predicted_s``: move the tier's
@@ -147,18 +164,21 @@ class Calibrator:
     def compute_cost(self) -> ComputeCost:
         u = self.unlayered_s()
         if len(self._compute) < 3:  # nothing measured alone yet: fit what there is
-            return self._fit(self._overlapped, u)
+            return self._fit([(p, n, f, t - c) for p, n, f, t, c in self._overlapped], u)
         alone = self._fit(self._compute, u)
         if not self._overlapped:
             return alone
         recent = self._overlapped[-self.overlap_window :]
-        # summed, not averaged per forward: a long forward's slowdown is what costs time
-        measured = sum(t for *_, t in recent)
-        modelled = sum(frac * alone.seconds(p, n) + alone.fixed_s(frac) for p, n, frac, _ in recent)
+        # summed, not averaged per forward: a long forward's slowdown is what costs time;
+        # the reads' CPU is charged apart (TierCost), the slowdown is the rest
+        measured = sum(t - c for *_, t, c in recent)
+        modelled = sum(
+            frac * alone.seconds(p, n) + alone.fixed_s(frac) for p, n, frac, _, _ in recent
+        )
         slowdown = measured / modelled - 1.0 if modelled > 0 else 0.0
         return replace(alone, overlap_slowdown=min(max(slowdown, 0.0), 3.0))
 
-    def _fit(self, samples: list[tuple[float, float, float, float]], u: float) -> ComputeCost:
+    def _fit(self, samples: Sequence[tuple[float, float, float, float]], u: float) -> ComputeCost:
         s = np.asarray(samples).reshape(-1, 4)
         # a layer-limited forward's unlayered part is not its layer share: take it off
         s[:, 3] -= (1.0 - s[:, 2]) * u

@@ -85,6 +85,31 @@ class TierRange(NamedTuple):
     s_per_token_layer: float  # transfer seconds of one token's KV in one layer
     streamed: bool  # the tier's loads arrive layer by layer
     setup_s: float
+    cpu_per_tok: float  # the client's CPU of a split's load: per token and per load
+    cpu_per_load: float
+
+
+class ReadCpu(NamedTuple):
+    """A split's load as the client's CPU sees it: ``cpu_s`` spent evenly over
+    ``[start, finish)``."""
+
+    cpu_s: float
+    start: float
+    finish: float
+
+    def during(self, at: float, dur: float) -> float:
+        """What a forward of ``dur`` seconds alone, begun at ``at``, is delayed by: the CPU
+        spent while it runs, which lengthens it and so takes in more until the load ends
+        (``extra = rate * (dur + extra)`` while both run)."""
+        begin = max(at, self.start)
+        if at + dur <= begin or begin >= self.finish:
+            return 0.0
+        rate = self.cpu_s / (self.finish - self.start)
+        if rate < 1.0:
+            extra = rate * (at + dur - begin) / (1.0 - rate)
+            if at + dur + extra <= self.finish:
+                return extra
+        return rate * (self.finish - begin)
 
 
 class Shaper:
@@ -127,6 +152,8 @@ class Shaper:
                 self.bytes_per_token / (cost.tier(t).bandwidth_Bps * self.num_layers),
                 caps.streams(t),
                 cost.tier(t).setup_s,
+                cost.tier(t).cpu_s_per_token,
+                cost.tier(t).cpu_s_per_load,
             )
             for t, a, b in self.ranges
         ]
@@ -161,7 +188,7 @@ class Shaper:
         if nl <= 0:
             return ready, free
         split_streams = split and self.caps.streamed_splits
-        for tier, a, b, lat, per_tok, streamed, setup in self.tiers:
+        for tier, a, b, lat, per_tok, streamed, setup, _, _ in self.tiers:
             streamed = streamed or split_streams
             x = a if a > lo else lo
             y = b if b < hi else hi
@@ -197,10 +224,12 @@ class Shaper:
         steps: list[Step] | None,
         overlapped: bool = False,
         reads_until: float = NEG,
+        cpu: ReadCpu | None = None,
     ) -> float:
         """Recompute tokens [lo, hi) x layers [l0, l1) from ``at``: slowed throughout when
         ``overlapped`` (its own loads run beside it), else while loads already in flight
-        (other requests') run, until ``reads_until``."""
+        (other requests') run, until ``reads_until``; delayed by the part of its own loads'
+        client CPU (``cpu``) spent while it runs."""
         n = hi - lo
         if n <= 0 or l1 <= l0:
             return at
@@ -214,9 +243,25 @@ class Shaper:
             dur *= 1.0 + c.overlap_slowdown
         else:
             dur = self._beside(dur, at, reads_until)
+        if cpu is not None:
+            dur += cpu.during(at, dur)
         if steps is not None:
             steps.append(Step(lo, hi, l0, l1, Action.RECOMPUTE, None, at, at + dur))
         return at + dur
+
+    def _read_cpu(self, lo: int, hi: int, l0: int, io: dict[str, float]) -> ReadCpu | None:
+        """The client CPU of a split's load of tokens [lo, hi) x layers [l0, L), and when
+        that load runs (None where its tiers cost none)."""
+        cpu, first, last = 0.0, math.inf, NEG
+        for tier, a, b, lat, per_tok, _, _, cpu_tok, cpu_load in self.tiers:
+            x, y = max(a, lo), min(b, hi)
+            if x >= y or not (cpu_tok or cpu_load):
+                continue
+            start = io.get(tier, 0.0)
+            cpu += cpu_load + (y - x) * cpu_tok
+            first = min(first, start)
+            last = max(last, start + lat + (self.num_layers - l0) * (y - x) * per_tok)
+        return ReadCpu(cpu, first, last) if cpu > 0 and last > first else None
 
     def _beside(self, dur: float, at: float, reads_until: float) -> float:
         """A forward of ``dur`` seconds alone, begun at ``at``: slowed while loads run beside
@@ -238,12 +283,15 @@ class Shaper:
         # a split proper (0 < split < the span's end): a chunk, a hand-off, an extend
         is_split = kind != LOAD_FRONT and 0 < split < (L if kind == LAYER else self.evicted)
         reads = max(self.reads_until, max(io.values(), default=NEG))  # loads in flight
+        cpu: ReadCpu | None = None
         if kind == TOKEN:
             mid = d + split
-            a = self._compute(d, mid, 0, L, tc, steps, mid < end, reads)
+            cpu = self._read_cpu(mid, end, 0, io) if is_split else None
+            a = self._compute(d, mid, 0, L, tc, steps, mid < end, reads, cpu)
             b, free = self._loads(mid, end, 0, io, cper, steps, is_split)
         elif kind == LAYER:
-            a = self._compute(d, end, 0, split, tc, steps, split < L, reads)
+            cpu = self._read_cpu(d, end, split, io) if is_split else None
+            a = self._compute(d, end, 0, split, tc, steps, split < L, reads, cpu)
             b, free = self._loads(d, end, split, io, cper, steps, is_split)
         else:  # LOAD_FRONT: the back's recompute is the forward that waits for the loads
             mid = d + split
@@ -269,6 +317,8 @@ class Shaper:
                 # the extend reads the span layer by layer while the split's loads stream
                 # in: it runs beside them until they end
                 prefill = self._beside(prefill, start, max(free.values(), default=NEG))
+                if cpu is not None:
+                    prefill += cpu.during(start, prefill)
             ttft = start + prefill
             if steps is not None:
                 e = self.req.evicted_end
@@ -405,31 +455,33 @@ class Shaper:
         fixed = self.cost.compute.fixed_s(0.0)
         c_full = self.cost.recompute_s(self.device_tokens, self.evicted)
         c_layer = slow * (c_full - fixed) / L
-        a0 = tc + slow * fixed
         cper = self.prefill_s / L
-        cross = ends = 0.0
-        for tier, a, b, lat, per_tok, streamed, setup in self.tiers:
-            streamed = streamed or self.caps.streamed_splits  # 0 < l < L: a split
-            start = io.get(tier, 0.0) + lat
-            base = start + setup
-            per = (b - a) * per_tok
-            # B's pieces as k0 - k1 * l, l = first loaded layer (see _loads)
-            if streamed:
-                lines = [(base + per, cper), (base + L * per - (L - 1) * cper, per)]
-            else:
-                lines = [(base + L * per, per + cper)]
-            for k0, k1 in lines:
-                if c_layer + k1 > 0:
-                    cross = max(cross, (k0 - a0) / (c_layer + k1))
-            # where the loads (ending at start + (L - l) * per) end before the extend starts
-            if slow > 1.0 and c_layer + per > 0:
-                ends = max(ends, (start + L * per - a0) / (c_layer + per))
-        hi, end = (min(L, max(0, math.ceil(x - 1e-12))) for x in (cross, ends))
         low = self._first_split()
-        return [
-            (self._price(LAYER, x, tc, io, None)[2], Shape(LAYER, x))
-            for x in {max(low, hi - 1), max(low, hi), max(low, end)}
-        ]
+        points: set[int] = set()
+        # The chunk is also delayed by the loads' client CPU spent while it runs, between
+        # none and all of it: both ends of A give crossings, each priced in full below.
+        cpu = sum(t.cpu_per_load + (t.end - t.start) * t.cpu_per_tok for t in self.tiers)
+        for a0 in {tc + slow * fixed, tc + slow * fixed + cpu}:
+            cross = ends = 0.0
+            for tier, a, b, lat, per_tok, streamed, setup, _, _ in self.tiers:
+                streamed = streamed or self.caps.streamed_splits  # 0 < l < L: a split
+                start = io.get(tier, 0.0) + lat
+                base = start + setup
+                per = (b - a) * per_tok
+                # B's pieces as k0 - k1 * l, l = first loaded layer (see _loads)
+                if streamed:
+                    lines = [(base + per, cper), (base + L * per - (L - 1) * cper, per)]
+                else:
+                    lines = [(base + L * per, per + cper)]
+                for k0, k1 in lines:
+                    if c_layer + k1 > 0:
+                        cross = max(cross, (k0 - a0) / (c_layer + k1))
+                # where the loads (ending at start + (L - l) * per) end before the extend
+                if slow > 1.0 and c_layer + per > 0:
+                    ends = max(ends, (start + L * per - a0) / (c_layer + per))
+            hi, end = (min(L, max(0, math.ceil(x - 1e-12))) for x in (cross, ends))
+            points |= {max(low, hi - 1), max(low, hi), max(low, end)}
+        return [(self._price(LAYER, x, tc, io, None)[2], Shape(LAYER, x)) for x in points]
 
     # -- Cake's run-time meeting point -----------------------------------------------------
 
@@ -457,7 +509,7 @@ class Shaper:
             # I/O has loaded chunks k+1..n-1 (tokens [d + g[k+1], d + e)) before chunk k.
             lo = d + g[k + 1]
             t = t0
-            for _tier, a, b, lat, per_tok, _s, _setup in self.tiers:
+            for _tier, a, b, lat, per_tok, *_ in self.tiers:
                 x = max(a, lo)
                 if x < b:
                     t += (b - x) * per_tok * self.num_layers

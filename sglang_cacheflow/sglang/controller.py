@@ -157,6 +157,7 @@ class CacheFlowController(SplitControl):
         self.rounds += 1
         if self.tp_group is not None:
             self.collectives += 1
+        self._plan_read_cpu()
         cost = self.costs.model()
         busy = self.owed.busy(now)
         self._queued_s = self.queued_compute_s(cost, planned)
@@ -391,8 +392,9 @@ class CacheFlowController(SplitControl):
             # The planner charges the slowdown to a split's own chunk: only that forward
             # measures it. Others beside a read measure neither it nor the machine alone.
             if not overlapped or any(r.rid in self.splits for r in batch.reqs):
+                cpu = self.read_cpu_during(batch.reqs, started, seconds) if overlapped else 0.0
                 self.costs.observe_compute(
-                    batch.prefix_lens, batch.extend_lens, seconds, layers, overlapped
+                    batch.prefix_lens, batch.extend_lens, seconds, layers, overlapped, cpu
                 )
             if outside is not None and not overlapped:
                 self.costs.observe_unlayered(outside)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 
 from sglang_cacheflow.planner import Calibrator, ComputeCost, CostModel, ModelShape, TierCost
 from sglang_cacheflow.sglang.config import CacheFlowConfig, tier_prior
@@ -49,10 +50,12 @@ class CostTracker:
         s: float,
         layers: int | None = None,
         overlapped: bool = False,
+        read_cpu_s: float = 0.0,
     ) -> None:
         """An extend forward over requests with these prefix and extend lengths took ``s``,
         through its first ``layers`` layers (default all); ``overlapped`` when reads ran
-        beside it (it feeds the overlap slowdown, not the compute fit).
+        beside it (it feeds the overlap slowdown, not the compute fit), ``read_cpu_s`` of
+        their client CPU spent meanwhile (charged apart, :meth:`set_read_cpu`).
 
         A batch enters the fit as one sample with its token count and its number of
         attended (query, key) pairs, which is what the cost model charges for.
@@ -66,14 +69,27 @@ class CostTracker:
             model = self.calibrator.model()
             predicted = model.recompute_s(prefix, n, layers)
             if overlapped:
-                predicted *= 1.0 + model.compute.overlap_slowdown
-            self.calibrator.add_compute(prefix, int(n), s, layers, overlapped)  # type: ignore[arg-type]
+                predicted = predicted * (1.0 + model.compute.overlap_slowdown) + read_cpu_s
+            self.calibrator.add_compute(prefix, int(n), s, layers, overlapped, read_cpu_s)  # type: ignore[arg-type]
         logger.debug(
             "cacheflow calibration: forward of %d tokens after %.0f cached over %d requests%s%s "
             "took %.2f ms (predicted %.2f ms)", n, prefix, len(extend_lens),
             f" through {layers} layers" if layers else "", " beside reads" if overlapped else "",
             s * 1e3, predicted * 1e3,
         )  # fmt: skip
+
+    def set_read_cpu(self, tier: str, per_token_s: float, per_load_s: float) -> None:
+        """A split's load from ``tier`` costs the process ``per_load_s`` + ``per_token_s``
+        per token of CPU (measured apart: a probe read); planned with from now on, where
+        the model is calibrated."""
+        if not self.enabled:
+            return
+        with self._lock:
+            cost = replace(
+                self.prior.tier(tier), cpu_s_per_token=per_token_s, cpu_s_per_load=per_load_s
+            )
+            self.prior = replace(self.prior, tiers={**self.prior.tiers, tier: cost})
+            self.calibrator.set_tier_prior(tier, cost)
 
     def observe_unlayered(self, s: float) -> None:
         """An extend forward spent ``s`` outside its layer loop (``LayerClock``)."""

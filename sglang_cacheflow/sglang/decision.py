@@ -63,9 +63,12 @@ def describe(plan_: Plan, req: Request, tier: str, cost: CostModel) -> str:
     alone_recompute = cost.recompute_s(req.device_tokens, e + req.new_tokens)
     c, t = cost.compute, cost.tier(tier)
     position = f"#{plan_.order.index(req.id) + 1} of {len(plan_.order)} in round"
-    staged = ""
+    extra = ""
+    if t.cpu_s_per_token or t.cpu_s_per_load:  # what a split's read costs the process
+        extra = f", split read CPU {t.cpu_s_per_token * 1e6:.1f} us/token"
+        extra += f" + {t.cpu_s_per_load * 1e3:.2f} ms"
     if req.staged_load is not None:  # what a load that is not a split may bring
-        staged = f"; stages {req.staged_load[0]}-{req.staged_load[1]} tokens"
+        extra += f"; stages {req.staged_load[0]}-{req.staged_load[1]} tokens"
     return (
         f"cacheflow restore rid={req.id} policy={plan_.policy}: device {req.device_tokens}, "
         f"{e} evicted on {tier}, {req.new_tokens} new -> load {load} from {tier}, "
@@ -75,7 +78,7 @@ def describe(plan_: Plan, req: Request, tier: str, cost: CostModel) -> str:
         f"{c.attention_s_per_token_pair:.2g} s/pair + {c.step_s * 1e3:.1f} ms/forward "
         f"({min(c.unlayered_s, c.step_s) * 1e3:.1f} outside the layers), "
         f"overlap +{c.overlap_slowdown:.0%}, split hand-off {c.split_s * 1e3:.1f} ms, "
-        f"{tier} {t.bandwidth_Bps / 1e9:.3f} GB/s + {t.latency_s * 1e3:.2f} ms{staged})"
+        f"{tier} {t.bandwidth_Bps / 1e9:.3f} GB/s + {t.latency_s * 1e3:.2f} ms{extra})"
     )
 
 

@@ -94,6 +94,7 @@ class SplitRestore:
     groups: int = 1  # the loaded layers are read in this many layer groups, one after another
     group_pages: list[int] = field(default_factory=list)  # per group: pages [0, n) landed
     error: str | None = None
+    began: float | None = None  # perf_counter() when its read started
     read_s: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
     landed: threading.Condition = field(default_factory=threading.Condition)
@@ -193,7 +194,7 @@ class SplitReader:
             return self._queued > 0 or self._idle_at > t
 
     def _run(self, sp: SplitRestore, read: ReadPages) -> None:
-        start = time.perf_counter()
+        start = sp.began = time.perf_counter()
         # A streamed restore's layer groups go in one tier call each: the forward waits
         # per group, and every call pays the tier's latency.
         step = self.pages_per_read if sp.groups == 1 else max(1, sp.pages)

@@ -15,6 +15,7 @@ from sglang_cacheflow.sglang.config import CacheFlowConfig
 from sglang_cacheflow.sglang.costs import CostTracker
 from sglang_cacheflow.sglang.decision import Decision
 from sglang_cacheflow.sglang.split import (
+    PAGES_PER_READ,
     SplitReader,
     SplitRestore,
     SplitUnavailable,
@@ -24,6 +25,7 @@ from sglang_cacheflow.sglang.split import (
     start_l3_split,
 )
 from sglang_cacheflow.sglang.stream import Stream, StreamedLayers, cut_back
+from sglang_cacheflow.tiers.names import L3_TIER
 
 __all__ = ["SplitControl"]
 
@@ -49,6 +51,51 @@ class SplitControl:
         if self.groups > 1:
             self.layers = StreamedLayers.install(cache.token_to_kv_pool_allocator.get_kvcache())
         self.streamed: dict[str, Decision] = {}  # spliced split restores still streaming
+        self._read_cpu_known = False
+
+    def _plan_read_cpu(self) -> None:
+        """Price a split's load with what a read costs this process's CPU, once the L3
+        backend has measured it (a probe read at its registration): a streamed split reads
+        its pages in one call per layer group, an unstreamed one ``PAGES_PER_READ`` pages a
+        call."""
+        if self._read_cpu_known:
+            return
+        storage = self.cache.cacheflow_storage()
+        cpu = getattr(storage, "read_cpu", None)
+        if cpu is None:
+            return
+        self._read_cpu_known = True
+        if self.groups > 1:
+            per_token = self.groups * cpu.per_page_s / self.page_size
+            per_load = self.groups * cpu.per_call_s
+        else:
+            per_token = (cpu.per_page_s + cpu.per_call_s / PAGES_PER_READ) / self.page_size
+            per_load = 0.0
+        self.costs.set_read_cpu(L3_TIER, per_token, per_load)
+
+    def read_cpu_during(self, reqs: Any, started: float, seconds: float) -> float:
+        """The client CPU the reads of ``reqs``' split restores spent while a forward of
+        ``seconds`` begun at ``started`` ran, as the cost model prices it (spent evenly
+        over each read; one still under way is taken to last as predicted)."""
+        model = self.costs.model()
+        total = 0.0
+        for req in reqs:
+            d = self.splits.get(req.rid)
+            sp = d.split if d is not None else None
+            if sp is None or sp.began is None:
+                continue
+            tier = model.tier(sp.tier)
+            cpu = tier.read_cpu_s(sp.tokens)
+            if cpu <= 0:
+                continue
+            layers = sp.layer_share * self.shape.num_layers
+            end = sp.began + (
+                sp.read_s if sp.done.is_set() else model.load_s(sp.tier, sp.tokens, layers)
+            )
+            overlap = min(end, started + seconds) - max(sp.began, started)
+            if end > sp.began and overlap > 0:
+                total += cpu * overlap / (end - sp.began)
+        return total
 
     def _start_l3_split(
         self, req: Request, front: int, layer: int, keys: list[str]

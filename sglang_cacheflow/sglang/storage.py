@@ -39,6 +39,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 from sglang_cacheflow.tiers.base import Namespace
 from sglang_cacheflow.tiers.names import L3_TIER
 from sglang_cacheflow.tiers.page import PageLayout
+from sglang_cacheflow.tiers.probe import ClientCpu, probe_read_cpu
 from sglang_cacheflow.tiers.redis import RedisTier, RedisTierConfig
 from sglang_cacheflow.tiers.shaping import LinkShape, ShapedTier
 
@@ -327,7 +328,9 @@ class CacheFlowRedisStorage(RedisHiCacheStorage):
       link (:class:`~sglang_cacheflow.tiers.shaping.ShapedTier`), for benchmarks;
     - every prefetch timed and reported to the process's restore controller, which
       calibrates the L3 bandwidth and latency of its cost model from them;
-    - :meth:`read_pages`: ranged reads into a split restore's staging memory.
+    - :meth:`read_pages`: ranged reads into a split restore's staging memory;
+    - ``read_cpu``: what a read costs this process's CPU, per call and per page, measured by
+      a probe read at registration (:mod:`~sglang_cacheflow.tiers.probe`).
 
     A failed or corrupted page read comes back as a miss (the tier checks each record's
     checksum); SGLang then prefetches only the pages before it and the request recomputes
@@ -340,10 +343,16 @@ class CacheFlowRedisStorage(RedisHiCacheStorage):
         super().__init__(storage_config, kwargs)
         extra = storage_config.extra_config or {}
         self.redis_tier: RedisTier = self.tier
+        self.read_cpu: ClientCpu | None = None  # measured at registration
         self.link: LinkShape | None = None
         if extra.get("link"):
             self.link = LinkShape.parse(str(extra["link"]))
             self.tier = ShapedTier(self.redis_tier, self.link)  # type: ignore[assignment]
+
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        super().register_mem_pool_host(mem_pool_host)
+        # the process is idle while SGLang builds its caches: what a read costs its CPU
+        self.read_cpu = probe_read_cpu(self.redis_tier, self._require_ns())
 
     def batch_get_v1(
         self,

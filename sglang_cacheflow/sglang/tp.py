@@ -5,8 +5,8 @@ differs between ranks is what each measured: its calibrated cost model and, for 
 its own storage lookup found. :func:`reduce_round` makes those identical with **one**
 ``all_reduce(MIN)`` over the TP CPU (gloo) group per planning round, whatever the number of
 requests in it: compute throughput and tier bandwidths take the minimum, per-token-pair,
-per-forward (and its unlayered part), overlap, split hand-off and latency costs the maximum
-(so every rank plans with the most conservative view), hit lengths the minimum (a page
+per-forward (and its unlayered part), overlap, split hand-off, latency and read CPU costs
+the maximum (so every rank plans with the most conservative view), hit lengths the minimum (a page
 counts only if every rank has it), and the work the resources still owe earlier rounds the
 maximum (ranks read their clocks at slightly different times).
 """
@@ -25,6 +25,7 @@ from sglang_cacheflow.planner.plan import COMPUTE
 __all__ = ["cost_from_vector", "cost_vector", "reduce_round"]
 
 _COMPUTE_FIELDS = 6  # ComputeCost's fields, in order, first in the vector
+_TIER_FIELDS = 5  # TierCost's fields, in order, per tier after them
 
 
 def cost_vector(cost: CostModel, tiers: Sequence[str]) -> list[float]:
@@ -34,7 +35,7 @@ def cost_vector(cost: CostModel, tiers: Sequence[str]) -> list[float]:
     out += [-c.overlap_slowdown, -c.split_s, -c.unlayered_s]
     for name in tiers:
         t = cost.tier(name)
-        out += [t.bandwidth_Bps, -t.latency_s, -t.setup_s]
+        out += [t.bandwidth_Bps, -t.latency_s, -t.setup_s, -t.cpu_s_per_token, -t.cpu_s_per_load]
     return out
 
 
@@ -42,8 +43,8 @@ def cost_from_vector(cost: CostModel, tiers: Sequence[str], vec: Sequence[float]
     compute = ComputeCost(vec[0], *(-x for x in vec[1:_COMPUTE_FIELDS]))
     new_tiers = dict(cost.tiers)
     for i, name in enumerate(tiers):
-        j = _COMPUTE_FIELDS + 3 * i
-        new_tiers[name] = TierCost(vec[j], -vec[j + 1], -vec[j + 2])
+        j = _COMPUTE_FIELDS + _TIER_FIELDS * i
+        new_tiers[name] = TierCost(vec[j], *(-x for x in vec[j + 1 : j + _TIER_FIELDS]))
     return replace(cost, compute=compute, tiers=new_tiers)
 
 

@@ -199,3 +199,34 @@ def test_an_attention_term_within_the_noise_is_left_out_until_samples_show_it():
         for n in (256, 1024):
             cal.add_compute(p, n, truth.seconds(p, n) * rng.uniform(0.97, 1.03))
     assert cal.compute_cost().attention_s_per_token_pair == pytest.approx(4e-7, rel=0.2)
+
+
+def test_the_reads_cpu_charged_apart_is_not_read_as_slowdown():
+    # A forward beside reads is delayed by the client CPU spent meanwhile, whatever its
+    # length: charged apart, it leaves only the proportional slowdown.
+    truth = ComputeCost(tokens_per_s=8000, step_s=0.004)
+    cal = Calibrator(PRIOR)
+    for n in (64, 256, 1024, 2048):
+        cal.add_compute(0, n, truth.seconds(0, n))
+    for n, cpu in ((64, 0.03), (1024, 0.01), (2048, 0.05)):
+        cal.add_compute(0, n, 1.1 * truth.seconds(0, n) + cpu, overlapped=True, read_cpu_s=cpu)
+    assert cal.model().compute.overlap_slowdown == pytest.approx(0.1, rel=1e-6)
+    # not charged, the same delays inflate it
+    blind = Calibrator(PRIOR)
+    for n in (64, 256, 1024, 2048):
+        blind.add_compute(0, n, truth.seconds(0, n))
+    for n, cpu in ((64, 0.03), (1024, 0.01), (2048, 0.05)):
+        blind.add_compute(0, n, 1.1 * truth.seconds(0, n) + cpu, overlapped=True)
+    assert blind.model().compute.overlap_slowdown > 0.2
+
+
+def test_a_tiers_cpu_terms_survive_its_calibration():
+    cal = Calibrator(PRIOR)
+    cal.set_tier_prior("redis", TierCost(1e9, 1e-3, cpu_s_per_token=3e-5, cpu_s_per_load=1e-3))
+    for nbytes in (1e6, 4e6, 1e7):
+        cal.add_transfer("redis", nbytes, 2e-3 + nbytes / 5e8)
+    fitted = cal.model().tier("redis")
+    assert fitted.bandwidth_Bps == pytest.approx(5e8, rel=1e-3)
+    assert (fitted.cpu_s_per_token, fitted.cpu_s_per_load) == (3e-5, 1e-3)
+    assert fitted.read_cpu_s(100) == pytest.approx(1e-3 + 3e-3)
+    assert fitted.read_cpu_s(0) == 0.0

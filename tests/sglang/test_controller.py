@@ -27,6 +27,8 @@ from sglang_cacheflow.sglang.capabilities import SGLANG
 from sglang_cacheflow.sglang.config import parse_config
 from sglang_cacheflow.sglang.controller import CacheFlowController
 from sglang_cacheflow.sglang.decision import describe, logged_decisions, serve_in_plan_order
+from sglang_cacheflow.sglang.split import PAGES_PER_READ
+from sglang_cacheflow.tiers.probe import ClientCpu
 from tests.sglang.fakes import Cache, Handle, Storage
 
 SHAPE = ModelShape(num_layers=4, num_kv_heads=2, head_dim=32, dtype_bytes=4)  # 2 KiB/token
@@ -404,3 +406,29 @@ def test_a_chunk_before_a_restores_last_gives_it_no_first_token() -> None:
     clock.now += 0.05
     ctl.forward_done(_batch("a", 256), 0.05)
     assert "a" not in ctl.pending
+
+
+def test_a_split_reads_cpu_measured_by_the_backend_is_planned_and_calibrated() -> None:
+    # The L3 backend's probe: 1 ms a call, 40 us a page; the controller's splits read
+    # 16-token pages, 4 pages a call (not streamed): 2.5 + 15.6 us a token.
+    cpu = ClientCpu(per_call_s=1e-3, per_page_s=40e-6)
+
+    class _Probed(Storage):
+        read_cpu = cpu
+
+    cache = Cache()
+    cache.cacheflow_storage = lambda: _Probed()  # type: ignore[method-assign]
+    ctl, _ = _controller(calibrate=True, cache=cache)
+    ctl.plan_prefetches([_call("r")])
+    tier = ctl.costs.model().tier("redis")
+    per_token = (40e-6 + 1e-3 / PAGES_PER_READ) / 16
+    assert tier.cpu_s_per_token == pytest.approx(per_token)
+    # the split's own chunk beside its read: the CPU its read spent meanwhile is charged
+    # apart from the slowdown (here the chunk ran beside all of a 0.1-s read, then half)
+    sp = ctl.splits["r"].split
+    assert sp is not None and sp.done.wait(5)
+    sp.began, sp.read_s = 100.0, 0.1
+    spent = ctl.read_cpu_during([Handle("r")], 99.9, 0.5)
+    assert spent == pytest.approx(tier.read_cpu_s(sp.tokens)) and spent > 0
+    assert ctl.read_cpu_during([Handle("r")], 100.05, 0.5) == pytest.approx(spent / 2)
+    assert ctl.read_cpu_during([Handle("other")], 99.9, 0.5) == 0.0
