@@ -91,9 +91,10 @@ class TierCost:
     channel already carries the next load (an executor's hand-offs between its I/O threads
     and its scheduler, e.g. SGLang's prefetch acknowledgement and admission).
 
-    ``cpu_s_per_token`` and ``cpu_s_per_load``: the CPU a split's load costs the process
-    that runs the forwards (a Redis client's commands, about one per page and read call),
-    per loaded token and per load. A forward running while the load does is delayed by the
+    ``cpu_s_per_token``, ``cpu_s_per_token_layer`` and ``cpu_s_per_load``: the CPU a split's
+    load costs the process that runs the forwards (a Redis client's commands, about one per
+    page and read call, and the bytes of each layer), per loaded token, per loaded token and
+    layer, and per load. A forward running while the load does is delayed by the
     part of it spent meanwhile, whatever the forward's length (on a CPU engine the client
     and the forward share the cores); the load is taken to spend it evenly over its time.
     """
@@ -103,6 +104,7 @@ class TierCost:
     setup_s: float = 0.0
     cpu_s_per_token: float = 0.0
     cpu_s_per_load: float = 0.0
+    cpu_s_per_token_layer: float = 0.0
 
     def __post_init__(self) -> None:
         if self.bandwidth_Bps <= 0:
@@ -111,12 +113,16 @@ class TierCost:
             raise ValueError(f"tier latency must be >= 0, got {self.latency_s}")
         if self.setup_s < 0:
             raise ValueError(f"tier setup time must be >= 0, got {self.setup_s}")
-        if min(self.cpu_s_per_token, self.cpu_s_per_load) < 0:
-            raise ValueError("a tier's CPU per token and per load must be >= 0")
+        if min(self.cpu_s_per_token, self.cpu_s_per_load, self.cpu_s_per_token_layer) < 0:
+            raise ValueError("a tier's CPU per token, token layer and load must be >= 0")
 
-    def read_cpu_s(self, tokens: float) -> float:
-        """The client's CPU seconds of a split's load of ``tokens`` tokens."""
-        return self.cpu_s_per_load + tokens * self.cpu_s_per_token if tokens > 0 else 0.0
+    def read_cpu_s(self, tokens: float, layers: float) -> float:
+        """The client's CPU seconds of a split's load of ``tokens`` tokens x ``layers``
+        layers."""
+        if tokens <= 0:
+            return 0.0
+        per_token = self.cpu_s_per_token + layers * self.cpu_s_per_token_layer
+        return self.cpu_s_per_load + tokens * per_token
 
     @classmethod
     def from_gbps(cls, bandwidth_GBps: float, latency_ms: float = 0.0) -> TierCost:

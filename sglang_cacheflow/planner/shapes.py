@@ -85,8 +85,9 @@ class TierRange(NamedTuple):
     s_per_token_layer: float  # transfer seconds of one token's KV in one layer
     streamed: bool  # the tier's loads arrive layer by layer
     setup_s: float
-    cpu_per_tok: float  # the client's CPU of a split's load: per token and per load
-    cpu_per_load: float
+    cpu_per_tok: float  # the client's CPU of a split's load: per token, per load and
+    cpu_per_load: float  # per token and layer
+    cpu_per_tok_layer: float
 
 
 class ReadCpu(NamedTuple):
@@ -154,6 +155,7 @@ class Shaper:
                 cost.tier(t).setup_s,
                 cost.tier(t).cpu_s_per_token,
                 cost.tier(t).cpu_s_per_load,
+                cost.tier(t).cpu_s_per_token_layer,
             )
             for t, a, b in self.ranges
         ]
@@ -188,7 +190,7 @@ class Shaper:
         if nl <= 0:
             return ready, free
         split_streams = split and self.caps.streamed_splits
-        for tier, a, b, lat, per_tok, streamed, setup, _, _ in self.tiers:
+        for tier, a, b, lat, per_tok, streamed, setup, *_ in self.tiers:
             streamed = streamed or split_streams
             x = a if a > lo else lo
             y = b if b < hi else hi
@@ -253,14 +255,15 @@ class Shaper:
         """The client CPU of a split's load of tokens [lo, hi) x layers [l0, L), and when
         that load runs (None where its tiers cost none)."""
         cpu, first, last = 0.0, math.inf, NEG
-        for tier, a, b, lat, per_tok, _, _, cpu_tok, cpu_load in self.tiers:
+        nl = self.num_layers - l0
+        for tier, a, b, lat, per_tok, _, _, cpu_tok, cpu_load, cpu_tok_layer in self.tiers:
             x, y = max(a, lo), min(b, hi)
-            if x >= y or not (cpu_tok or cpu_load):
+            if x >= y or not (cpu_tok or cpu_load or cpu_tok_layer):
                 continue
             start = io.get(tier, 0.0)
-            cpu += cpu_load + (y - x) * cpu_tok
+            cpu += cpu_load + (y - x) * (cpu_tok + nl * cpu_tok_layer)
             first = min(first, start)
-            last = max(last, start + lat + (self.num_layers - l0) * (y - x) * per_tok)
+            last = max(last, start + lat + nl * (y - x) * per_tok)
         return ReadCpu(cpu, first, last) if cpu > 0 and last > first else None
 
     def _beside(self, dur: float, at: float, reads_until: float) -> float:
@@ -460,10 +463,13 @@ class Shaper:
         points: set[int] = set()
         # The chunk is also delayed by the loads' client CPU spent while it runs, between
         # none and all of it: both ends of A give crossings, each priced in full below.
-        cpu = sum(t.cpu_per_load + (t.end - t.start) * t.cpu_per_tok for t in self.tiers)
+        cpu = sum(
+            t.cpu_per_load + (t.end - t.start) * (t.cpu_per_tok + L * t.cpu_per_tok_layer)
+            for t in self.tiers
+        )
         for a0 in {tc + slow * fixed, tc + slow * fixed + cpu}:
             cross = ends = 0.0
-            for tier, a, b, lat, per_tok, streamed, setup, _, _ in self.tiers:
+            for tier, a, b, lat, per_tok, streamed, setup, *_ in self.tiers:
                 streamed = streamed or self.caps.streamed_splits  # 0 < l < L: a split
                 start = io.get(tier, 0.0) + lat
                 base = start + setup

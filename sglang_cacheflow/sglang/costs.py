@@ -78,15 +78,20 @@ class CostTracker:
             s * 1e3, predicted * 1e3,
         )  # fmt: skip
 
-    def set_read_cpu(self, tier: str, per_token_s: float, per_load_s: float) -> None:
+    def set_read_cpu(
+        self, tier: str, per_token_s: float, per_load_s: float, per_token_layer_s: float
+    ) -> None:
         """A split's load from ``tier`` costs the process ``per_load_s`` + ``per_token_s``
-        per token of CPU (measured apart: a probe read); planned with from now on, where
-        the model is calibrated."""
+        per token + ``per_token_layer_s`` per token and layer of CPU (measured apart: a
+        probe read); planned with from now on, where the model is calibrated."""
         if not self.enabled:
             return
         with self._lock:
             cost = replace(
-                self.prior.tier(tier), cpu_s_per_token=per_token_s, cpu_s_per_load=per_load_s
+                self.prior.tier(tier),
+                cpu_s_per_token=per_token_s,
+                cpu_s_per_load=per_load_s,
+                cpu_s_per_token_layer=per_token_layer_s,
             )
             self.prior = replace(self.prior, tiers={**self.prior.tiers, tier: cost})
             self.calibrator.set_tier_prior(tier, cost)

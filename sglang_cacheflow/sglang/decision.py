@@ -66,6 +66,7 @@ def describe(plan_: Plan, req: Request, tier: str, cost: CostModel) -> str:
     extra = ""
     if t.cpu_s_per_token or t.cpu_s_per_load:  # what a split's read costs the process
         extra = f", split read CPU {t.cpu_s_per_token * 1e6:.1f} us/token"
+        extra += f" + {t.cpu_s_per_token_layer * 1e6:.2f} us/token-layer"
         extra += f" + {t.cpu_s_per_load * 1e3:.2f} ms"
     if req.staged_load is not None:  # what a load that is not a split may bring
         extra += f"; stages {req.staged_load[0]}-{req.staged_load[1]} tokens"

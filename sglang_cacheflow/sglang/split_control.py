@@ -65,13 +65,12 @@ class SplitControl:
         if cpu is None:
             return
         self._read_cpu_known = True
-        if self.groups > 1:
-            per_token = self.groups * cpu.per_page_s / self.page_size
-            per_load = self.groups * cpu.per_call_s
+        pt = self.page_size
+        if self.groups > 1:  # every page in each group's call, each layer in one of them
+            per_token, per_load = self.groups * cpu.per_page_s / pt, self.groups * cpu.per_call_s
         else:
-            per_token = (cpu.per_page_s + cpu.per_call_s / PAGES_PER_READ) / self.page_size
-            per_load = 0.0
-        self.costs.set_read_cpu(L3_TIER, per_token, per_load)
+            per_token, per_load = (cpu.per_page_s + cpu.per_call_s / PAGES_PER_READ) / pt, 0.0
+        self.costs.set_read_cpu(L3_TIER, per_token, per_load, cpu.per_page_layer_s / pt)
 
     def read_cpu_during(self, reqs: Any, started: float, seconds: float) -> float:
         """The client CPU the reads of ``reqs``' split restores spent while a forward of
@@ -84,11 +83,10 @@ class SplitControl:
             sp = d.split if d is not None else None
             if sp is None or sp.began is None:
                 continue
-            tier = model.tier(sp.tier)
-            cpu = tier.read_cpu_s(sp.tokens)
+            layers = sp.layer_share * self.shape.num_layers
+            cpu = model.tier(sp.tier).read_cpu_s(sp.tokens, layers)
             if cpu <= 0:
                 continue
-            layers = sp.layer_share * self.shape.num_layers
             end = sp.began + (
                 sp.read_s if sp.done.is_set() else model.load_s(sp.tier, sp.tokens, layers)
             )

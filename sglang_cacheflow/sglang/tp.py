@@ -25,7 +25,7 @@ from sglang_cacheflow.planner.plan import COMPUTE
 __all__ = ["cost_from_vector", "cost_vector", "reduce_round"]
 
 _COMPUTE_FIELDS = 6  # ComputeCost's fields, in order, first in the vector
-_TIER_FIELDS = 5  # TierCost's fields, in order, per tier after them
+_TIER_FIELDS = 6  # TierCost's fields, in order, per tier after them
 
 
 def cost_vector(cost: CostModel, tiers: Sequence[str]) -> list[float]:
@@ -35,7 +35,8 @@ def cost_vector(cost: CostModel, tiers: Sequence[str]) -> list[float]:
     out += [-c.overlap_slowdown, -c.split_s, -c.unlayered_s]
     for name in tiers:
         t = cost.tier(name)
-        out += [t.bandwidth_Bps, -t.latency_s, -t.setup_s, -t.cpu_s_per_token, -t.cpu_s_per_load]
+        out += [t.bandwidth_Bps, -t.latency_s, -t.setup_s]
+        out += [-t.cpu_s_per_token, -t.cpu_s_per_load, -t.cpu_s_per_token_layer]
     return out
 
 

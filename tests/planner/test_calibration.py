@@ -222,11 +222,16 @@ def test_the_reads_cpu_charged_apart_is_not_read_as_slowdown():
 
 def test_a_tiers_cpu_terms_survive_its_calibration():
     cal = Calibrator(PRIOR)
-    cal.set_tier_prior("redis", TierCost(1e9, 1e-3, cpu_s_per_token=3e-5, cpu_s_per_load=1e-3))
+    cpu = {"cpu_s_per_token": 3e-5, "cpu_s_per_load": 1e-3, "cpu_s_per_token_layer": 1e-6}
+    cal.set_tier_prior("redis", TierCost(1e9, 1e-3, **cpu))
     for nbytes in (1e6, 4e6, 1e7):
         cal.add_transfer("redis", nbytes, 2e-3 + nbytes / 5e8)
     fitted = cal.model().tier("redis")
     assert fitted.bandwidth_Bps == pytest.approx(5e8, rel=1e-3)
-    assert (fitted.cpu_s_per_token, fitted.cpu_s_per_load) == (3e-5, 1e-3)
-    assert fitted.read_cpu_s(100) == pytest.approx(1e-3 + 3e-3)
-    assert fitted.read_cpu_s(0) == 0.0
+    assert (fitted.cpu_s_per_token, fitted.cpu_s_per_load, fitted.cpu_s_per_token_layer) == (
+        3e-5,
+        1e-3,
+        1e-6,
+    )
+    assert fitted.read_cpu_s(100, 10) == pytest.approx(1e-3 + 100 * (3e-5 + 10 * 1e-6))
+    assert fitted.read_cpu_s(0, 10) == 0.0

@@ -409,9 +409,9 @@ def test_a_chunk_before_a_restores_last_gives_it_no_first_token() -> None:
 
 
 def test_a_split_reads_cpu_measured_by_the_backend_is_planned_and_calibrated() -> None:
-    # The L3 backend's probe: 1 ms a call, 40 us a page; the controller's splits read
-    # 16-token pages, 4 pages a call (not streamed): 2.5 + 15.6 us a token.
-    cpu = ClientCpu(per_call_s=1e-3, per_page_s=40e-6)
+    # The L3 backend's probe: 1 ms a call, 40 us a page and 2 us a page's layer; the
+    # controller's splits read 16-token pages, 4 pages a call (not streamed).
+    cpu = ClientCpu(per_call_s=1e-3, per_page_s=40e-6, per_page_layer_s=2e-6)
 
     class _Probed(Storage):
         read_cpu = cpu
@@ -423,12 +423,13 @@ def test_a_split_reads_cpu_measured_by_the_backend_is_planned_and_calibrated() -
     tier = ctl.costs.model().tier("redis")
     per_token = (40e-6 + 1e-3 / PAGES_PER_READ) / 16
     assert tier.cpu_s_per_token == pytest.approx(per_token)
+    assert tier.cpu_s_per_token_layer == pytest.approx(2e-6 / 16)
     # the split's own chunk beside its read: the CPU its read spent meanwhile is charged
     # apart from the slowdown (here the chunk ran beside all of a 0.1-s read, then half)
     sp = ctl.splits["r"].split
     assert sp is not None and sp.done.wait(5)
     sp.began, sp.read_s = 100.0, 0.1
     spent = ctl.read_cpu_during([Handle("r")], 99.9, 0.5)
-    assert spent == pytest.approx(tier.read_cpu_s(sp.tokens)) and spent > 0
+    assert spent == pytest.approx(tier.read_cpu_s(sp.tokens, sp.layer_share * 4)) and spent > 0
     assert ctl.read_cpu_during([Handle("r")], 100.05, 0.5) == pytest.approx(spent / 2)
     assert ctl.read_cpu_during([Handle("other")], 99.9, 0.5) == 0.0
