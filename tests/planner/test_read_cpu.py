@@ -60,3 +60,20 @@ def test_a_dearer_read_loads_less() -> None:
     ]
     assert loaded[1] < loaded[0]
     assert dear.mean_ttft_s > cheap.mean_ttft_s
+
+
+def test_a_layer_splits_read_costs_cpu_per_layer_it_loads() -> None:
+    # per token and layer only: loading layers [l, 4) of 512 tokens spends 512 * (4 - l) * c
+    c = 1e-4
+    tier = TierCost(256 * 2048, 0.0, cpu_s_per_token_layer=c)
+    cost = CostModel(SHAPE, ComputeCost(1000.0), {"redis": tier})
+    p = plan([REQ], cost, "cacheflow", CAPS, force=("layer", 0.5))  # layers [0, 2) recomputed
+    validate(p, [REQ], SHAPE.num_layers)
+    steps = p.requests["r"].steps
+    (chunk,) = (s for s in steps if s.action is Action.RECOMPUTE)
+    (load,) = (s for s in steps if s.action is Action.LOAD)
+    assert (chunk.layer_end, load.layer_start) == (2, 2)
+    alone = 0.5 * 0.512  # half the layers of the 512 evicted tokens (nothing fixed)
+    read = ReadCpu(512 * 2 * c, load.start_s, load.finish_s)
+    assert chunk.finish_s - chunk.start_s == pytest.approx(alone + read.during(0.0, alone))
+    assert chunk.finish_s - chunk.start_s > alone
