@@ -11,6 +11,7 @@ share). Times are for the whole tensor-parallel group; each rank loads ``1/tp`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -157,3 +158,26 @@ class CostModel:
         frac = 1.0 if layers is None else layers / self.shape.num_layers
         t = self.tier(tier)
         return t.latency_s + n * frac * self.shape.kv_bytes_per_token / t.bandwidth_Bps
+
+
+class ReadCpu(NamedTuple):
+    """A split's load as the client's CPU sees it: ``cpu_s`` spent evenly over
+    ``[start, finish)``."""
+
+    cpu_s: float
+    start: float
+    finish: float
+
+    def during(self, at: float, dur: float) -> float:
+        """What a forward of ``dur`` seconds alone, begun at ``at``, is delayed by: the CPU
+        spent while it runs, which lengthens it and so takes in more until the load ends
+        (``extra = rate * (dur + extra)`` while both run)."""
+        begin = max(at, self.start)
+        if at + dur <= begin or begin >= self.finish:
+            return 0.0
+        rate = self.cpu_s / (self.finish - self.start)
+        if rate < 1.0:
+            extra = rate * (at + dur - begin) / (1.0 - rate)
+            if at + dur + extra <= self.finish:
+                return extra
+        return rate * (self.finish - begin)

@@ -26,7 +26,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from sglang_cacheflow.planner.capabilities import Capabilities
-from sglang_cacheflow.planner.cost import CostModel
+from sglang_cacheflow.planner.cost import CostModel, ReadCpu
 from sglang_cacheflow.planner.plan import Action, Step
 from sglang_cacheflow.planner.request import Request
 
@@ -85,32 +85,10 @@ class TierRange(NamedTuple):
     s_per_token_layer: float  # transfer seconds of one token's KV in one layer
     streamed: bool  # the tier's loads arrive layer by layer
     setup_s: float
-    cpu_per_tok: float  # the client's CPU of a split's load: per token, per load and
-    cpu_per_load: float  # per token and layer
+    # the client's CPU of a split's load (TierCost): per token, per load, per token-layer
+    cpu_per_tok: float
+    cpu_per_load: float
     cpu_per_tok_layer: float
-
-
-class ReadCpu(NamedTuple):
-    """A split's load as the client's CPU sees it: ``cpu_s`` spent evenly over
-    ``[start, finish)``."""
-
-    cpu_s: float
-    start: float
-    finish: float
-
-    def during(self, at: float, dur: float) -> float:
-        """What a forward of ``dur`` seconds alone, begun at ``at``, is delayed by: the CPU
-        spent while it runs, which lengthens it and so takes in more until the load ends
-        (``extra = rate * (dur + extra)`` while both run)."""
-        begin = max(at, self.start)
-        if at + dur <= begin or begin >= self.finish:
-            return 0.0
-        rate = self.cpu_s / (self.finish - self.start)
-        if rate < 1.0:
-            extra = rate * (at + dur - begin) / (1.0 - rate)
-            if at + dur + extra <= self.finish:
-                return extra
-        return rate * (self.finish - begin)
 
 
 class Shaper:

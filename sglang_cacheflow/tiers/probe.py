@@ -64,6 +64,7 @@ def probe_read_cpu(
     layers = ns.layout.num_layers
     page = torch.zeros(ns.layout.shape(), dtype=ns.layout.dtype)
     if not tier.put(ns, key, page):
+        logger.warning("%s: the read CPU probe could not store its page", type(tier).__name__)
         return None
     failed = False
 
@@ -82,6 +83,7 @@ def probe_read_cpu(
     finally:
         tier.delete(ns, [key])
     if failed:
+        logger.warning("%s: the read CPU probe could not read its page", type(tier).__name__)
         return None
     one, whole, layer = (statistics.median(runs[k]) for k in ("one", "whole", "layer"))
     per_whole = max(0.0, (whole - one) / (pages - 1))  # a whole page, without the call

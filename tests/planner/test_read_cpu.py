@@ -14,8 +14,8 @@ from sglang_cacheflow.planner import (
     plan,
     validate,
 )
+from sglang_cacheflow.planner.cost import ReadCpu
 from sglang_cacheflow.planner.plan import Action
-from sglang_cacheflow.planner.shapes import ReadCpu
 
 SHAPE = ModelShape(4, 2, 64, 2)  # 2 KiB of KV a token
 REQ = Request("r", 0, (Span("redis", 512),), 16)
