@@ -27,11 +27,6 @@ from sglang_cacheflow.planner.plan import Action, RequestPlan, Step
 from sglang_cacheflow.planner.request import Request
 
 
-def _work_s(c: ComputeCost, prefix: int, n: int) -> float:
-    """A piece's share of a forward: its tokens and attended pairs, no fixed cost."""
-    return n / c.tokens_per_s + c.attention_s_per_token_pair * (n * prefix + n * (n - 1) / 2)
-
-
 def batch_prefills(
     plans: Mapping[str, RequestPlan],
     requests: Mapping[str, Request],
@@ -76,7 +71,8 @@ def batch_prefills(
             for a, b, action in pieces:
                 if a >= b:
                     continue
-                dur = _work_s(compute, a, b - a) + (compute.step_s if first_piece else 0.0)
+                # a forward's fixed cost is paid once, by its first piece
+                dur = compute.seconds(a, b - a) - (0.0 if first_piece else compute.step_s)
                 first_piece = False
                 steps[rid].append(Step(a, b, 0, num_layers, action, None, t, t + dur))
                 t += dur
