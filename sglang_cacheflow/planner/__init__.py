@@ -14,7 +14,13 @@ from sglang_cacheflow.planner.blend import (
 from sglang_cacheflow.planner.bound import Bound, fluid_bound
 from sglang_cacheflow.planner.calibration import Calibrator
 from sglang_cacheflow.planner.capabilities import RUNTIME, Capabilities
-from sglang_cacheflow.planner.cost import ComputeCost, CostModel, ModelShape, TierCost
+from sglang_cacheflow.planner.cost import (
+    ComputeCost,
+    CostModel,
+    ModelShape,
+    TierCost,
+    attention_ratio,
+)
 from sglang_cacheflow.planner.plan import Action, Plan, RequestPlan, Step
 from sglang_cacheflow.planner.policies import (
     POLICIES,
@@ -49,6 +55,7 @@ __all__ = [
     "Span",
     "Step",
     "TierCost",
+    "attention_ratio",
     "fluid_bound",
     "is_baseline",
     "plan",

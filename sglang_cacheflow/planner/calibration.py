@@ -3,7 +3,10 @@
 Compute: ``seconds = step_s + n / tokens_per_s + attention * (n*p + n*(n-1)/2)`` is linear in
 its three coefficients, so a least-squares fit over (prefix, tokens, layers, seconds) samples
 recovers them; a coefficient that comes out negative is dropped and the rest refitted
-(non-negative least squares over three unknowns by enumeration). Forwards measured while
+(non-negative least squares over three unknowns by enumeration). Where the model's
+``attention_ratio`` is known, attention is priced at that share of the per-token cost
+unless the samples show a term of their own (prefills from an empty cache cannot: their
+``n`` and ``n^2`` rise together, and a fit left to itself drops the term). Forwards measured while
 loads were in flight are fitted apart: the excess of the recent ones over the fitted model
 (their summed time over what the model gives them alone) is the ``overlap_slowdown``. The
 CPU the loads' client spent while such a forward ran (``TierCost.cpu_s_per_token``) is taken
@@ -24,7 +27,6 @@ compute's ``split_s``.
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 from collections.abc import Sequence
@@ -187,14 +189,20 @@ class Calibrator:
         if m < 3:
             return replace(self.prior.compute, unlayered_s=u)
         p, n, frac, y = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
-        # columns: step, per-token, per-token-pair, each scaled by the layer fraction
-        cols = np.stack([frac, frac * n, frac * (n * p + n * (n - 1) / 2)], axis=1)
+        pairs = n * p + n * (n - 1) / 2
+        ratio = self.prior.shape.attention_ratio
+        # columns: step, per-token, per-token-pair, and per-token with attention at the
+        # model's ratio; each scaled by the layer fraction
+        cols = np.stack([frac, frac * n, frac * pairs, frac * (n + ratio * pairs)], axis=1)
+        # Every model has a per-token term (free or tied to attention). Where the ratio is
+        # known, attention is never left out: the tied term is the default, and a free one
+        # is kept only where the samples show it (one more parameter to pay for below).
+        if ratio > 0:
+            models = [(0, 3), (3,), (0, 1, 2), (1, 2)]
+        else:
+            models = [(0, 1, 2), (0, 1), (1, 2), (1,)]
         best: tuple[float, np.ndarray] | None = None
-        for keep in itertools.chain.from_iterable(
-            itertools.combinations(range(3), k) for k in (3, 2, 1)
-        ):
-            if 1 not in keep:  # the per-token term is what makes a cost model
-                continue
+        for keep in models:
             sub = cols[:, keep]
             # relative least squares: every sample counts by its own scale
             coef, *_ = np.linalg.lstsq(sub / y[:, None], np.ones_like(y), rcond=None)
@@ -208,9 +216,11 @@ class Calibrator:
             sse = float(np.sum(((sub @ coef) / y - 1.0) ** 2))
             err = m * math.log(max(sse / m, 1e-30)) + len(keep) * math.log(m)
             if best is None or err < best[0]:
-                full = np.zeros(3)
+                full = np.zeros(4)
                 full[list(keep)] = coef
-                best = (err, full)
+                if full[3] > 0:  # the tied term: per-token, and attention at the ratio
+                    full[1], full[2] = full[3], ratio * full[3]
+                best = (err, full[:3])
         prior = self.prior.compute
         if best is None or best[1][1] <= 0:
             return replace(prior, unlayered_s=u)

@@ -21,11 +21,17 @@ class ModelShape:
     head_dim: int
     dtype_bytes: int = 2
     tp: int = 1
+    # An attended (query, key) pair's arithmetic over a token's through the layers' weights
+    # (:func:`attention_ratio`); 0 when unknown. Calibration prices attention with it until
+    # its samples show the term on their own.
+    attention_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "dtype_bytes", "tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.attention_ratio < 1.0:
+            raise ValueError(f"model.attention_ratio must be in [0, 1), got {self.attention_ratio}")
         if self.num_kv_heads % self.tp and self.tp % self.num_kv_heads:
             raise ValueError(
                 f"model.tp={self.tp} must divide num_kv_heads={self.num_kv_heads} (or be a "
@@ -37,6 +43,20 @@ class ModelShape:
         """Bytes of K and V, all layers, one token, as loaded by one TP rank."""
         heads_per_rank = max(1.0, self.num_kv_heads / self.tp)
         return 2.0 * self.num_layers * heads_per_rank * self.head_dim * self.dtype_bytes
+
+
+def attention_ratio(
+    hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, mlp_matrices: int = 3
+) -> float:
+    """Multiply-adds of one attended (query, key) pair in a decoder layer (``q.k`` and the
+    value's weight: ``2 * heads * head_dim``) over one token's through the layer's weights
+    (Q, K, V and O projections, and an MLP of ``mlp_matrices`` matrices of ``hidden x
+    intermediate``: 3 where gated, as in Llama and Qwen2). The layer count cancels; so does
+    tensor parallelism, which splits both alike."""
+    if min(hidden, heads, kv_heads, head_dim, intermediate, mlp_matrices) < 1:
+        raise ValueError("attention_ratio needs positive model dimensions")
+    weights = hidden * head_dim * (2 * heads + 2 * kv_heads) + mlp_matrices * hidden * intermediate
+    return 2.0 * heads * head_dim / weights
 
 
 @dataclass(frozen=True)

@@ -56,11 +56,11 @@ def create_cacheflow_cache(ctx: Any) -> Any:
     """Radix cache factory of ``--radix-cache-backend cacheflow``."""
     from sglang.srt.mem_cache.registry import create_unified_radix_cache
 
-    from sglang_cacheflow.planner import ModelShape
     from sglang_cacheflow.sglang.capabilities import prefill_budget
     from sglang_cacheflow.sglang.config import check_page_size
     from sglang_cacheflow.sglang.controller import CacheFlowController, set_current_controller
     from sglang_cacheflow.sglang.flags import config_from_server_args
+    from sglang_cacheflow.sglang.model import model_shape
     from sglang_cacheflow.sglang.radix_cache import CacheFlowRadixCache
 
     cfg = config_from_server_args(ctx.server_args)
@@ -82,13 +82,7 @@ def create_cacheflow_cache(ctx: Any) -> Any:
         dtype_bytes = ctx.params.token_to_kv_pool_allocator.get_kvcache().dtype.itemsize
     except AttributeError:
         dtype_bytes = 2
-    shape = ModelShape(
-        num_layers=int(mc.num_hidden_layers),
-        num_kv_heads=int(mc.get_total_num_kv_heads()),
-        head_dim=int(mc.head_dim),
-        dtype_bytes=int(dtype_bytes),
-        tp=int(ctx.tp_size),
-    )
+    shape = model_shape(mc, dtype_bytes, ctx.tp_size)
     group = None
     if ctx.tp_size > 1 and ctx.tp_group is not None:
         group = getattr(ctx.tp_group, "cpu_group", ctx.tp_group)

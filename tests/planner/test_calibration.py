@@ -1,10 +1,18 @@
 """Calibration recovers a cost model from measurements and predicts them within 10%."""
 
 import random
+from dataclasses import replace
 
 import pytest
 
-from sglang_cacheflow.planner import Calibrator, ComputeCost, CostModel, ModelShape, TierCost
+from sglang_cacheflow.planner import (
+    Calibrator,
+    ComputeCost,
+    CostModel,
+    ModelShape,
+    TierCost,
+    attention_ratio,
+)
 
 SHAPE = ModelShape(30, 3, 64, 2)
 PRIOR = CostModel(SHAPE, ComputeCost(1000.0), {"redis": TierCost(1e9, 1e-3)})
@@ -235,3 +243,55 @@ def test_a_tiers_cpu_terms_survive_its_calibration():
     )
     assert fitted.read_cpu_s(100, 10) == pytest.approx(1e-3 + 100 * (3e-5 + 10 * 1e-6))
     assert fitted.read_cpu_s(0, 10) == 0.0
+
+
+def test_the_models_attention_ratio_prices_attention_the_prefills_cannot_show():
+    # The same empty-cache prefills as above, on a model whose attention costs what its
+    # arithmetic says: with the ratio known, a returning turn's extend over a long prefix is
+    # priced within 10%; without it, the fit drops the term and misses that extend by far.
+    ratio = 3.26e-4  # SmolLM2-135M: attention_ratio(576, 9, 3, 64, 1536)
+    truth = ComputeCost(tokens_per_s=700, attention_s_per_token_pair=ratio / 700, step_s=0.1)
+    shaped = CostModel(replace(SHAPE, attention_ratio=ratio), PRIOR.compute, PRIOR.tiers)
+    rng = random.Random(4)
+    fits = {}
+    for name, prior in (("ratio", shaped), ("no ratio", PRIOR)):
+        cal = Calibrator(prior)
+        for _ in range(4):
+            for n in (64, 128, 256, 512):
+                cal.add_compute(0, n, truth.seconds(0, n) * rng.uniform(0.92, 1.08))
+        fits[name] = cal.compute_cost()
+    assert fits["no ratio"].attention_s_per_token_pair == 0.0
+    assert fits["ratio"].attention_s_per_token_pair == pytest.approx(
+        ratio / fits["ratio"].tokens_per_s
+    )
+    for p, n in ((400, 525), (2048, 16), (4096, 256)):
+        assert fits["ratio"].seconds(p, n) == pytest.approx(truth.seconds(p, n), rel=0.10)
+    assert fits["no ratio"].seconds(4096, 256) < 0.75 * truth.seconds(4096, 256)
+
+
+def test_attention_the_samples_show_overrides_the_models_ratio():
+    # CPU attention kernels can run well below their arithmetic's share: extends over long
+    # prefixes show a term three times the ratio, and the fit takes it.
+    ratio = 1e-4
+    truth = ComputeCost(tokens_per_s=600, attention_s_per_token_pair=3 * ratio / 600, step_s=0.1)
+    cal = Calibrator(CostModel(replace(SHAPE, attention_ratio=ratio), PRIOR.compute, PRIOR.tiers))
+    rng = random.Random(5)
+    for p in (0, 1024, 4096, 8192):
+        for n in (16, 256, 1024):
+            cal.add_compute(p, n, truth.seconds(p, n) * rng.uniform(0.97, 1.03))
+    fitted = cal.compute_cost()
+    assert fitted.attention_s_per_token_pair == pytest.approx(3 * ratio / 600, rel=0.2)
+    assert fitted.tokens_per_s == pytest.approx(600, rel=0.1)
+
+
+def test_attention_ratio_counts_a_layers_arithmetic():
+    # SmolLM2-135M: 9 query heads of 64, 3 KV heads, hidden 576, gated MLP of 1536
+    per_token = 576 * 64 * (2 * 9 + 2 * 3) + 3 * 576 * 1536
+    assert attention_ratio(576, 9, 3, 64, 1536) == pytest.approx(2 * 9 * 64 / per_token)
+    assert attention_ratio(576, 9, 3, 64, 1536, mlp_matrices=2) > attention_ratio(
+        576, 9, 3, 64, 1536
+    )
+    with pytest.raises(ValueError, match="positive"):
+        attention_ratio(576, 0, 3, 64, 1536)
+    with pytest.raises(ValueError, match="attention_ratio"):
+        ModelShape(30, 3, 64, 2, attention_ratio=1.5)
