@@ -246,7 +246,7 @@ class CacheFlowController(SplitControl):
         for req in list(scheduler.waiting_queue)[: self.cfg.max_round_requests]:
             if req.finished():
                 continue
-            if req.rid in self.splits:  # its front is recomputed first (Cake's order)
+            if req.rid in self.splits:  # admitted up to its span (host_limit)
                 self.host_caps[req.rid] = 0
                 continue
             if req.rid in self.storage_plans:
@@ -303,6 +303,17 @@ class CacheFlowController(SplitControl):
             if split is not None:
                 self.splits[req.id] = d
             self._log(describe(plan_, req, HOST_TIER, cost))
+
+    def host_limit(self, rid: str, device_prefix: int) -> int | None:
+        """Where ``rid``'s host hit ends at this admission (a position in its tokens; None:
+        not capped): a split restore's at its span's start (host pages before an L3 span load
+        back; the span is the split's to restore), a planned host hit's at the front its plan
+        loads. Never below the device prefix (a device hit is not undone)."""
+        d = self.splits.get(rid)
+        if d is not None and d.split is not None:
+            return max(d.split.span_start, device_prefix)
+        cap = self.host_caps.get(rid)
+        return None if cap is None else device_prefix + cap
 
     def _drop_stale(self, waiting: Sequence[Any], chunked: Any = None) -> None:
         """Forget decisions of requests that left the queue without being admitted (an

@@ -69,11 +69,11 @@ class CacheFlowRadixCache(UnifiedRadixCache):
         req = params.req
         if ctl is None or req is None or not ctl.host_caps:
             return result
-        cap = ctl.host_caps.get(req.rid)
-        if cap is None or result.host_hit_length <= cap or params.key.is_bigram:
+        limit = ctl.host_limit(req.rid, result.device_prefix_len)
+        hit_end = result.device_prefix_len + result.host_hit_length
+        if limit is None or hit_end <= limit or params.key.is_bigram:
             return result
         key = params.key
-        limit = result.device_prefix_len + cap
         if key.limit is not None:
             limit = min(limit, key.limit)
         capped = RadixKey(key.token_ids, key.extra_key, limit=limit, cache_salt=key.cache_salt)

@@ -91,6 +91,9 @@ class SplitRestore:
     layers: tuple[int, int] = (0, 0)  # loaded layer range; (0, 0) means all of them
     release: Callable[[], None] | None = None  # undo what protects the source (host lock)
     skip_insert: bool = False  # the request's own skip_radix_cache_insert, restored at the end
+    # where the span begins: the request is admitted with its prefix up to here (device
+    # pages, and host pages before an L3 span, which SGLang loads back as for any host hit)
+    span_start: int = 0
     groups: int = 1  # the loaded layers are read in this many layer groups, one after another
     group_pages: list[int] = field(default_factory=list)  # per group: pages [0, n) landed
     error: str | None = None
@@ -249,16 +252,19 @@ class SplitUnavailable(RuntimeError):
 
 
 def _new_split(
-    rid: str, tier: str, start: int, layer: int, pages: int, like: tuple[int, ...],
+    req: Any, tier: str, front: int, layer: int, pages: int, like: tuple[int, ...],
     dtype: torch.dtype, groups: int, release: Callable[[], None] | None = None,
 ) -> SplitRestore:  # fmt: skip
-    """A split restore loading ``pages`` pages from token ``start`` and from layer ``layer``
-    on, in ``groups`` layer groups; ``like`` is a page's (layers, 2, tokens, heads, dim)."""
+    """A split restore of ``req``'s span (a planner ``Request``) loading ``pages`` pages from
+    ``front`` tokens into the span and from layer ``layer`` on, in ``groups`` layer groups;
+    ``like`` is a page's (layers, 2, tokens, heads, dim)."""
     num_layers, _, page, heads, dim = like
     staging = new_staging(pages, num_layers - layer, page, heads, dim, dtype)
+    start = req.device_tokens + front
     return SplitRestore(
-        rid, tier, start, pages * page, page, staging,
+        req.id, tier, start, pages * page, page, staging,
         layers=(layer, num_layers) if layer else (0, 0), release=release, groups=groups,
+        span_start=req.device_tokens,
     )  # fmt: skip
 
 
@@ -278,9 +284,7 @@ def start_l3_split(
         raise SplitUnavailable(f"{len(back)} page keys, L3 backend {storage}")
     lay = storage.ns.layout
     like = (lay.num_layers, 2, page, lay.kv_heads, lay.head_dim)
-    sp = _new_split(
-        req.id, L3_TIER, req.device_tokens + front, layer, len(back), like, lay.dtype, groups
-    )
+    sp = _new_split(req, L3_TIER, front, layer, len(back), like, lay.dtype, groups)
 
     def read(lo: int, hi: int, a: int, b: int) -> list[bool]:
         return storage.read_pages(back[lo:hi], sp.staging[lo:hi, a:b], (layer + a, layer + b))
@@ -308,8 +312,8 @@ def start_host_split(
     first = canonical_page_view(pool, int(starts[0]))
     unlock = cache.inc_host_lock_ref(node).to_dec_params()
     sp = _new_split(
-        req.id, HOST_TIER, req.device_tokens + front, layer, len(starts), tuple(first.shape),
-        first.dtype, groups, release=lambda: cache.dec_host_lock_ref(node, unlock),
+        req, HOST_TIER, front, layer, len(starts), tuple(first.shape), first.dtype, groups,
+        release=lambda: cache.dec_host_lock_ref(node, unlock),
     )  # fmt: skip
 
     def read(lo: int, hi: int, a: int, b: int) -> list[bool]:

@@ -433,3 +433,20 @@ def test_a_split_reads_cpu_measured_by_the_backend_is_planned_and_calibrated() -
     assert spent == pytest.approx(tier.read_cpu_s(sp.tokens, sp.layer_share * 4)) and spent > 0
     assert ctl.read_cpu_during([Handle("r")], 100.05, 0.5) == pytest.approx(spent / 2)
     assert ctl.read_cpu_during([Handle("other")], 99.9, 0.5) == 0.0
+
+
+def test_a_split_is_admitted_up_to_its_span_and_a_host_hit_up_to_its_plan() -> None:
+    # An L3 span after 64 cached tokens (16 on the device, 48 in host memory): the split's
+    # request is admitted with its prefix up to the span, the host pages loaded back.
+    ctl, _ = _controller()
+    call = _call("split")
+    call["matched_prefix_tokens"] = list(range(64))
+    ctl.plan_prefetches([call])
+    sp = ctl.splits["split"].split
+    assert sp is not None and sp.span_start == 64
+    assert ctl.host_limit("split", device_prefix=16) == 64
+    assert ctl.host_limit("split", device_prefix=80) == 80  # a device hit is not undone
+    # a planned host hit: its device prefix and the front its plan loads
+    ctl.host_caps["host"] = 32
+    assert ctl.host_limit("host", device_prefix=16) == 48
+    assert ctl.host_limit("other", device_prefix=16) is None

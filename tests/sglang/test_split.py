@@ -165,6 +165,41 @@ def test_smollm2_split_restores_exactly(
     _restores_exactly(server, l3, 2, smollm2_reference, shape)
 
 
+def test_a_layer_split_after_a_host_front_loads_the_front_back(
+    sglang_servers: StartServer,
+    tiny_llama_path: Path,
+    fault_reference: SGLangServer,
+    l3: RedisServer,
+) -> None:
+    # A conversation whose first FRONT tokens are in host memory and the rest of its prefix
+    # only in Redis: the layer split restores the Redis span; the host front before it is
+    # loaded back as for any host hit (it used to be left out of the match, the span then
+    # started elsewhere than planned and the split was dropped for a recompute).
+    front = 160
+    server = _cacheflow(sglang_servers, tiny_llama_path, l3, "96mbps+1ms", SHAPES["layer-split"][0])
+    try:
+        p = returning_prompts(5)
+        to_redis(server, p, l3)  # the "redis" prefix: in Redis only
+        ask(server, p["redis"][:front] + p["next+"])  # its front back on device (a restore)
+        ask(server, p["fill0"])
+        ask(server, p["fill1"])  # ... and evicted from the device to host memory
+        back = p["redis"] + p["redis+"]
+        got = ask(server, back)
+        assert_same_replies([ask(fault_reference, back)], [got])
+        log = server.log_text()
+        last = logged_decisions(log, "redis")[-1]
+        assert last.shape == "layer split 2/4", last
+        span = PREFIX - front
+        assert re.findall(r"split rid=\S+: layer split 2/4; loaded layers \[2, 4\) of (\d+) "
+                          r"of the (\d+)", log)[-1] == (str(span), str(span))  # fmt: skip
+        assert got["meta_info"]["cached_tokens"] >= front, got["meta_info"]
+        assert total(metrics(server), FALLBACKS) == 0
+        time.sleep(1.0)
+        assert "memory leak detected" not in server.log_text()
+    finally:
+        server.stop()
+
+
 # -- faults under a split restore --------------------------------------------------------
 
 
