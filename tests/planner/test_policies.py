@@ -410,6 +410,29 @@ def test_sglang_splits_one_balanced_request():
     assert cake.mean_ttft_s < 0.7 * best_pure
 
 
+def test_the_link_decides_how_much_of_a_span_loads():
+    # One request, the link from a tenth to ten times the balanced one: the share of the
+    # span's KV loaded rises with the link, from almost none to almost all, about half at
+    # the balanced one.
+    n = 4096
+    balanced = _balanced_redis(llama8b(2e-9), n)
+    req = Request("r", 0, (Span("redis", n),), 16)
+    loaded, shapes = [], []
+    for factor in (0.1, 0.5, 1.0, 2.0, 10.0):
+        tier = balanced.tier("redis")
+        cost = CostModel(balanced.shape, balanced.compute, {
+            "redis": TierCost(tier.bandwidth_Bps * factor, tier.latency_s)})  # fmt: skip
+        p = plan([req], cost, "cacheflow", SGLANG)
+        validate(p, [req], 32)
+        rp = p.requests["r"]
+        shapes.append(rp.shape)
+        loaded.append(sum((s.end - s.start) * (s.layer_end - s.layer_start)
+                          for s in rp.steps if s.action is Action.LOAD))  # fmt: skip
+    share = [x / (n * balanced.shape.num_layers) for x in loaded]
+    assert share == sorted(share) and len(set(share)) == len(share), (shapes, share)
+    assert share[0] < 0.1 and 0.3 < share[2] < 0.7 and share[-1] > 0.85, (shapes, share)
+
+
 @pytest.mark.parametrize(
     ("kind", "fraction", "shape"),
     [
