@@ -1,19 +1,19 @@
 """Calibrating the cost model from measured samples.
 
-Compute: ``seconds = step_s + n / tokens_per_s + attention * (n*p + n*(n-1)/2)`` is linear in
-its three coefficients, so a least-squares fit over (prefix, tokens, layers, seconds) samples
-recovers them; a coefficient that comes out negative is dropped and the rest refitted
-(non-negative least squares over three unknowns by enumeration). Where the model's
-``attention_ratio`` is known, attention is priced at that share of the per-token cost
-unless the samples show a term of their own (prefills from an empty cache cannot: their
-``n`` and ``n^2`` rise together, and a fit left to itself drops the term). Forwards measured while
+Compute: ``seconds = step_s + n / tokens_per_s + attention * (n*p + n*(n-1)/2)`` is linear
+in its three coefficients, so a least-squares fit over (prefix, tokens, layers, seconds)
+samples recovers them; a coefficient that comes out negative is dropped and the rest
+refitted (non-negative least squares over three unknowns by enumeration). Where the model's
+``attention_ratio`` is known, attention is priced at that share of the per-token cost unless
+the samples show a term of their own (prefills from an empty cache cannot: their ``n`` and
+``n^2`` rise together, and a fit left to itself drops the term). Forwards measured while
 loads were in flight are fitted apart: the excess of the recent ones over the fitted model
 (their summed time over what the model gives them alone) is the ``overlap_slowdown``. The
 CPU the loads' client spent while such a forward ran (``TierCost.cpu_s_per_token``) is taken
 off first: the slowdown is what is left (memory bandwidth, copies). The part of a forward
-outside its layer loop (``unlayered_s``), which a forward through some
-layers pays whole, is measured directly by an engine that can time its layer loop: the
-median of recent samples, taken off a layer-limited sample before the fit.
+outside its layer loop (``unlayered_s``), which a forward through some layers pays whole, is
+measured directly by an engine that can time its layer loop: the median of recent samples,
+taken off a layer-limited sample before the fit.
 
 Tiers: ``seconds = latency + bytes / bandwidth`` per transfer, tracked with exponentially
 weighted sums, so recent transfers count most and each update is O(1): a weighted linear
