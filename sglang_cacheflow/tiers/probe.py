@@ -3,11 +3,10 @@
 A Redis client spends CPU per command it sends and reply it parses: about one command per
 page (and layer block) of a read, a little more for each layer's bytes, plus a fixed part
 per call. On a CPU engine that CPU is taken from the forward running beside the read,
-whatever the bytes. :func:`probe_read_cpu`
-measures them on the machine at hand by reading one stored page, whole and its first layer,
-once and ``pages`` times in one call, with the process's CPU clock less what the process
-spends anyway over the same time (its other threads); the SGLang backend runs it when it
-registers, before any request.
+whatever the bytes. :func:`probe_read_cpu` measures them on the machine at hand by reading
+one stored page, whole and its first layer, once and ``pages`` times in one call, with the
+process's CPU clock less what the process spends anyway over the same time (its other
+threads); the SGLang backend runs it when it registers, before any request.
 """
 
 from __future__ import annotations
