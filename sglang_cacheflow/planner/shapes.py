@@ -280,8 +280,9 @@ class Shaper:
             if rc > 0:
                 if mid > d:
                     rc *= 1.0 + self.cost.compute.overlap_slowdown
+                    cpu = self._read_cpu(d, mid, 0, io)  # the read runs beside the forward
                 b, free = self._loads(d, mid, 0, io, rc / L, steps)
-                a = self._compute(mid, end, 0, L, max(tc, b), steps, mid > d, reads)
+                a = self._compute(mid, end, 0, L, max(tc, b), steps, mid > d, reads, cpu)
                 b = NEG
             else:
                 a = tc

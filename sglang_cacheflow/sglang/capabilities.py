@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from sglang_cacheflow.planner.capabilities import Capabilities
-from sglang_cacheflow.tiers.names import HOST_TIER
+from sglang_cacheflow.tiers.names import HOST_TIER, L3_TIER
 
 SGLANG = Capabilities(
     token_split=True, layer_split=True, load_front=True, streamed_tiers=frozenset({HOST_TIER})
@@ -24,10 +24,17 @@ SGLANG_STREAMED = replace(SGLANG, streamed_splits=True)
 new tokens starts at the splice and each of its layers waits for that layer of the load."""
 
 
-def sglang_capabilities(stream_groups: int | None, batch_tokens: int = 0) -> Capabilities:
-    """What a server runs: splits streamed with ``stream_groups`` > 1; prefills batched in
-    forwards of up to ``batch_tokens`` tokens (:func:`prefill_budget`)."""
-    caps = SGLANG_STREAMED if (stream_groups or 1) > 1 else SGLANG
+def sglang_capabilities(
+    stream_groups: int | None, batch_tokens: int = 0, front_loads: bool = False
+) -> Capabilities:
+    """What a server runs: splits streamed with ``stream_groups`` > 1, and then, with
+    ``front_loads`` (``stream_front_loads``), L3 front loads (load front, load all) too,
+    through the split reader, where they are otherwise SGLang's prefetch. Prefills batched
+    in forwards of up to ``batch_tokens`` tokens (:func:`prefill_budget`)."""
+    streamed = (stream_groups or 1) > 1
+    caps = SGLANG_STREAMED if streamed else SGLANG
+    if streamed and front_loads:
+        caps = replace(caps, streamed_tiers=frozenset({HOST_TIER, L3_TIER}))
     return replace(caps, batch_tokens=max(0, batch_tokens))
 
 

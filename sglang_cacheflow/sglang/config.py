@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from sglang_cacheflow.planner.policies import POLICIES
+from sglang_cacheflow.planner.policies import POLICIES, serves_in_order
 from sglang_cacheflow.tiers.names import HOST_TIER, L3_TIER
 from sglang_cacheflow.tiers.redis_config import URL_SCHEMES
 
@@ -91,6 +91,12 @@ class CacheFlowConfig:
     (:mod:`sglang_cacheflow.sglang.stream`); 1: not streamed, the splice waits for the whole
     load. Streaming needs a scheduler without SGLang's overlap loop; ``None``:
     :data:`STREAM_GROUPS` there, 1 with the loop.
+    ``stream_front_loads``: under ``cacheflow`` with streamed splits, an L3 load of a span's
+    front (load front, load all) is read by the split reader and streams into the one extend
+    that recomputes the rest, instead of landing whole in host memory through SGLang's
+    prefetch first (the planner then prices the ``redis`` tier as streamed). Off by default:
+    at 512 tokens on the CPU engine it made no restore faster (docs/benchmarks.md, "L3 front
+    loads streamed into the extend").
     """
 
     policy: str = "cacheflow"
@@ -108,6 +114,7 @@ class CacheFlowConfig:
     arrival_gap_ms: float | None = None
     arrival_polls: int = 8
     stream_groups: int | None = None
+    stream_front_loads: bool = False
 
     def for_device(self, device: str | None, overlap: bool | None = None) -> CacheFlowConfig:
         """This configuration with its server-dependent defaults resolved for ``device``
@@ -119,6 +126,12 @@ class CacheFlowConfig:
             raise ConfigError(
                 f"{FLAG_CONFIG}: stream_groups={self.stream_groups} streams split restores, "
                 "which needs --disable-overlap-schedule (or set stream_groups to 1)"
+            )
+        if self.stream_front_loads and (overlap or self.stream_groups == 1):
+            raise ConfigError(
+                f"{FLAG_CONFIG}: stream_front_loads streams L3 front loads into the extend, "
+                "which needs streamed splits: --disable-overlap-schedule and stream_groups > 1 "
+                "(or set stream_front_loads to false)"
             )
         gap = self.arrival_gap_ms
         if gap is None:
@@ -250,6 +263,11 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
         raise ConfigError(
             f"{FLAG_CONFIG}: stream_groups must be >= 1 (1: not streamed), got "
             f"{data['stream_groups']}"
+        )
+    if data.get("stream_front_loads") and not serves_in_order(policy):
+        raise ConfigError(
+            f"{FLAG_CONFIG}: stream_front_loads needs a policy served one restore per forward "
+            f"(a streamed extend runs alone): {FLAG_POLICY} cacheflow, not {policy!r}"
         )
     if data.get("split_wait_s", _DEFAULTS.split_wait_s) <= 0:
         raise ConfigError(f"{FLAG_CONFIG}: split_wait_s must be > 0, got {data['split_wait_s']}")

@@ -134,7 +134,9 @@ class CacheFlowController(SplitControl):
         self.clock = clock
         self.owed = OwedWork(clock)
         self._init_splits(cfg, cache)
-        self.caps = sglang_capabilities(cfg.stream_groups, batch_tokens)
+        self.caps = sglang_capabilities(cfg.stream_groups, batch_tokens, cfg.stream_front_loads)
+        # L3 front loads (load front, load all) go through the split reader, streamed
+        self.front_loads = self.caps.streams(L3_TIER) and self.layers is not None
         self.scheduler: Any = None  # SGLang's scheduler, as of the last round
         self.queue: Sequence[Any] = ()  # the scheduler's waiting queue, as of the last round
         self._queued_s = 0.0  # queued compute seconds counted in the last round's busy
@@ -422,10 +424,15 @@ class CacheFlowController(SplitControl):
                 continue
             measured = now - d.t0
             self.account.restore_done(d, measured)
-            if d.alone and d.split is not None and d.split.landed_pages == d.split.pages:
-                self.costs.observe_split(measured, d.predicted_s)
-            elif d.alone and d.tier == L3_TIER and d.planned_load > 0:
+            sp = d.split
+            whole = sp is None or sp.landed_pages == sp.pages
+            if not d.alone or not whole:
+                continue
+            if sp is None and d.tier == L3_TIER and d.planned_load > 0:  # SGLang's prefetch
                 self.costs.observe_restore(L3_TIER, measured, d.predicted_s)
+            elif sp is not None and not sp.loads_front:  # a chunk, a hand-off, an extend
+                self.costs.observe_split(measured, d.predicted_s)
+            # a streamed front load pays neither: its read calibrates the tier
         if not self.pending and not self.storage_plans and not self.splits:
             self.owed.clear()
 
@@ -488,7 +495,8 @@ class CacheFlowController(SplitControl):
                 continue
             device = len(call["matched_prefix_tokens"] or ())
             new = max(1, len(call["new_input_tokens"]) + 1 - hit)
-            reqs.append(Request(rid, device, (Span(L3_TIER, hit),), new, staged_load))
+            bound = None if self.front_loads else staged_load  # SGLang stages no front load
+            reqs.append(Request(rid, device, (Span(L3_TIER, hit),), new, bound))
             by_id[rid] = call
         if not reqs:
             return
@@ -505,6 +513,9 @@ class CacheFlowController(SplitControl):
             shape = planned_split(plan_, req)
             if shape is not None:  # the split reader loads; SGLang prefetches nothing
                 split = self._start_l3_split(req, *shape, keys[rid])
+                load = split.tokens if split is not None else 0
+            elif load > 0 and self.front_loads:  # so does a front load, streamed
+                split = self._start_l3_split(req, 0, 0, keys[rid], load)
                 load = split.tokens if split is not None else 0
             d = self.storage_plans[rid] = Decision(
                 rid,
@@ -526,7 +537,7 @@ class CacheFlowController(SplitControl):
             while len(self.storage_plans) > _MAX_TRACKED:
                 self.cache.cacheflow_release_prefetch(self.storage_plans.popitem(last=False)[0])
             self._log(describe(plan_, req, L3_TIER, cost))
-            if load > 0 and shape is None:
+            if load > 0 and split is None:
                 call = dict(by_id[rid])
                 call["new_input_tokens"] = call["new_input_tokens"][:load]
                 call["storage_hit_end"] = None

@@ -224,9 +224,11 @@ def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleT
             return other  # a layer split's chunk runs alone: the others wait a round
         sp = ctl.split_of(req.rid)
         start = admission.prefix_len
+        busy = kwargs.get("has_chunked_req") or self.new_chunked_req is not None
+        if sp is not None and sp.loads_front:  # its extend streams: it runs alone
+            return other if busy or self.can_run_list else admission
         if sp is None or not start < sp.cut < start + admission.extend_len:
             return admission
-        busy = kwargs.get("has_chunked_req") or self.new_chunked_req is not None
         if sp.layer_split:
             if start != sp.start:  # the span moved (its front got cached): recompute it
                 ctl.drop_split(req.rid, "split_cut_missed")
@@ -240,6 +242,31 @@ def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleT
         return admission_cls(start, sp.cut - start, 0, True, admission.replay_len)
 
     return _select_prefill_admission
+
+
+def _wrap_commit_prefill_admission(original: Callable[..., Any], module: ModuleType) -> Any:
+    admission_cls, clip = module._PrefillAdmission, module.CLIP_MAX_NEW_TOKENS
+
+    @functools.wraps(original)
+    def _commit_prefill_admission(self: Any, req: Any, admission: Any, *args: Any) -> Any:
+        ctl = _ctl()
+        loaded = 0
+        if ctl is not None and ctl.splits and ctl.front_load(req.rid) is not None:
+            loaded = ctl.admit_front_load(req, admission.prefix_len)
+        if loaded:  # the extend starts after the loaded front, as after a host load-back
+            prefix = admission.prefix_len + loaded
+            extend = min(admission.extend_len, len(req.full_untruncated_fill_ids) - prefix)
+            chunked = admission.is_chunked and prefix + extend < len(req.full_untruncated_fill_ids)
+            max_new = admission.max_new_tokens
+            if admission.is_chunked and not chunked:
+                max_new = min(req.sampling_params.max_new_tokens, clip)
+            req.prefix_len = prefix
+            admission = admission_cls(
+                prefix, extend, max_new, chunked, self._replay_len(req, prefix)
+            )
+        return original(self, req, admission, *args)
+
+    return _commit_prefill_admission
 
 
 def _wrap_add_chunked_req(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -261,6 +288,9 @@ def _patch_schedule_policy(module: ModuleType) -> None:
         cls._select_prefill_admission, module
     )
     cls.add_chunked_req = _wrap_add_chunked_req(cls.add_chunked_req)
+    cls._commit_prefill_admission = _wrap_commit_prefill_admission(
+        cls._commit_prefill_admission, module
+    )
 
 
 # -- timings ----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import time
 from array import array
 from typing import Any
 
+import torch
 from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
@@ -78,6 +79,18 @@ class CacheFlowRadixCache(UnifiedRadixCache):
             limit = min(limit, key.limit)
         capped = RadixKey(key.token_ids, key.extra_key, limit=limit, cache_salt=key.cache_salt)
         return super().match_prefix(dataclasses.replace(params, key=capped))
+
+    def prefix_device_indices(self, req: Any) -> Any:
+        """The KV slots of ``req``'s prefix: its tree match, then the slots of a front load
+        being admitted (the controller's, streamed into its extend; SGLang appends an external
+        linker's private slots the same way)."""
+        ctl = self.cacheflow
+        tail = ctl.front_slots.get(req.rid) if ctl is not None else None
+        if tail is None:
+            return super().prefix_device_indices(req)
+        root = self.root_node_handle(req.extra_key)
+        path = self.tree_core.collect_full_device_indices(req.last_node, root)
+        return torch.cat([path, tail.to(path.dtype)])[: req.prefix_len]
 
     # -- L3 hits -------------------------------------------------------------------------
 

@@ -117,9 +117,21 @@ class SplitRestore:
         return min(self.group_pages)
 
     def group_layers(self, g: int) -> tuple[int, int]:
-        """Staging layers ``[a, b)`` of layer group ``g`` (groups differ by one layer at most)."""
-        n = self.staging.shape[1]
-        return g * n // self.groups, (g + 1) * n // self.groups
+        """Staging layers ``[a, b)`` of layer group ``g``: equal groups (they differ by one
+        layer at most), except for a front load, whose groups grow towards the middle and
+        shrink again (weights 1, 2, 3, ..., 3, 2, 1): its extend reads nothing before the first
+        group has landed and, where the read is the slower, computes the last group after it
+        ends, so both are kept short."""
+        n, k = self.staging.shape[1], self.groups
+        if not self.loads_front:
+            return g * n // k, (g + 1) * n // k
+        weights = [min(i + 1, k - i) for i in range(k)]
+        total = sum(weights)
+
+        def edge(i: int) -> int:  # every group keeps at least one layer
+            return min(max(i, round(n * sum(weights[:i]) / total)), n - (k - i))
+
+        return edge(g), edge(g + 1)
 
     def group_of(self, layer: int) -> int:
         """The layer group holding staging layer ``layer``."""
@@ -151,6 +163,13 @@ class SplitRestore:
     def layer_split(self) -> int | None:
         """``l`` of a layer split (layers ``[0, l)`` recomputed), None for a token split."""
         return self.layers[0] if self.layers[0] > 0 else None
+
+    @property
+    def loads_front(self) -> bool:
+        """Whether this restore loads the front of its span (load front, or load all), the
+        rest recomputed with the new tokens in one extend that the load streams into: no
+        first chunk, the loaded slots are the request's prefix from its admission on."""
+        return not self.layer_split and self.start == self.span_start
 
     @property
     def cut(self) -> int:
@@ -270,17 +289,18 @@ def _new_split(
 
 def start_l3_split(
     reader: SplitReader, storage: Any, req: Any, front: int, layer: int, keys: list[str],
-    page: int, groups: int = 1,
+    page: int, groups: int = 1, tokens: int | None = None,
 ) -> SplitRestore:  # fmt: skip
     """Start reading what a split loads of ``req``'s L3 span (a planner ``Request``) through
     ``storage`` (:class:`~sglang_cacheflow.sglang.storage.CacheFlowRedisStorage`): the pages after
-    ``front`` tokens of the span, their layers from ``layer`` on, in ``groups`` layer groups
-    (more than one: streamed into the extend, see :mod:`~sglang_cacheflow.sglang.stream`).
-    ``keys``: the span's page keys."""
+    ``front`` tokens of the span (``tokens`` of them; None: to its end), their layers from
+    ``layer`` on, in ``groups`` layer groups (more than one: streamed into the extend, see
+    :mod:`~sglang_cacheflow.sglang.stream`). ``keys``: the span's page keys."""
     from sglang_cacheflow.tiers.names import L3_TIER
 
-    back = keys[front // page : req.evicted_tokens // page]
-    if storage is None or len(back) * page != req.evicted_tokens - front:
+    end = req.evicted_tokens if tokens is None else front + tokens
+    back = keys[front // page : end // page]
+    if storage is None or end > req.evicted_tokens or len(back) * page != end - front:
         raise SplitUnavailable(f"{len(back)} page keys, L3 backend {storage}")
     lay = storage.ns.layout
     like = (lay.num_layers, 2, page, lay.kv_heads, lay.head_dim)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from sglang_cacheflow.planner import ModelShape, Request
 from sglang_cacheflow.sglang.accounting import RestoreAccounting
 from sglang_cacheflow.sglang.config import CacheFlowConfig
@@ -51,6 +53,9 @@ class SplitControl:
         if self.groups > 1:
             self.layers = StreamedLayers.install(cache.token_to_kv_pool_allocator.get_kvcache())
         self.streamed: dict[str, Decision] = {}  # spliced split restores still streaming
+        # a front load's slots, the request's prefix after its tree match until its row holds
+        # them (SGLang reads the prefix through the cache's ``prefix_device_indices``)
+        self.front_slots: dict[str, torch.Tensor] = {}
         self._read_cpu_known = False
 
     def _plan_read_cpu(self) -> None:
@@ -96,13 +101,14 @@ class SplitControl:
         return total
 
     def _start_l3_split(
-        self, req: Request, front: int, layer: int, keys: list[str]
+        self, req: Request, front: int, layer: int, keys: list[str], tokens: int | None = None
     ) -> SplitRestore | None:
         try:
             storage = self.cache.cacheflow_storage()
             return start_l3_split(
-                self.reader, storage, req, front, layer, keys, self.page_size, self.groups
-            )
+                self.reader, storage, req, front, layer, keys, self.page_size, self.groups,
+                tokens,
+            )  # fmt: skip
         except SplitUnavailable as e:
             self.account.split_unavailable(req, str(e))
             return None
@@ -128,6 +134,45 @@ class SplitControl:
         """``rid``'s split restore not yet spliced, if any."""
         d = self.splits.get(rid)
         return d.split if d is not None else None
+
+    def front_load(self, rid: str) -> SplitRestore | None:
+        """``rid``'s streamed front load (:attr:`SplitRestore.loads_front`) not yet admitted."""
+        sp = self.split_of(rid)
+        return sp if sp is not None and sp.loads_front else None
+
+    def admit_front_load(self, req: Any, prefix_len: int) -> int:
+        """``req`` is being admitted with ``prefix_len`` tokens of prefix: give it the slots of
+        its front load as the prefix's continuation and stream the load into its extend
+        (:mod:`~sglang_cacheflow.sglang.stream`). The tokens added to its prefix; 0 when its
+        prefix is not where the load begins or device memory is short (the span is then
+        recomputed, the fallback counted)."""
+        d = self.splits.get(req.rid)
+        sp = d.split if d is not None else None
+        if sp is None or not sp.loads_front:
+            return 0
+        if prefix_len != sp.start or req.kv.holds_kv:
+            self.drop_split(req.rid, "split_cut_missed")
+            return 0
+        allocator = self.cache.token_to_kv_pool_allocator
+        slots = allocator.alloc(sp.tokens)
+        if slots is None:
+            from sglang.srt.mem_cache.common import evict_from_tree_cache
+
+            evict_from_tree_cache(self.cache, sp.tokens)
+            slots = allocator.alloc(sp.tokens)
+        if slots is None:
+            self.drop_split(req.rid, "split_no_device_memory")
+            return 0
+        del self.splits[req.rid]
+        slots = slots.to(torch.int64)
+        self.front_slots[req.rid] = slots
+        # its KV is not whole until every layer has landed: keep it out of the tree till then
+        sp.skip_insert, req.skip_radix_cache_insert = req.skip_radix_cache_insert, True
+        deadline = time.perf_counter() + self.cfg.split_wait_s
+        assert self.layers is not None  # front loads are planned only when streaming
+        self.layers.add(req.rid, Stream(sp, slots, deadline, req))
+        self.streamed[req.rid] = d
+        return sp.tokens
 
     def layer_chunk(self, req: Any) -> bool:
         """Whether ``req`` is admitted for a layer split's first chunk (which runs alone)."""
@@ -195,7 +240,9 @@ class SplitControl:
             return settled
         for rid in [r for r in self.streamed if r not in self.layers.streams]:
             del self.streamed[rid]  # aborted before its extend (StreamedLayers dropped it)
+            self.front_slots.pop(rid, None)
         for i, req in enumerate(batch.reqs):
+            self.front_slots.pop(req.rid, None)  # in its row now
             d = self.streamed.pop(req.rid, None)
             done = self.layers.finish(req.rid, self.tp_group) if d is not None else None
             if done is None:

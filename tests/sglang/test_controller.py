@@ -450,3 +450,93 @@ def test_a_split_is_admitted_up_to_its_span_and_a_host_hit_up_to_its_plan() -> N
     ctl.host_caps["host"] = 32
     assert ctl.host_limit("host", device_prefix=16) == 48
     assert ctl.host_limit("other", device_prefix=16) is None
+
+
+class _Allocator:
+    """The device KV allocator a front load takes its slots from: ``free`` slots left."""
+
+    def __init__(self, free: int) -> None:
+        self.free, self.next = free, 100
+        self.pool = SimpleNamespace(layer_transfer_counter=None)
+        self.pool.register_layer_transfer_counter = lambda c: setattr(
+            self.pool, "layer_transfer_counter", c
+        )
+
+    def get_kvcache(self) -> Any:
+        return self.pool
+
+    def alloc(self, n: int) -> Any:
+        if n > self.free:
+            return None
+        import torch
+
+        self.free -= n
+        self.next += n
+        return torch.arange(self.next - n, self.next, dtype=torch.int32)
+
+
+def _streamed(policy: str, free: int = 4096, **config: Any) -> tuple[CacheFlowController, Cache]:
+    prior = {"tokens_per_s": 5500.0, "redis_GBps": 0.01, "redis_latency_ms": 1.0}
+    data = {
+        "redis_url": "redis://h:1/0", "calibrate": False, "prior": prior, "stream_groups": 3,
+        "stream_front_loads": policy == "cacheflow",
+    }  # fmt: skip
+    cfg = parse_config(policy, json.dumps({**data, **config}))
+    cache = Cache()
+    cache.token_to_kv_pool_allocator = _Allocator(free)  # type: ignore[attr-defined]
+    return CacheFlowController(cfg, cache, SHAPE, 16, clock=Clock()), cache
+
+
+def _admitted(rid: str) -> Any:
+    return SimpleNamespace(
+        rid=rid, kv=SimpleNamespace(holds_kv=False), skip_radix_cache_insert=False,
+        finished=lambda: False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("recompute", "shape"), [(0.5, "load front 256+256"), (0.0, "load all")])
+def test_a_streamed_front_load_is_read_by_the_reader_and_joins_the_prefix_at_admission(
+    recompute: float, shape: str
+) -> None:
+    ctl, cache = _streamed("cacheflow", force_shape="load_front", force_recompute=recompute)
+    assert ctl.caps.streams("redis") and ctl.front_loads
+    ctl.plan_prefetches([_call("r")])
+    d = ctl.storage_plans["r"]
+    sp = d.split
+    assert d.shape == shape and sp is not None and sp.loads_front
+    assert cache.issued == {}  # no SGLang prefetch: the reader streams it
+    assert (sp.start, sp.tokens) == (0, 512 - int(512 * recompute))
+    assert ctl.front_load("r") is sp
+    req = _admitted("r")
+    assert ctl.admit_front_load(req, 0) == sp.tokens
+    slots = ctl.front_slots["r"]
+    assert slots.tolist() == list(range(100, 100 + sp.tokens))  # the prefix's continuation
+    assert cache.token_to_kv_pool_allocator.free == 4096 - sp.tokens
+    assert req.skip_radix_cache_insert  # out of the tree until every layer is in
+    assert ctl.streaming(req) and "r" in ctl.layers.streams and "r" not in ctl.splits
+    assert ctl.front_load("r") is None  # admitted once
+    sp.close()
+
+
+def test_a_front_load_that_cannot_start_where_planned_is_recomputed() -> None:
+    ctl, cache = _streamed("cacheflow", force_shape="load_front", force_recompute=0.5)
+    ctl.plan_prefetches([_call("moved"), _call("full")])
+    # its prefix grew since the plan (the front got cached): the load no longer fits
+    assert ctl.admit_front_load(_admitted("moved"), 64) == 0
+    assert "moved" not in ctl.splits and "moved" not in ctl.front_slots
+    # no device memory for the front's slots, and a tree with nothing to evict
+    cache.token_to_kv_pool_allocator.free = 0
+    cache.supports_prefix_sharing = lambda: False  # type: ignore[attr-defined]
+    assert ctl.admit_front_load(_admitted("full"), 0) == 0
+    assert "full" not in ctl.splits and not ctl.streamed
+
+
+def test_front_loads_are_sglangs_prefetch_unless_asked_for() -> None:
+    # by default (and under every baseline) an L3 front load is SGLang's prefetch
+    for policy in ("cacheflow", "load", "cake", "recompute"):
+        ctl, cache = _streamed(policy, stream_front_loads=False)
+        assert not ctl.caps.streams("redis") and not ctl.front_loads
+    ctl, cache = _streamed("cacheflow", stream_front_loads=False)
+    ctl.plan_prefetches([_call("r")])
+    assert "r" in cache.issued or "r" in ctl.splits  # a prefetch, or a split
+    assert ctl.storage_plans["r"].split is None or not ctl.storage_plans["r"].split.loads_front

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -66,6 +67,8 @@ def test_defaults_and_round_trip() -> None:
         ("cacheflow", '{"arrival_polls": 0}', "arrival_polls must be >= 1"),
         ("cacheflow", '{"stream_groups": 0}', "stream_groups must be >= 1 (1: not streamed)"),
         ("cacheflow", '{"stream_groups": 2.5}', "stream_groups must be int or null"),
+        ("cacheflow", '{"stream_front_loads": 1}', "stream_front_loads must be bool"),
+        ("load", '{"stream_front_loads": true}', "--cacheflow-policy cacheflow, not 'load'"),
     ],
 )
 def test_bad_input_is_explained(policy: str, config: str | None, needle: str) -> None:
@@ -172,6 +175,12 @@ def test_splits_stream_where_the_scheduler_runs_without_the_overlap_loop() -> No
     with pytest.raises(ConfigError, match="needs --disable-overlap-schedule"):
         chosen.for_device("cuda")  # a stream that fails must be cut back before the next batch
     assert parse_config(None, '{"stream_groups": 1}').for_device("cuda").stream_groups == 1
+    # front loads stream into the extend as splits do: not where splits cannot
+    front = parse_config(None, '{"stream_front_loads": true}')
+    assert front.for_device("cpu").stream_front_loads
+    for cfg, device in ((front, "cuda"), (replace(front, stream_groups=1), "cpu")):
+        with pytest.raises(ConfigError, match=r"stream_front_loads .* needs streamed splits"):
+            cfg.for_device(device)
 
 
 @pytest.mark.parametrize(

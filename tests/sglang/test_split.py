@@ -53,6 +53,7 @@ SHAPES = {
     "load-all": (("load_front", 0.0), "load all"),
     "recompute-all": (("load_front", 1.0), "recompute all"),
 }
+FRONT_LOADS = {"stream_front_loads": True}  # L3 front loads read by the split reader, streamed
 
 
 def _cacheflow(
@@ -65,8 +66,9 @@ def _cacheflow(
 
 
 def _check_restores(
-    server: SGLangServer, shape: str, replies: list[Any], streamed: bool = True
+    server: SGLangServer, shape: str, replies: list[Any], config: dict[str, Any]
 ) -> None:
+    streamed = config.get("stream_groups") != 1
     log = server.log_text()
     m = metrics(server)
     for tier in ("host", "redis"):
@@ -86,14 +88,19 @@ def _check_restores(
     # (a layer split's chunk pays it whole), a part of the per-forward cost
     step, outside = map(float, re.findall(r"([\d.]+) ms/forward \(([\d.]+) outside", log)[-1])
     assert 0 < outside <= step, (step, outside)
+    layers = r"(?:layers \[\d+, \d+\) of )?"
+    pattern = rf"split rid=\S+: {re.escape(shape)}; loaded {layers}(\d+) of the (\d+)"
+    done = re.findall(pattern, log)
+    # streamed into the extend (the CPU engine's default), or spliced whole before it
+    where = "in the extend" if streamed else "at the splice"
     if "split" in shape:  # both restores were spliced whole
-        layers = r"(?:layers \[\d+, \d+\) of )?"
-        pattern = rf"split rid=\S+: {re.escape(shape)}; loaded {layers}(\d+) of the (\d+)"
-        done = re.findall(pattern, log)
         assert len(done) == 2 and all(a == b for a, b in done), done
-        # streamed into the extend (the CPU engine's default), or spliced whole before it
-        where = "in the extend" if streamed else "at the splice"
         assert len(re.findall(rf"split rid=.* ms {where}\)", log)) == 2, log
+    elif config.get("stream_front_loads"):  # the Redis front streamed into the extend, whole
+        assert len(done) == 1 and done[0][0] == done[0][1] != "0", done
+        assert len(re.findall(rf"split rid=.* ms {where}\)", log)) == 1, log
+    else:  # SGLang's prefetch and load-back: no split reader
+        assert not done, done
     # the restored span is a device node of the tree: the next turn hits all of it
     following = replies[2]["meta_info"]
     assert following["cached_tokens"] >= PREFIX + GROW, following
@@ -114,7 +121,15 @@ def tiny_reference(sglang_servers: StartServer, tiny_llama_path: Path) -> list[A
     return _reference_replies(sglang_servers, tiny_llama_path, 1)
 
 
-@pytest.mark.parametrize("name", [*SHAPES, "token-split-unstreamed"])
+# a forced shape on a server configured otherwise: (shape, config)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "token-split-unstreamed": ("token-split", {"stream_groups": 1}),  # with the overlap loop
+    "load-front-streamed": ("load-front", FRONT_LOADS),
+    "load-all-streamed": ("load-all", FRONT_LOADS),
+}
+
+
+@pytest.mark.parametrize("name", [*SHAPES, *VARIANTS])
 def test_every_forced_shape_restores_exactly(
     name: str,
     sglang_servers: StartServer,
@@ -122,24 +137,23 @@ def test_every_forced_shape_restores_exactly(
     l3: RedisServer,
     tiny_reference: list[Any],
 ) -> None:
-    streamed = name != "token-split-unstreamed"
-    force, shape = SHAPES[name if streamed else "token-split"]
+    base, config = VARIANTS.get(name, (name, {}))
+    force, shape = SHAPES[base]
     # 96 Mbit/s: a 240-token back (2 KiB a token) reads in about 40 ms
-    config = {} if streamed else {"stream_groups": 1}  # as on a server with the overlap loop
     server = _cacheflow(sglang_servers, tiny_llama_path, l3, "96mbps+1ms", force, **config)
-    _restores_exactly(server, l3, 1, tiny_reference, shape, streamed)
+    _restores_exactly(server, l3, 1, tiny_reference, shape, config)
 
 
 def _restores_exactly(
     server: SGLangServer, l3: RedisServer, seed: int, want: list[Any], shape: str,
-    streamed: bool = True,
+    config: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
-    """Run the returning conversations of ``seed`` on ``server``, compare with ``want``,
-    check the restores it made (all in ``shape``), and stop it."""
+    """Run the returning conversations of ``seed`` on ``server`` (started with ``config``),
+    compare with ``want``, check the restores it made (all in ``shape``), and stop it."""
     try:
         replies = returning(server, returning_prompts(seed), l3)
         assert_same_replies(want, replies)
-        _check_restores(server, shape, replies, streamed)
+        _check_restores(server, shape, replies, config or {})
     finally:
         server.stop()
 
@@ -208,19 +222,21 @@ def fault_reference(sglang_servers: StartServer, tiny_llama_path: Path) -> SGLan
     return reference_server(sglang_servers, tiny_llama_path)
 
 
-def _slow_split_server(
-    start: StartServer, model: Path, l3: RedisServer, force: tuple[str, float]
-) -> SGLangServer:
-    """A split server whose Redis is seen through 8 Mbit/s: reading what a split loads of
-    a 480-token span (240 tokens, 2 KiB each) takes about half a second."""
-    return _cacheflow(start, model, l3, "8mbps+1ms", force)
+def _slow_split_server(start: StartServer, model: Path, l3: RedisServer, name: str) -> SGLangServer:
+    """A server forcing the shape ``name`` (of :data:`SHAPES` or :data:`VARIANTS`) whose Redis
+    is seen through 8 Mbit/s: reading what a split loads of a 480-token span (240 tokens,
+    2 KiB each) takes about half a second."""
+    base, config = VARIANTS.get(name, (name, {}))
+    return _cacheflow(start, model, l3, "8mbps+1ms", SHAPES[base][0], **config)
 
 
 @pytest.mark.parametrize(
     ("name", "every"),
-    [("token-split", 2), ("layer-split", 2), ("layer-split", 1)],
-    ids=["token-split-half", "layer-split-half", "layer-split-all"],
-)
+    [("token-split", 2), ("layer-split", 2), ("layer-split", 1), ("load-front-streamed", 2),
+     ("load-all-streamed", 1)],
+    ids=["token-split-half", "layer-split-half", "layer-split-all", "load-front-half",
+         "load-all-all"],
+)  # fmt: skip
 def test_corrupted_records_under_a_split_restore_are_recomputed(
     name: str,
     every: int,
@@ -229,7 +245,7 @@ def test_corrupted_records_under_a_split_restore_are_recomputed(
     fault_reference: SGLangServer,
     l3: RedisServer,
 ) -> None:
-    server = _slow_split_server(sglang_servers, tiny_llama_path, l3, SHAPES[name][0])
+    server = _slow_split_server(sglang_servers, tiny_llama_path, l3, name)
     try:
         p = returning_prompts(3)
         back = p["redis"] + p["redis+"]
@@ -259,13 +275,23 @@ def test_corrupted_records_under_a_split_restore_are_recomputed(
         server.stop()
 
 
+@pytest.mark.parametrize("name", ["token-split", "load-front-streamed"])
 def test_redis_killed_in_the_middle_of_a_split_read(
+    name: str,
     sglang_servers: StartServer,
     tiny_llama_path: Path,
     fault_reference: SGLangServer,
-    l3: RedisServer,
 ) -> None:
-    server = _slow_split_server(sglang_servers, tiny_llama_path, l3, SHAPES["token-split"][0])
+    with RedisServer() as l3:  # its own: killed below
+        _redis_killed_in_the_middle_of_a_read(
+            _slow_split_server(sglang_servers, tiny_llama_path, l3, name),
+            fault_reference, l3,
+        )  # fmt: skip
+
+
+def _redis_killed_in_the_middle_of_a_read(
+    server: SGLangServer, fault_reference: SGLangServer, l3: RedisServer
+) -> None:
     try:
         p = returning_prompts(4)
         back = p["redis"] + p["redis+"]

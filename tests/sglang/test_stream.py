@@ -79,6 +79,26 @@ def test_the_reader_lands_layer_groups_in_order_one_tier_call_each() -> None:
     assert torch.equal(sp.staging, src)
 
 
+def test_a_front_loads_groups_are_small_first_and_last() -> None:
+    # a front load (its span's first pages): the extend reads nothing before the first group
+    # lands and computes the last after the read ends; a split's back reads equal groups
+    def groups(layers: int, k: int, start: int) -> list[tuple[int, int]]:
+        staging = new_staging(1, layers, P, H, D, torch.float32)
+        sp = SplitRestore("r", "redis", start, P, P, staging, groups=k, span_start=16)
+        assert sp.loads_front == (start == 16)
+        return [sp.group_layers(g) for g in range(sp.groups)]
+
+    assert [b - a for a, b in groups(30, 6, 16)] == [2, 6, 7, 7, 6, 2]
+    assert [b - a for a, b in groups(30, 6, 32)] == [5] * 6
+    for layers in range(1, 9):
+        for k in range(1, 9):
+            got = groups(layers, k, 16)
+            assert len(got) == min(k, layers)
+            assert got[0][0] == 0 and got[-1][1] == layers
+            assert all(a < b for a, b in got)  # every group holds a layer
+            assert all(got[i][1] == got[i + 1][0] for i in range(len(got) - 1))
+
+
 def test_a_forward_waits_for_each_layer_and_copies_it_into_the_slots() -> None:
     pool = _pool()
     hicache = SimpleNamespace(waited=[], producer_index=7)
