@@ -1,10 +1,12 @@
 """Split restores on a real SGLang server (CPU engine, fp32 models, real redis-server).
 
 One conversation returns to a prefix evicted to host memory, another to one evicted to Redis,
-on servers that force one restore shape each (``force_shape``): Cake's order (recompute the
-front in a first chunk while the back is read, then splice it in), the layer split (a first
-chunk through the bottom layers only while the top layers are read), load-front, load all
-and recompute all. Every reply must equal a server's with the radix cache disabled, the decision
+on servers that force one restore shape each (``force_shape``), for the tiny Llama and for
+SmolLM2-135M: Cake's order (recompute the front in a first chunk while the back is read, then
+splice it in), the layer split (a first chunk through the bottom layers only while the top
+layers are read), load-front, load all and recompute all, and the Redis front loads streamed
+into the extend (``stream_front_loads``). Every reply must equal a server's with the radix
+cache disabled (greedy ids identical, logprobs within 1e-4), the decision
 log must name the shape, ``/metrics`` must show the same request loading and recomputing
 where the shape mixes them, the restored span must be cached on device for the next turn,
 and SGLang's idle pool check must find no leaked slot. Then Redis is made to fail under a
@@ -163,20 +165,21 @@ def smollm2_reference(sglang_servers: StartServer, smollm2_path: Path) -> list[A
     return _reference_replies(sglang_servers, smollm2_path, 2)
 
 
-@pytest.mark.parametrize("name", ["token-split", "layer-split"])
-def test_smollm2_split_restores_exactly(
+@pytest.mark.parametrize("name", [*SHAPES, "load-front-streamed"])
+def test_smollm2_restores_every_forced_shape_exactly(
     name: str,
     sglang_servers: StartServer,
     smollm2_path: Path,
     l3: RedisServer,
     smollm2_reference: list[Any],
 ) -> None:
-    force, shape = SHAPES[name]
-    if name == "layer-split":
+    base, config = VARIANTS.get(name, (name, {}))
+    force, shape = SHAPES[base]
+    if base == "layer-split":
         shape = "layer split 15/30"  # SmolLM2 has 30 layers
     # SmolLM2 in fp32 keeps 46 KiB a token: 1 Gbit/s reads 240 tokens' worth in about 90 ms
-    server = _cacheflow(sglang_servers, smollm2_path, l3, "1gbps+1ms", force)
-    _restores_exactly(server, l3, 2, smollm2_reference, shape)
+    server = _cacheflow(sglang_servers, smollm2_path, l3, "1gbps+1ms", force, **config)
+    _restores_exactly(server, l3, 2, smollm2_reference, shape, config)
 
 
 def test_a_layer_split_after_a_host_front_loads_the_front_back(
