@@ -57,6 +57,7 @@ __all__ = [
     "SplitRestore",
     "SplitUnavailable",
     "agree_pages",
+    "alloc_slots",
     "row_of",
     "set_end",
     "splice",
@@ -444,16 +445,11 @@ def _splice_tokens(
 ) -> tuple[int, Any]:
     """Token split: new slots for the back's landed pages, after the recomputed front (and
     their KV copied in, unless the stream copies it)."""
-    from sglang.srt.mem_cache.common import evict_from_tree_cache
-
     n = pages * sp.page_tokens
     if n <= 0:
         return 0, None
     allocator = tree_cache.token_to_kv_pool_allocator
-    slots = allocator.alloc(n)
-    if slots is None:
-        evict_from_tree_cache(tree_cache, n)
-        slots = allocator.alloc(n)
+    slots = alloc_slots(tree_cache, n)
     if slots is None:
         return 0, "split_no_device_memory"
     try:
@@ -488,6 +484,19 @@ def _splice_layers(sp: SplitRestore, req: Any, tree_cache: Any, pages: int) -> t
             tree_cache.req_to_token_pool.free(req)
     req.skip_radix_cache_insert = sp.skip_insert  # its KV is whole again: publish it
     return n, None
+
+
+def alloc_slots(tree_cache: Any, n: int) -> torch.Tensor | None:
+    """``n`` device KV slots, evicting from the tree when the pool is short; None without
+    room."""
+    allocator = tree_cache.token_to_kv_pool_allocator
+    slots = allocator.alloc(n)
+    if slots is None:
+        from sglang.srt.mem_cache.common import evict_from_tree_cache
+
+        evict_from_tree_cache(tree_cache, n)
+        slots = allocator.alloc(n)
+    return slots
 
 
 def set_end(req: Any, end: int) -> None:

@@ -21,6 +21,7 @@ from sglang_cacheflow.sglang.split import (
     SplitReader,
     SplitRestore,
     SplitUnavailable,
+    alloc_slots,
     splice,
     splice_streamed,
     start_host_split,
@@ -153,13 +154,7 @@ class SplitControl:
         if prefix_len != sp.start or req.kv.holds_kv:
             self.drop_split(req.rid, "split_cut_missed")
             return 0
-        allocator = self.cache.token_to_kv_pool_allocator
-        slots = allocator.alloc(sp.tokens)
-        if slots is None:
-            from sglang.srt.mem_cache.common import evict_from_tree_cache
-
-            evict_from_tree_cache(self.cache, sp.tokens)
-            slots = allocator.alloc(sp.tokens)
+        slots = alloc_slots(self.cache, sp.tokens)
         if slots is None:
             self.drop_split(req.rid, "split_no_device_memory")
             return 0
