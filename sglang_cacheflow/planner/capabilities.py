@@ -18,6 +18,10 @@ class Capabilities:
     ``streamed_splits``: the loads of token and layer splits stream layer by layer into
     the forward that follows them, from any tier (the executor reads them itself, whatever
     its whole-span loads do).
+    ``one_forward_layer_splits``: a layer split runs in the forward of the new tokens: the
+    span and the new tokens go through the bottom layers together, the new tokens alone
+    through the top ones, whose span KV streams in meanwhile (one forward's fixed cost, no
+    hand-off); where the span and the new tokens fit one forward (``batch_tokens``).
     ``batch_tokens``: the engine runs the waiting prefills together in forwards of up to
     this many tokens (SGLang: ``chunked_prefill_size``), each of them getting its first
     token when the forward holding its last token ends; under a policy it does not serve
@@ -30,6 +34,7 @@ class Capabilities:
     load_front: bool = False
     streamed_tiers: frozenset[str] | None = None
     streamed_splits: bool = False
+    one_forward_layer_splits: bool = False
     batch_tokens: int = 0
 
     def streams(self, tier: str) -> bool:

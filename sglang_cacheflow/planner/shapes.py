@@ -270,6 +270,16 @@ class Shaper:
             cpu = self._read_cpu(mid, end, 0, io) if is_split else None
             a = self._compute(d, mid, 0, L, tc, steps, mid < end, reads, cpu)
             b, free = self._loads(mid, end, 0, io, cper, steps, is_split)
+        elif kind == LAYER and is_split and self._one_forward():
+            # the span and the new tokens through layers [0, split), then the new tokens
+            # alone through the rest, each layer as its span KV streams in
+            cpu = self._read_cpu(d, end, split, io)
+            a = self._compute(d, end + self.new, 0, split, tc, None, True, reads, cpu)
+            if steps is not None:
+                steps.append(Step(d, end, 0, split, Action.RECOMPUTE, None, tc, a))
+            top_per = (self.prefill_s - self.cost.compute.fixed_s(0.0)) / L
+            b, free = self._loads(d, end, split, io, top_per, steps, True)
+            b += split * top_per  # when the top layers can begin
         elif kind == LAYER:
             cpu = self._read_cpu(d, end, split, io) if is_split else None
             a = self._compute(d, end, 0, split, tc, steps, split < L, reads, cpu)
@@ -288,12 +298,15 @@ class Shaper:
                 a = tc
                 b, free = self._loads(d, mid, 0, io, cper, steps)
         # a split's hand-off from its chunk to its extend (0 < split < the span's end)
-        hand_off = self.cost.compute.split_s if is_split else 0.0
+        one_forward = is_split and kind == LAYER and self._one_forward()
+        hand_off = self.cost.compute.split_s if is_split and not one_forward else 0.0
         if self.new:
             prefill = self.prefill_s
             if kind == LOAD_FRONT and split < self.evicted:
                 # the recomputed back and the new tokens are one forward: one fixed cost
                 prefill = max(0.0, prefill - self.cost.compute.step_s)
+            elif one_forward:  # the top layers only; the unlayered part ran with the bottom
+                prefill = (L - split) / L * (prefill - self.cost.compute.fixed_s(0.0))
             start = max(a, b) + hand_off
             if is_split:
                 # the extend reads the span layer by layer while the split's loads stream
@@ -313,6 +326,13 @@ class Shaper:
                 ttft = max(ttft, a)
             ttft += hand_off
         return a, b, ttft, free
+
+    def _one_forward(self) -> bool:
+        """Whether a layer split runs in the new tokens' forward (see ``Capabilities``)."""
+        budget = self.caps.batch_tokens
+        return self.caps.one_forward_layer_splits and (
+            not budget or self.evicted + self.new <= budget
+        )
 
     def run(
         self, shape: Shape, tc: float, io: dict[str, float], steps: list[Step] | None = None
@@ -429,7 +449,8 @@ class Shaper:
         from the largest crossing point of A with those lines on.
         """
         L = self.num_layers
-        if len({t.tier for t in self.tiers}) < len(self.tiers):  # a tier's loads queue up
+        if len({t.tier for t in self.tiers}) < len(self.tiers) or self._one_forward():
+            # a tier's loads queue up, or the top layers start with the loads (no closed form)
             return self._crossing(LAYER, list(range(L + 1)), tc, io)
         # for 0 < l < L the bottom layers run while the top ones stream in
         # A(l) = tc + slow * (fixed + l * (C - fixed) / L): the unlayered part paid whole

@@ -1,5 +1,7 @@
 """Policies on random rounds: valid plans, CacheFlow never worse, bound never above."""
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,12 +25,15 @@ from sglang_cacheflow.planner.plan import Action
 from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Shape, Shaper
 from sglang_cacheflow.sglang.capabilities import SGLANG, SGLANG_STREAMED
 
+SGLANG_ONE_FORWARD = replace(SGLANG_STREAMED, one_forward_layer_splits=True)
+
 from .strategies import cost_models, requests
 
 EXECUTORS = {
     "runtime": RUNTIME,
     "sglang": SGLANG,
     "sglang-streamed": SGLANG_STREAMED,
+    "sglang-one-forward": SGLANG_ONE_FORWARD,
     "token-only": Capabilities(token_split=True, layer_split=False),
     "layer-only": Capabilities(token_split=False, layer_split=True),
     "everything": Capabilities(token_split=True, layer_split=True, load_front=True),
@@ -115,6 +120,41 @@ def test_a_splits_extend_is_slowed_while_its_own_loads_stream_in() -> None:
         s.run(Shape(kind, 0), 0.0, {}, steps)
         (extend,) = [x for x in steps if x.action == Action.PREFILL]
         assert extend.finish_s - extend.start_s == pytest.approx(s.prefill_s, rel=1e-9)
+
+
+def test_a_layer_split_in_one_forward_saves_the_chunks_fixed_cost() -> None:
+    # The span's bottom layers run in the new tokens' forward: one fixed cost where the
+    # chunk and the extend paid one each, no hand-off; the top layers wait for the loads.
+    shape = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
+    compute = ComputeCost(
+        tokens_per_s=900.0, step_s=0.09, unlayered_s=0.01, overlap_slowdown=0.1, split_s=0.02
+    )
+    cost = CostModel(shape, compute, {"redis": TierCost(bandwidth_Bps=20e6, latency_s=1e-3)})
+    req = Request("one", 0, (Span("redis", 512),), 16)
+    two, one = Shaper(req, cost, SGLANG_STREAMED, 64), Shaper(req, cost, SGLANG_ONE_FORWARD, 64)
+    for split in range(1, 30):
+        steps: list = []
+        got = one.run(Shape(LAYER, split), 0.0, {}, steps)
+        before = two.run(Shape(LAYER, split), 0.0, {})
+        assert got.ttft < before.ttft
+        (recompute,) = [x for x in steps if x.action == Action.RECOMPUTE]
+        (extend,) = [x for x in steps if x.action == Action.PREFILL]
+        loads = [x for x in steps if x.action == Action.LOAD]
+        # the new tokens' bottom layers run with the span's, before their top layers; the
+        # last top layer reads the last loaded layer
+        assert recompute.finish_s > cost.recompute_s(0, 512, split) * 1.1
+        assert extend.start_s >= recompute.finish_s - 1e-12
+        assert extend.finish_s >= max(x.finish_s for x in loads)
+    for whole in (0, 30):  # no split: priced as before
+        assert one.run(Shape(LAYER, whole), 0.0, {}) == two.run(Shape(LAYER, whole), 0.0, {})
+    # the search finds the best split by brute force
+    best, _ = one.best(0.0, {})
+    brute = min(range(31), key=lambda x: one.run(Shape(LAYER, x), 0.0, {}).ttft)
+    assert one.run(best, 0.0, {}).ttft <= one.run(Shape(LAYER, brute), 0.0, {}).ttft * (1 + 1e-9)
+    # over the engine's prefill budget the span and the new tokens are two forwards
+    capped = Shaper(req, cost, replace(SGLANG_ONE_FORWARD, batch_tokens=512), 64)
+    assert capped.run(Shape(LAYER, 12), 0.0, {}) == Shaper(req, cost, replace(
+        SGLANG_STREAMED, batch_tokens=512), 64).run(Shape(LAYER, 12), 0.0, {})
 
 
 def _staged(p, req: Request) -> int | None:
