@@ -25,9 +25,9 @@ from sglang_cacheflow.planner.plan import Action
 from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Shape, Shaper
 from sglang_cacheflow.sglang.capabilities import SGLANG, SGLANG_STREAMED
 
-SGLANG_ONE_FORWARD = replace(SGLANG_STREAMED, one_forward_layer_splits=True)
-
 from .strategies import cost_models, requests
+
+SGLANG_ONE_FORWARD = replace(SGLANG_STREAMED, one_forward_layer_splits=True)
 
 EXECUTORS = {
     "runtime": RUNTIME,
@@ -153,8 +153,9 @@ def test_a_layer_split_in_one_forward_saves_the_chunks_fixed_cost() -> None:
     assert one.run(best, 0.0, {}).ttft <= one.run(Shape(LAYER, brute), 0.0, {}).ttft * (1 + 1e-9)
     # over the engine's prefill budget the span and the new tokens are two forwards
     capped = Shaper(req, cost, replace(SGLANG_ONE_FORWARD, batch_tokens=512), 64)
-    assert capped.run(Shape(LAYER, 12), 0.0, {}) == Shaper(req, cost, replace(
-        SGLANG_STREAMED, batch_tokens=512), 64).run(Shape(LAYER, 12), 0.0, {})
+    assert capped.run(Shape(LAYER, 12), 0.0, {}) == Shaper(
+        req, cost, replace(SGLANG_STREAMED, batch_tokens=512), 64
+    ).run(Shape(LAYER, 12), 0.0, {})
 
 
 def _staged(p, req: Request) -> int | None:
