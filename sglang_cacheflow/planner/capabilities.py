@@ -37,6 +37,12 @@ class Capabilities:
     one_forward_layer_splits: bool = False
     batch_tokens: int = 0
 
+    def layer_split_in_one_forward(self, tokens: int) -> bool:
+        """Whether a layer split whose span and new tokens are ``tokens`` together runs in
+        the new tokens' forward (``one_forward_layer_splits``, within ``batch_tokens``)."""
+        budget = self.batch_tokens
+        return self.one_forward_layer_splits and (not budget or tokens <= budget)
+
     def streams(self, tier: str) -> bool:
         """Whether whole-span loads from ``tier`` arrive layer by layer."""
         return self.streamed_tiers is None or tier in self.streamed_tiers

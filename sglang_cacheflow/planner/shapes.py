@@ -329,10 +329,7 @@ class Shaper:
 
     def _one_forward(self) -> bool:
         """Whether a layer split runs in the new tokens' forward (see ``Capabilities``)."""
-        budget = self.caps.batch_tokens
-        return self.caps.one_forward_layer_splits and (
-            not budget or self.evicted + self.new <= budget
-        )
+        return self.caps.layer_split_in_one_forward(self.evicted + self.new)
 
     def run(
         self, shape: Shape, tc: float, io: dict[str, float], steps: list[Step] | None = None

@@ -73,7 +73,7 @@ class RestoreAccounting:
             "cacheflow split rid=%s: %s; loaded %s%d of the %d planned tokens from %s (read "
             "%.2f ms, waited %.2f ms %s)", d.rid, d.shape,
             f"layers [{l0}, {l1}) of " if sp.layer_split else "", got, sp.tokens, sp.tier,
-            sp.read_s * 1e3, waited_s * 1e3, "in the extend" if streamed else "at the splice",
+            sp.read_s * 1e3, waited_s * 1e3, _where(sp, streamed),
         )  # fmt: skip
         if got < sp.tokens:
             self.metrics.fallback(reason or "split_short", sp.tier, sp.tokens - got)
@@ -107,3 +107,10 @@ class RestoreAccounting:
             "cacheflow restore rid=%s done: measured %.2f ms, predicted %.2f ms (%s)",
             d.rid, measured_s * 1e3, d.predicted_s * 1e3, d.shape,
         )  # fmt: skip
+
+
+def _where(sp: SplitRestore, streamed: bool) -> str:
+    """Where a split's load went into the request's KV (the decision log's words)."""
+    if sp.one_forward:
+        return "in its one forward"
+    return "in the extend" if streamed else "at the splice"

@@ -97,6 +97,10 @@ class CacheFlowConfig:
     prefetch first (the planner then prices the ``redis`` tier as streamed). Off by default:
     at 512 tokens on the CPU engine it made no restore faster (docs/benchmarks.md, "L3 front
     loads streamed into the extend").
+    ``one_forward_layer_splits``: a layer split runs in the forward of the new tokens (the
+    span and the new tokens through the bottom layers, the new tokens alone through the top
+    ones, whose span KV streams in; :mod:`~sglang_cacheflow.sglang.top_layers`), not as a
+    chunk and then an extend. Needs streamed splits and the CPU engine; ``None``: off.
     """
 
     policy: str = "cacheflow"
@@ -115,6 +119,7 @@ class CacheFlowConfig:
     arrival_polls: int = 8
     stream_groups: int | None = None
     stream_front_loads: bool = False
+    one_forward_layer_splits: bool | None = None
 
     def for_device(self, device: str | None, overlap: bool | None = None) -> CacheFlowConfig:
         """This configuration with its server-dependent defaults resolved for ``device``
@@ -133,13 +138,29 @@ class CacheFlowConfig:
                 "which needs streamed splits: --disable-overlap-schedule and stream_groups > 1 "
                 "(or set stream_front_loads to false)"
             )
+        one = self.one_forward_layer_splits
+        if one and (overlap or self.stream_groups == 1):
+            raise ConfigError(
+                f"{FLAG_CONFIG}: one_forward_layer_splits streams a layer split's load into its "
+                "one forward, which needs streamed splits: --disable-overlap-schedule and "
+                "stream_groups > 1 (or set one_forward_layer_splits to false)"
+            )
+        if one and device != "cpu":
+            raise ConfigError(
+                f"{FLAG_CONFIG}: one_forward_layer_splits narrows a forward to its new tokens "
+                "between two layers, which the CPU engine's attention backends follow (they "
+                "read the batch's lengths at every layer) and CUDA backends do not (they plan "
+                "once a forward): set it to false on this device"
+            )
         gap = self.arrival_gap_ms
         if gap is None:
             gap = CPU_ARRIVAL_GAP_MS if device == "cpu" else 0.0
         groups = self.stream_groups
         if groups is None:
             groups = 1 if overlap else STREAM_GROUPS
-        return replace(self, arrival_gap_ms=gap, stream_groups=groups)
+        return replace(
+            self, arrival_gap_ms=gap, stream_groups=groups, one_forward_layer_splits=bool(one)
+        )
 
     @property
     def force(self) -> tuple[str, float] | None:
@@ -180,6 +201,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "int | None": (int, type(None)),
     "bool": (bool,),
+    "bool | None": (bool, type(None)),
     "float": (int, float),
 }
 _CONFIG_KEYS = {

@@ -134,7 +134,9 @@ class CacheFlowController(SplitControl):
         self.clock = clock
         self.owed = OwedWork(clock)
         self._init_splits(cfg, cache)
-        self.caps = sglang_capabilities(cfg.stream_groups, batch_tokens, cfg.stream_front_loads)
+        self.caps = sglang_capabilities(
+            cfg.stream_groups, batch_tokens, cfg.stream_front_loads, cfg.one_forward_layer_splits
+        )
         # L3 front loads (load front, load all) go through the split reader, streamed
         self.front_loads = self.caps.streams(L3_TIER) and self.layers is not None
         self.scheduler: Any = None  # SGLang's scheduler, as of the last round
@@ -430,9 +432,9 @@ class CacheFlowController(SplitControl):
                 continue
             if sp is None and d.tier == L3_TIER and d.planned_load > 0:  # SGLang's prefetch
                 self.costs.observe_restore(L3_TIER, measured, d.predicted_s)
-            elif sp is not None and not sp.loads_front:  # a chunk, a hand-off, an extend
-                self.costs.observe_split(measured, d.predicted_s)
-            # a streamed front load pays neither: its read calibrates the tier
+            elif sp is not None and not (sp.loads_front or sp.one_forward):
+                self.costs.observe_split(measured, d.predicted_s)  # chunk, hand-off, extend
+            # a streamed front load or one forward pays neither: its read calibrates the tier
         if not self.pending and not self.storage_plans and not self.splits:
             self.owed.clear()
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from sglang_cacheflow.sglang.arrivals import gather_burst
 from sglang_cacheflow.sglang.layer_clock import layer_clock
+from sglang_cacheflow.sglang.top_layers import TopLayers
 
 __all__ = ["create_cacheflow_cache", "install"]
 
@@ -237,6 +238,9 @@ def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleT
                 return other
             # its top layers are not in yet: keep the chunk out of the tree until the splice
             sp.skip_insert, req.skip_radix_cache_insert = req.skip_radix_cache_insert, True
+            if sp.one_forward and not admission.is_chunked:
+                return admission  # the span and the new tokens in one forward (top_layers)
+            sp.one_forward = False  # over this round's budget: a chunk, then the extend
         elif busy:
             return other  # SGLang runs one chunked request at a time: wait for it
         return admission_cls(start, sp.cut - start, 0, True, admission.replay_len)
@@ -317,6 +321,9 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
         saved = stack.end_layer if limited else None
         if limited:
             stack.end_layer = stack.start_layer + top
+        # A layer split in one forward: the span leaves it at its first loaded layer.
+        one = ctl.begin_one_forward(batch) if ctl.splits and stack is not None else None
+        switch = TopLayers(stack, *one) if one is not None else None
         clock = layer_clock(stack, getattr(getattr(self, "model_runner", None), "device", None))
         if clock is not None:
             clock.reset()
@@ -326,8 +333,13 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             if limited:
                 stack.end_layer = saved
+            if switch is not None:
+                switch.remove()
         elapsed = time.perf_counter() - start
         outside = clock.outside(elapsed) if clock is not None else None
+        if switch is not None and switch.switched_at is not None:
+            bottom = switch.switched_at - start
+            _safe("bottom layers timing", lambda: ctl.one_forward_done(batch, bottom, start))
         # Not under _safe: a stream that did not land must cut its request back, or fail.
         streamed = ctl.finish_streams(batch) if ctl.streamed else None
         _safe(

@@ -95,6 +95,8 @@ class SplitRestore:
     # where the span begins: the request is admitted with its prefix up to here (device
     # pages, and host pages before an L3 span, which SGLang loads back as for any host hit)
     span_start: int = 0
+    # a layer split run in its new tokens' forward (sglang_cacheflow.sglang.top_layers)
+    one_forward: bool = False
     groups: int = 1  # the loaded layers are read in this many layer groups, one after another
     group_pages: list[int] = field(default_factory=list)  # per group: pages [0, n) landed
     error: str | None = None

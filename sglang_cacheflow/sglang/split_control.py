@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sglang_cacheflow.planner import ModelShape, Request
+from sglang_cacheflow.planner import Capabilities, ModelShape, Request
 from sglang_cacheflow.sglang.accounting import RestoreAccounting
 from sglang_cacheflow.sglang.config import CacheFlowConfig
 from sglang_cacheflow.sglang.costs import CostTracker
@@ -22,6 +22,7 @@ from sglang_cacheflow.sglang.split import (
     SplitRestore,
     SplitUnavailable,
     alloc_slots,
+    row_of,
     splice,
     splice_streamed,
     start_host_split,
@@ -41,6 +42,7 @@ class SplitControl:
     cache: Any
     page_size: int
     shape: ModelShape
+    caps: Capabilities
     tp_group: Any | None
     account: RestoreAccounting
     costs: CostTracker
@@ -85,7 +87,7 @@ class SplitControl:
         model = self.costs.model()
         total = 0.0
         for req in reqs:
-            d = self.splits.get(req.rid)
+            d = self.splits.get(req.rid) or self.streamed.get(req.rid)
             sp = d.split if d is not None else None
             if sp is None or sp.began is None:
                 continue
@@ -106,25 +108,34 @@ class SplitControl:
     ) -> SplitRestore | None:
         try:
             storage = self.cache.cacheflow_storage()
-            return start_l3_split(
+            sp = start_l3_split(
                 self.reader, storage, req, front, layer, keys, self.page_size, self.groups,
                 tokens,
             )  # fmt: skip
         except SplitUnavailable as e:
             self.account.split_unavailable(req, str(e))
             return None
+        return self._in_one_forward(sp, req)
+
+    def _in_one_forward(self, sp: SplitRestore, req: Request) -> SplitRestore:
+        """Mark a layer split that the plan runs in its new tokens' forward
+        (:mod:`~sglang_cacheflow.sglang.top_layers`)."""
+        tokens = req.evicted_tokens + req.new_tokens
+        sp.one_forward = bool(sp.layer_split) and self.caps.layer_split_in_one_forward(tokens)
+        return sp
 
     def _start_host_split(
         self, sreq: Any, req: Request, front: int, layer: int
     ) -> SplitRestore | None:
         try:
             node = sreq.best_match_node
-            return start_host_split(
+            sp = start_host_split(
                 self.reader, self.cache, node, req, front, layer, self.page_size, self.groups
             )
         except SplitUnavailable as e:
             self.account.split_unavailable(req, str(e))
             return None
+        return self._in_one_forward(sp, req)
 
     def _split_read(self, sp: SplitRestore) -> None:
         """A split restore's read ended (reader thread): calibrate the tier from it."""
@@ -170,18 +181,51 @@ class SplitControl:
         return sp.tokens
 
     def layer_chunk(self, req: Any) -> bool:
-        """Whether ``req`` is admitted for a layer split's first chunk (which runs alone)."""
+        """Whether ``req`` is admitted for a layer split's first chunk, or for its one
+        forward (:attr:`SplitRestore.one_forward`); either runs alone."""
         sp = self.split_of(req.rid)
-        return sp is not None and bool(sp.layer_split) and req.extend_end == sp.cut
+        if sp is None or not sp.layer_split:
+            return False
+        return req.extend_end == sp.cut or (sp.one_forward and req.extend_end > sp.cut)
 
     def layer_chunk_of(self, batch: Any) -> int | None:
         """``l`` when ``batch`` is a layer split's first chunk, alone in its forward: the
         forward runs layers ``[0, l)`` only."""
+        sp = self._layer_split_alone(batch)
+        return sp.layer_split if sp is not None and not sp.one_forward else None
+
+    def _layer_split_alone(self, batch: Any) -> SplitRestore | None:
         reqs = batch.reqs
         if len(reqs) != 1 or not self.layer_chunk(reqs[0]):
             return None
-        sp = self.split_of(reqs[0].rid)
-        return sp.layer_split if sp is not None else None
+        return self.split_of(reqs[0].rid)
+
+    def begin_one_forward(self, batch: Any) -> tuple[int, int] | None:
+        """``(l, E)`` when ``batch`` is a layer split's one forward
+        (:mod:`~sglang_cacheflow.sglang.top_layers`): its span of ``E`` tokens leaves the
+        forward at layer ``l``; the load of the span's top layers now streams into the
+        span's slots (:mod:`~sglang_cacheflow.sglang.stream`), settled after the forward
+        by :meth:`finish_streams`. None for any other batch."""
+        sp = self._layer_split_alone(batch)
+        if sp is None or not sp.one_forward or self.layers is None:
+            return None
+        req = batch.reqs[0]
+        slots = row_of(req, self.cache)[sp.start : sp.start + sp.tokens].to(torch.int64)
+        self.streamed[req.rid] = self.splits.pop(req.rid)
+        deadline = time.perf_counter() + self.cfg.split_wait_s
+        self.layers.add(req.rid, Stream(sp, slots, deadline, req))
+        return sp.layer_split or 0, sp.tokens
+
+    def one_forward_done(self, batch: Any, seconds: float, started: float) -> None:
+        """A layer split's one forward took ``seconds`` from ``started`` to its first
+        loaded layer: the span's and the new tokens' bottom layers, beside the load,
+        measure the overlap slowdown as a split's chunk does."""
+        sp = self.streamed[batch.reqs[0].rid].split
+        assert sp is not None and sp.layer_split
+        cpu = self.read_cpu_during(batch.reqs, started, seconds)
+        self.costs.observe_compute(
+            batch.prefix_lens, batch.extend_lens, seconds, sp.layer_split, True, cpu
+        )
 
     def drop_split(self, rid: str, reason: str) -> None:
         """Give up ``rid``'s split restore before its chunk ran: the span is recomputed."""

@@ -90,7 +90,10 @@ def test_tp2_conversations_restore_from_host_and_redis_like_tp1(
 
 def _spliced_alike(log: str) -> int:
     """The tokens the one split restore in ``log`` spliced, the same on both ranks."""
-    spliced = re.findall(r"(TP[01])\] cacheflow split rid=\S+: [^;]+; loaded (\d+) of", log)
+    spliced = re.findall(
+        r"(TP[01])\] cacheflow split rid=\S+: [^;]+; loaded (?:layers \[\d+, \d+\) of )?(\d+) of",
+        log,
+    )
     counts = dict(spliced)
     assert len(spliced) == 2 and set(counts) == {"TP0", "TP1"}, spliced
     assert counts["TP0"] == counts["TP1"], spliced
@@ -101,14 +104,23 @@ def _rank_keys(client: redis.Redis, rank: int) -> list[bytes]:
     return sorted(client.scan_iter(match=f"*:tp{rank}of2:*", count=10_000))
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [{"force_shape": "token"}, {"force_shape": "layer", "one_forward_layer_splits": True}],
+    ids=["token-split", "layer-split-one-forward"],
+)
 def test_record_corrupted_for_one_rank_only(
-    sglang_servers: StartServer, tiny_llama_path: Path, l3: RedisServer, reference: SGLangServer
+    shape: dict[str, Any],
+    sglang_servers: StartServer,
+    tiny_llama_path: Path,
+    l3: RedisServer,
+    reference: SGLangServer,
 ) -> None:
-    # Cake's order for every restore: half of the span recomputed, the back half read
+    # half of the span recomputed for every restore (Cake's order: its front; a layer split
+    # in one forward: its bottom layers), the rest read
     server = _tp2(
-        sglang_servers, tiny_llama_path, l3,
-        link="8mbps+1ms", force_shape="token", force_recompute=0.5,
-    )  # fmt: skip
+        sglang_servers, tiny_llama_path, l3, link="8mbps+1ms", force_recompute=0.5, **shape
+    )
     try:
         p = returning_prompts(6)
         back = p["redis"] + p["redis+"]
@@ -124,8 +136,10 @@ def test_record_corrupted_for_one_rank_only(
         # counted once (rank 0 keeps the metrics), though rank 0's own read was whole
         assert total(after, FALLBACKS) - total(before, FALLBACKS) == 1, after
         assert total(after, FALLBACKS, reason="split_read_failed") >= 1, after
-        # both ranks spliced the same pages: what rank 1 got, agreed by MIN
-        assert _spliced_alike(server.log_text()) < PREFIX // 2
+        # both ranks spliced the same pages: what rank 1 got, agreed by MIN, short of what
+        # the split loads (Cake's order: the back half; a layer split: all of the span)
+        planned = PREFIX // 2 if shape["force_shape"] == "token" else PREFIX
+        assert _spliced_alike(server.log_text()) < planned
         # the next turn is served from the restored prefix on both ranks alike
         nxt = back + got["output_ids"] + p["next+"]
         assert_same_replies([ask(reference, nxt)], [ask(server, nxt)])
