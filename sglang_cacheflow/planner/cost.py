@@ -69,7 +69,8 @@ class ComputeCost:
     overlap_slowdown: float = 0.0
     # What a split restore (part recomputed, part loaded) costs beyond its forwards: the
     # executor's hand-offs between its chunk and its extend (SGLang: the splice, a scheduler
-    # round); on the compute resource's path. Fitted by calibration.
+    # round; a layer split in one forward: narrowing it, and what the fit misses of its few
+    # tokens' top layers); on the compute resource's path. Fitted by calibration.
     split_s: float = 0.0
     # The part of ``step_s`` outside the layer loop (batch set-up, embedding, logits): a
     # forward through some of the layers pays it whole. Measured by the engine that can

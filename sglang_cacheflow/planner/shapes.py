@@ -297,9 +297,10 @@ class Shaper:
             else:
                 a = tc
                 b, free = self._loads(d, mid, 0, io, cper, steps)
-        # a split's hand-off from its chunk to its extend (0 < split < the span's end)
+        # a split's hand-off from its chunk to its extend (0 < split < the span's end; in one
+        # forward, what narrowing it costs): what its forwards do not price, learnt
         one_forward = is_split and kind == LAYER and self._one_forward()
-        hand_off = self.cost.compute.split_s if is_split and not one_forward else 0.0
+        hand_off = self.cost.compute.split_s if is_split else 0.0
         if self.new:
             prefill = self.prefill_s
             if kind == LOAD_FRONT and split < self.evicted:

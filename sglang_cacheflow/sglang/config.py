@@ -100,7 +100,8 @@ class CacheFlowConfig:
     ``one_forward_layer_splits``: a layer split runs in the forward of the new tokens (the
     span and the new tokens through the bottom layers, the new tokens alone through the top
     ones, whose span KV streams in; :mod:`~sglang_cacheflow.sglang.top_layers`), not as a
-    chunk and then an extend. Needs streamed splits and the CPU engine; ``None``: off.
+    chunk and then an extend. Needs streamed splits and the CPU engine; ``None``: on there,
+    off elsewhere (docs/benchmarks.md, "A layer split in one forward").
     """
 
     policy: str = "cacheflow"
@@ -158,9 +159,9 @@ class CacheFlowConfig:
         groups = self.stream_groups
         if groups is None:
             groups = 1 if overlap else STREAM_GROUPS
-        return replace(
-            self, arrival_gap_ms=gap, stream_groups=groups, one_forward_layer_splits=bool(one)
-        )
+        if one is None:  # on where it can run: streamed splits on the CPU engine
+            one = device == "cpu" and groups > 1
+        return replace(self, arrival_gap_ms=gap, stream_groups=groups, one_forward_layer_splits=one)
 
     @property
     def force(self) -> tuple[str, float] | None:

@@ -432,9 +432,9 @@ class CacheFlowController(SplitControl):
                 continue
             if sp is None and d.tier == L3_TIER and d.planned_load > 0:  # SGLang's prefetch
                 self.costs.observe_restore(L3_TIER, measured, d.predicted_s)
-            elif sp is not None and not (sp.loads_front or sp.one_forward):
-                self.costs.observe_split(measured, d.predicted_s)  # chunk, hand-off, extend
-            # a streamed front load or one forward pays neither: its read calibrates the tier
+            elif sp is not None and not sp.loads_front:  # its forwards and a hand-off
+                self.costs.observe_split(measured, d.predicted_s)
+            # a streamed front load pays neither: its read calibrates the tier
         if not self.pending and not self.storage_plans and not self.splits:
             self.owed.clear()
 

@@ -321,9 +321,11 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
         saved = stack.end_layer if limited else None
         if limited:
             stack.end_layer = stack.start_layer + top
-        # A layer split in one forward: the span leaves it at its first loaded layer.
-        one = ctl.begin_one_forward(batch) if ctl.splits and stack is not None else None
-        switch = TopLayers(stack, *one) if one is not None else None
+        # A layer split in one forward: the span leaves it at its first loaded layer (where
+        # the layer loop cannot be hooked it goes on through every layer, its top layers
+        # computed and then overwritten with the loaded ones: slower, not wrong).
+        one = ctl.begin_one_forward(batch) if ctl.splits else None
+        switch = TopLayers(stack, *one) if one is not None and stack is not None else None
         clock = layer_clock(stack, getattr(getattr(self, "model_runner", None), "device", None))
         if clock is not None:
             clock.reset()

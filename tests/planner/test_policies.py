@@ -124,7 +124,7 @@ def test_a_splits_extend_is_slowed_while_its_own_loads_stream_in() -> None:
 
 def test_a_layer_split_in_one_forward_saves_the_chunks_fixed_cost() -> None:
     # The span's bottom layers run in the new tokens' forward: one fixed cost where the
-    # chunk and the extend paid one each, no hand-off; the top layers wait for the loads.
+    # chunk and the extend paid one each; the top layers wait for the loads.
     shape = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
     compute = ComputeCost(
         tokens_per_s=900.0, step_s=0.09, unlayered_s=0.01, overlap_slowdown=0.1, split_s=0.02

@@ -68,6 +68,7 @@ def test_defaults_and_round_trip() -> None:
         ("cacheflow", '{"stream_groups": 0}', "stream_groups must be >= 1 (1: not streamed)"),
         ("cacheflow", '{"stream_groups": 2.5}', "stream_groups must be int or null"),
         ("cacheflow", '{"stream_front_loads": 1}', "stream_front_loads must be bool"),
+        ("cacheflow", '{"one_forward_layer_splits": 1}', "one_forward_layer_splits must be bool"),
         ("load", '{"stream_front_loads": true}', "--cacheflow-policy cacheflow, not 'load'"),
     ],
 )
@@ -181,6 +182,19 @@ def test_splits_stream_where_the_scheduler_runs_without_the_overlap_loop() -> No
     for cfg, device in ((front, "cuda"), (replace(front, stream_groups=1), "cpu")):
         with pytest.raises(ConfigError, match=r"stream_front_loads .* needs streamed splits"):
             cfg.for_device(device)
+    # a layer split in one forward: where splits stream, on the CPU engine only
+    one = parse_config(None, '{"one_forward_layer_splits": true}')
+    assert one.for_device("cpu").one_forward_layer_splits
+    with pytest.raises(ConfigError, match=r"one_forward_layer_splits .* needs streamed splits"):
+        replace(one, stream_groups=1).for_device("cpu")
+    with pytest.raises(ConfigError, match=r"one_forward_layer_splits .* on this device"):
+        replace(one, stream_groups=6).for_device("cuda", overlap=False)
+    off = parse_config(None, '{"one_forward_layer_splits": false}')
+    assert off.for_device("cpu").one_forward_layer_splits is False
+    default = parse_config(None, None)  # on where it can run
+    assert default.for_device("cpu").one_forward_layer_splits is True
+    assert default.for_device("cuda").one_forward_layer_splits is False
+    assert replace(default, stream_groups=1).for_device("cpu").one_forward_layer_splits is False
 
 
 @pytest.mark.parametrize(

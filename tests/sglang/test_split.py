@@ -56,7 +56,7 @@ SHAPES = {
     "recompute-all": (("load_front", 1.0), "recompute all"),
 }
 FRONT_LOADS = {"stream_front_loads": True}  # L3 front loads read by the split reader, streamed
-ONE_FORWARD = {"one_forward_layer_splits": True}  # a layer split in the new tokens' forward
+TWO_FORWARDS = {"one_forward_layer_splits": False}  # a layer split's chunk, then the extend
 
 
 def _cacheflow(
@@ -96,8 +96,8 @@ def _check_restores(
     done = re.findall(pattern, log)
     # streamed into the extend (the CPU engine's default), or spliced whole before it
     where = "in the extend" if streamed else "at the splice"
-    if config.get("one_forward_layer_splits"):
-        where = "in its one forward"
+    if streamed and "layer split" in shape and config.get("one_forward_layer_splits", True):
+        where = "in its one forward"  # the CPU engine's default
     if "split" in shape:  # both restores were spliced whole
         assert len(done) == 2 and all(a == b for a, b in done), done
         assert len(re.findall(rf"split rid=.* ms {where}\)", log)) == 2, log
@@ -131,7 +131,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "token-split-unstreamed": ("token-split", {"stream_groups": 1}),  # with the overlap loop
     "load-front-streamed": ("load-front", FRONT_LOADS),
     "load-all-streamed": ("load-all", FRONT_LOADS),
-    "layer-split-one-forward": ("layer-split", ONE_FORWARD),
+    "layer-split-two-forwards": ("layer-split", TWO_FORWARDS),
 }
 
 
@@ -169,7 +169,7 @@ def smollm2_reference(sglang_servers: StartServer, smollm2_path: Path) -> list[A
     return _reference_replies(sglang_servers, smollm2_path, 2)
 
 
-@pytest.mark.parametrize("name", [*SHAPES, "load-front-streamed", "layer-split-one-forward"])
+@pytest.mark.parametrize("name", [*SHAPES, "load-front-streamed", "layer-split-two-forwards"])
 def test_smollm2_restores_every_forced_shape_exactly(
     name: str,
     sglang_servers: StartServer,
@@ -240,9 +240,10 @@ def _slow_split_server(start: StartServer, model: Path, l3: RedisServer, name: s
 @pytest.mark.parametrize(
     ("name", "every"),
     [("token-split", 2), ("layer-split", 2), ("layer-split", 1), ("load-front-streamed", 2),
-     ("load-all-streamed", 1), ("layer-split-one-forward", 2), ("layer-split-one-forward", 1)],
+     ("load-all-streamed", 1), ("layer-split-two-forwards", 2),
+     ("layer-split-two-forwards", 1)],
     ids=["token-split-half", "layer-split-half", "layer-split-all", "load-front-half",
-         "load-all-all", "one-forward-half", "one-forward-all"],
+         "load-all-all", "two-forwards-half", "two-forwards-all"],
 )  # fmt: skip
 def test_corrupted_records_under_a_split_restore_are_recomputed(
     name: str,
@@ -271,7 +272,8 @@ def test_corrupted_records_under_a_split_restore_are_recomputed(
         log = server.log_text()
         assert re.search(r"got \d+ of the \d+ tokens planned from redis \(split_read_failed", log)
         # found by the extend that streamed it, whose result was then dropped (no token)
-        where = "in its one forward" if name.endswith("one-forward") else "in the extend"
+        one = name == "layer-split"  # the CPU engine's default: in one forward
+        where = "in its one forward" if one else "in the extend"
         assert re.search(rf"split rid=.* ms {where}\)", log), log
         # the restored prefix (what landed, the rest recomputed) serves the next turn
         following = ask(server, back + got["output_ids"] + p["next+"])
@@ -283,7 +285,7 @@ def test_corrupted_records_under_a_split_restore_are_recomputed(
         server.stop()
 
 
-@pytest.mark.parametrize("name", ["token-split", "load-front-streamed", "layer-split-one-forward"])
+@pytest.mark.parametrize("name", ["token-split", "load-front-streamed", "layer-split"])
 def test_redis_killed_in_the_middle_of_a_split_read(
     name: str,
     sglang_servers: StartServer,

@@ -106,7 +106,7 @@ def _rank_keys(client: redis.Redis, rank: int) -> list[bytes]:
 
 @pytest.mark.parametrize(
     "shape",
-    [{"force_shape": "token"}, {"force_shape": "layer", "one_forward_layer_splits": True}],
+    [{"force_shape": "token"}, {"force_shape": "layer"}],  # a layer split: in one forward
     ids=["token-split", "layer-split-one-forward"],
 )
 def test_record_corrupted_for_one_rank_only(
