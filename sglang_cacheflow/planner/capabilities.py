@@ -20,8 +20,8 @@ class Capabilities:
     its whole-span loads do).
     ``one_forward_layer_splits``: a layer split runs in the forward of the new tokens: the
     span and the new tokens go through the bottom layers together, the new tokens alone
-    through the top ones, whose span KV streams in meanwhile (one forward's fixed cost, no
-    hand-off); where the span and the new tokens fit one forward (``batch_tokens``).
+    through the top ones, whose span KV streams in meanwhile (one forward's fixed cost);
+    where the span and the new tokens fit one forward (``batch_tokens``).
     ``batch_tokens``: the engine runs the waiting prefills together in forwards of up to
     this many tokens (SGLang: ``chunked_prefill_size``), each of them getting its first
     token when the forward holding its last token ends; under a policy it does not serve
