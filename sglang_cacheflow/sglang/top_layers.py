@@ -17,9 +17,10 @@ them with its extend); the bottom layers are written by this forward, the top on
 stream; the request's KV stays out of the radix tree until the stream is settled after the
 forward (a load that falls short cuts the request back, as for any streamed split).
 
-Limits: one request in the forward (a streamed split runs alone); no input logprobs over the
-span (its top layers are not computed); the CPU engine's attention backends, which read the
-batch's extend lengths at every layer (a CUDA backend plans its kernels once per forward).
+Limits: one request in the forward (a streamed split runs alone); the CPU engine's attention
+backends, which read the batch's extend lengths at every layer (a CUDA backend plans its
+kernels once per forward). Input logprobs are never asked over a span: SGLang matches no
+prefix over the tokens whose input logprobs a request wants.
 """
 
 from __future__ import annotations
