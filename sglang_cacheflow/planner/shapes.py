@@ -103,6 +103,7 @@ class Shaper:
         "grid",
         "new",
         "num_layers",
+        "one_forward",
         "prefill_s",
         "ranges",
         "reads_until",
@@ -122,6 +123,8 @@ class Shaper:
         self.evicted = req.evicted_tokens
         self.new = req.new_tokens
         self.ranges = req.tier_ranges()
+        # whether a layer split runs in the new tokens' forward (see ``Capabilities``)
+        self.one_forward = caps.layer_split_in_one_forward(self.evicted + self.new)
         self.tiers = [
             TierRange(
                 t,
@@ -270,7 +273,7 @@ class Shaper:
             cpu = self._read_cpu(mid, end, 0, io) if is_split else None
             a = self._compute(d, mid, 0, L, tc, steps, mid < end, reads, cpu)
             b, free = self._loads(mid, end, 0, io, cper, steps, is_split)
-        elif kind == LAYER and is_split and self._one_forward():
+        elif kind == LAYER and is_split and self.one_forward:
             # the span and the new tokens through layers [0, split), then the new tokens
             # alone through the rest, each layer as its span KV streams in
             cpu = self._read_cpu(d, end, split, io)
@@ -299,7 +302,7 @@ class Shaper:
                 b, free = self._loads(d, mid, 0, io, cper, steps)
         # a split's hand-off from its chunk to its extend (0 < split < the span's end; in one
         # forward, what narrowing it costs): what its forwards do not price, learnt
-        one_forward = is_split and kind == LAYER and self._one_forward()
+        one_forward = is_split and kind == LAYER and self.one_forward
         hand_off = self.cost.compute.split_s if is_split else 0.0
         if self.new:
             prefill = self.prefill_s
@@ -327,10 +330,6 @@ class Shaper:
                 ttft = max(ttft, a)
             ttft += hand_off
         return a, b, ttft, free
-
-    def _one_forward(self) -> bool:
-        """Whether a layer split runs in the new tokens' forward (see ``Capabilities``)."""
-        return self.caps.layer_split_in_one_forward(self.evicted + self.new)
 
     def run(
         self, shape: Shape, tc: float, io: dict[str, float], steps: list[Step] | None = None
@@ -447,7 +446,7 @@ class Shaper:
         from the largest crossing point of A with those lines on.
         """
         L = self.num_layers
-        if len({t.tier for t in self.tiers}) < len(self.tiers) or self._one_forward():
+        if len({t.tier for t in self.tiers}) < len(self.tiers) or self.one_forward:
             # a tier's loads queue up, or the top layers start with the loads (no closed form)
             return self._crossing(LAYER, list(range(L + 1)), tc, io)
         # for 0 < l < L the bottom layers run while the top ones stream in

@@ -174,10 +174,7 @@ class SplitControl:
         self.front_slots[req.rid] = slots
         # its KV is not whole until every layer has landed: keep it out of the tree till then
         sp.skip_insert, req.skip_radix_cache_insert = req.skip_radix_cache_insert, True
-        deadline = time.perf_counter() + self.cfg.split_wait_s
-        assert self.layers is not None  # front loads are planned only when streaming
-        self.layers.add(req.rid, Stream(sp, slots, deadline, req))
-        self.streamed[req.rid] = d
+        self._stream(req, d, slots)  # front loads are planned only when streaming
         return sp.tokens
 
     def layer_chunk(self, req: Any) -> bool:
@@ -211,10 +208,16 @@ class SplitControl:
             return None
         req = batch.reqs[0]
         slots = row_of(req, self.cache)[sp.start : sp.start + sp.tokens].to(torch.int64)
-        self.streamed[req.rid] = self.splits.pop(req.rid)
-        deadline = time.perf_counter() + self.cfg.split_wait_s
-        self.layers.add(req.rid, Stream(sp, slots, deadline, req))
+        self._stream(req, self.splits.pop(req.rid), slots)
         return sp.layer_split or 0, sp.tokens
+
+    def _stream(self, req: Any, d: Decision, slots: torch.Tensor) -> None:
+        """Stream the load of ``d``'s split into ``slots`` from now, with the
+        ``split_wait_s`` deadline; :meth:`finish_streams` settles it."""
+        assert self.layers is not None and d.split is not None
+        deadline = time.perf_counter() + self.cfg.split_wait_s
+        self.layers.add(req.rid, Stream(d.split, slots, deadline, req))
+        self.streamed[req.rid] = d
 
     def one_forward_done(self, batch: Any, seconds: float, started: float) -> None:
         """A layer split's one forward took ``seconds`` from ``started`` to its first
@@ -250,9 +253,7 @@ class SplitControl:
             self.scheduler = scheduler  # where a stream that falls short is cut back
             slots = splice_streamed(sp, req, tree_cache)
             if slots is not None:
-                deadline = time.perf_counter() + self.cfg.split_wait_s
-                self.layers.add(req.rid, Stream(sp, slots, deadline, req))
-                self.streamed[req.rid] = d
+                self._stream(req, d, slots)
                 return
         try:
             if req.prefix_len > sp.cut:  # the front ran past the cut: nothing to splice
