@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_cacheflow.bench.sglang.restore import _average, balanced_link, summarize
+from sglang_cacheflow.bench.sglang.restore import _average, balanced_link, schedule, summarize
 from sglang_cacheflow.bench.sglang.serving import (
     ServerSpec,
     link_prior,
@@ -55,6 +55,26 @@ def test_abba_runs_are_averaged_per_policy() -> None:
     assert avg["servers"] == 2 and len(avg["runs"]) == 2
     assert avg["shapes"] == {"token split": 7, "load all": 1}  # every server's restores
     assert avg["predicted_within_10pct"] == {"single": 0.75, "all": 0.5}
+
+
+def test_recompute_brackets_the_abba_order() -> None:
+    # after the first recompute server (which finds the balanced link): the other policies
+    # forward then backward at the middle link, then recompute again
+    others, links = ["load", "cake", "cacheflow"], ["0.5x", "1x", "2x"]
+    plan = schedule(others, links, "abba-balanced", recompute=True)
+    assert plan == [
+        *[("0.5x", p) for p in others],
+        *[("1x", p) for p in others + others[::-1]],
+        ("1x", "recompute"),
+        *[("2x", p) for p in others],
+    ]
+    # abba everywhere: recompute closes the last link; not compared: no second server
+    plan = schedule(others, links[:2], "abba", recompute=True)
+    assert [p for _, p in plan].count("recompute") == 1 and plan[-1] == ("1x", "recompute")
+    assert ("1x", "recompute") not in schedule(others, links, "abba-balanced", recompute=False)
+    assert schedule(others, links, "once", recompute=True) == [
+        (link, p) for link in links for p in others
+    ]
 
 
 def test_prediction_accuracy_from_the_error_ratio_histogram() -> None:

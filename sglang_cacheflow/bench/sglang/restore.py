@@ -15,9 +15,11 @@ first (it reads nothing from L3, so its TTFT does not depend on the link and its
 every link), and the *balanced* link is the one over which a prefix's KV takes as long to
 load as the measured recompute took; the bench then runs 0.5x, 1x and 2x of it. ``--order
 abba`` runs the other policies forward then backward at each link (load, cake, cacheflow,
-cacheflow, cake, load) and averages each policy's two servers, which separates server-to-
-server noise (start-up, memory placement) from the policies' cost; ``abba-balanced`` (the
-default) does so at the middle link only.
+cacheflow, cake, load), then ``recompute`` once more, and averages each policy's servers:
+recompute, load, cake, cacheflow, cacheflow, cake, load, recompute. That separates
+server-to-server noise (start-up, memory placement, the machine's speed drifting within a
+run) from the policies' cost; ``abba-balanced`` (the default) does so at the middle link
+only.
 
 TTFT is the latency of a one-token generation. T* = Tc*Tio/(Tc+Tio) is computed from the
 measured one-at-a-time means of ``recompute`` (Tc) and ``load`` (Tio). Each row also reports
@@ -76,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--order",
         choices=("once", "abba", "abba-balanced"),
         default="abba-balanced",
-        help="abba: run the policies other than recompute forward then backward at each link; "
-        "abba-balanced: so at the balanced link of --links auto, once at the others",
+        help="abba: run the policies other than recompute forward then backward at each link, "
+        "and recompute again after the last; abba-balanced: so at the balanced link of "
+        "--links auto, once at the others",
     )
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--prefix", type=int, default=512, help="tokens of each conversation")
@@ -334,11 +337,35 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def schedule(
+    others: list[str], links: list[str], order: str, recompute: bool
+) -> list[tuple[str, str]]:
+    """The (link, policy) servers to run after the first ``recompute`` one, in order.
+
+    With ``abba`` each link runs ``others`` forward then backward; ``abba-balanced`` does so
+    at the middle link only. When ``recompute`` is compared, a second recompute server closes
+    the last A-B-B-A link, so that it brackets the other policies as they bracket each other:
+    the machine's speed drifts within a run, and one recompute server at the start would
+    charge that drift to every ratio over it.
+    """
+    out: list[tuple[str, str]] = []
+    abba_links = [
+        link
+        for link in links
+        if order == "abba" or (order == "abba-balanced" and link == links[len(links) // 2])
+    ]
+    for link in links:
+        abba = link in abba_links
+        out += [(link, p) for p in (others + others[::-1] if abba else others)]
+        if recompute and abba and link == abba_links[-1]:
+            out.append((link, "recompute"))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     model = _model(args.model)
     policies = [x for x in args.policies.split(",") if x]
     others = [x for x in policies if x != "recompute"]
-    rows: list[dict[str, Any]] = []
 
     def one(link: str, policy: str) -> dict[str, Any]:
         row = _one(model, link, policy, args)
@@ -359,17 +386,19 @@ def run(args: argparse.Namespace) -> int:
               f"{recompute['single_mean_s'] * 1e3:.0f} ms)", flush=True)  # fmt: skip
     else:
         links = [x for x in args.links.split(",") if x]
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    recomputes = [recompute] if recompute is not None else []
+    for link, policy in schedule(others, links, args.order, "recompute" in policies):
+        row = one(link, policy)
+        if policy == "recompute":
+            recomputes.append(row)
+        else:
+            runs.setdefault((link, policy), []).append(row)
+    rows: list[dict[str, Any]] = []
     for link in links:
-        if recompute is not None:
-            rows.append({**recompute, "link": link})
-        abba = args.order == "abba" or (
-            args.order == "abba-balanced" and link == links[len(links) // 2]
-        )
-        order = others + others[::-1] if abba else others
-        runs: dict[str, list[dict[str, Any]]] = {}
-        for policy in order:
-            runs.setdefault(policy, []).append(one(link, policy))
-        rows += [_average(runs[p]) for p in others]
+        if recomputes:  # one row for every link: its servers read nothing from L3
+            rows.append({**_average(recomputes), "link": link})
+        rows += [_average(runs[link, p]) for p in others]
     print()
     n = args.conversations
     print(f"| L3 link | policy | (a) one at a time: mean TTFT | (b) {n} together: mean TTFT "
