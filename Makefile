@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 SGLANG_VERSION := 0.5.23
+# Test processes (pytest-xdist, whole modules each): the server tests wait on imports, links
+# and idle servers much of the time, two of them share a 2-core machine well.
+TEST_WORKERS ?= 2
 
 .PHONY: venv test lint demo bench-planner clean
 
@@ -22,7 +25,7 @@ $(STAMP): pyproject.toml requirements/sglang-cpu.txt requirements/constraints.tx
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -31,10 +31,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["CPU_ENV", "SGLangServer", "SGLangServerError", "free_port"]
+__all__ = ["CPU_ENV", "STOP_ENV", "SGLangServer", "SGLangServerError", "free_port"]
 
 CPU_ENV: dict[str, str] = {"SGLANG_USE_CPU_ENGINE": "1"}
 """Environment that makes SGLang run its CPU engine."""
+
+STOP_ENV: dict[str, str] = {
+    "SGLANG_PYSPY_DUMP_BEFORE_CRASH": "0",
+    "SGLANG_CUDA_COREDUMP_BEFORE_CRASH": "0",
+}
+"""A stop by :meth:`SGLangServer.stop` is no crash: without these, SGLang's SIGTERM handler
+waits 5 s for the GPU to settle before dumping py-spy traces and CUDA core dumps."""
 
 DEFAULT_CPU_ARGS: tuple[str, ...] = ("--device", "cpu", "--attention-backend", "cacheflow_cpu")
 
@@ -119,7 +126,7 @@ class SGLangServer:
             fd, name = tempfile.mkstemp(prefix=f"sglang-{self.port}-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        env = {**os.environ, **(CPU_ENV if self.cpu else {}), **self.env}
+        env = {**os.environ, **STOP_ENV, **(CPU_ENV if self.cpu else {}), **self.env}
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         started = time.monotonic()
         self._process = subprocess.Popen(

@@ -166,3 +166,43 @@ def corrupt(client: redis.Redis, keys: list[bytes]) -> None:
         for i in range(len(value) // 2, len(value)):
             value[i] ^= 0x5A
         client.set(k, bytes(value))
+
+
+# -- restores forced into one shape (``force_shape``) -------------------------------------
+
+# name -> ((force_shape, force_recompute), what the decision log calls it for a 480-token span)
+SHAPES: dict[str, tuple[tuple[str, float], str]] = {
+    "token-split": (("token", 0.5), "token split 240+240"),
+    "layer-split": (("layer", 0.5), "layer split 2/4"),
+    "load-front": (("load_front", 0.5), "load front 240+240"),
+    "load-all": (("load_front", 0.0), "load all"),
+    "recompute-all": (("load_front", 1.0), "recompute all"),
+}
+FRONT_LOADS = {"stream_front_loads": True}  # L3 front loads read by the split reader, streamed
+TWO_FORWARDS = {"one_forward_layer_splits": False}  # a layer split's chunk, then the extend
+# a forced shape on a server configured otherwise: name -> (name in SHAPES, config)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "token-split-unstreamed": ("token-split", {"stream_groups": 1}),  # with the overlap loop
+    "load-front-streamed": ("load-front", FRONT_LOADS),
+    "load-all-streamed": ("load-all", FRONT_LOADS),
+    "layer-split-two-forwards": ("layer-split", TWO_FORWARDS),
+}
+
+
+def forced(name: str) -> tuple[tuple[str, float], str, dict[str, Any]]:
+    """What ``name`` (of :data:`SHAPES` or :data:`VARIANTS`) forces, the shape its decisions
+    log, and the ``--cacheflow-config`` keys it adds."""
+    base, config = VARIANTS.get(name, (name, {}))
+    force, shape = SHAPES[base]
+    return force, shape, config
+
+
+def forced_server(
+    start: StartServer, model: Any, l3: RedisServer, link: str, name: str
+) -> SGLangServer:
+    """A CacheFlow server forcing the shape ``name`` for every restore, its Redis seen
+    through ``link``."""
+    (shape, recompute), _, config = forced(name)
+    return cacheflow_server(
+        start, model, l3, link=link, force_shape=shape, force_recompute=recompute, **config
+    )
