@@ -7,7 +7,7 @@ import pytest
 
 from sglang_cacheflow.cli import main
 
-pytestmark = [pytest.mark.redis]
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 TINY = ["--dtypes", "bf16", "--prompts", "2", "--docs", "2", "--doc-tokens", "64",
         "--answer-tokens", "4", "--ratios", "0,0.3,1", "--ttft-prompts", "1", "--ttft-docs", "3",
