@@ -21,8 +21,9 @@ regression of seconds on bytes gives latency and bandwidth; with transfers all o
 the latency keeps its prior and the bandwidth follows the average. What a tier's restores
 cost beyond their transfers (an engine's lookups and hand-offs) is learnt from whole restores
 that ran alone: the residual of measured over predicted, as a moving average added to the
-tier's ``setup_s``; what a split restore costs beyond its forwards, the same way, to the
-compute's ``split_s``.
+tier's ``setup_s`` (never below 0); what a split restore costs beyond its forwards, the same
+way, to the compute's ``split_s`` (down to minus one forward's fixed cost: a split may run
+faster than the sum of its forwards' prices).
 """
 
 from __future__ import annotations
@@ -155,8 +156,12 @@ class Calibrator:
     def add_split(self, measured_s: float, predicted_s: float) -> None:
         """A split restore that had the machine to itself took ``measured_s`` where the
         model predicted ``predicted_s``: move the compute's ``split_s`` (what a split costs
-        beyond its forwards) toward the residual, never below 0."""
-        residual = max(0.0, self._split + measured_s - predicted_s)
+        beyond its forwards) toward the residual. It may go below 0, where splits run
+        faster than their forwards' price (a chunk that overlaps less of its reads' CPU
+        than charged, a narrowed forward cheaper than its layer share), but by no more than
+        one forward's fixed cost (:meth:`model` holds it there as that cost is refitted)."""
+        floor = -self.compute_cost().step_s
+        residual = max(floor, self._split + measured_s - predicted_s)
         self._split += self.setup_rate * (residual - self._split)
 
     def setup_s(self, tier: str) -> float:
@@ -235,6 +240,7 @@ class Calibrator:
             if extra > 0 and name in tiers:
                 tiers[name] = replace(tiers[name], setup_s=tiers[name].setup_s + extra)
         compute = self.compute_cost()
-        if self._split > 0:
-            compute = replace(compute, split_s=compute.split_s + self._split)
+        if self._split != 0:
+            split_s = max(-compute.step_s, compute.split_s + self._split)
+            compute = replace(compute, split_s=split_s)
         return replace(self.prior, compute=compute, tiers=tiers)

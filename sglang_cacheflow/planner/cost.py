@@ -70,7 +70,8 @@ class ComputeCost:
     # What a split restore (part recomputed, part loaded) costs beyond its forwards: the
     # executor's hand-offs between its chunk and its extend (SGLang: the splice, a scheduler
     # round; a layer split in one forward: narrowing it, and what the fit misses of its few
-    # tokens' top layers); on the compute resource's path. Fitted by calibration.
+    # tokens' top layers); on the compute resource's path. Fitted by calibration; below 0
+    # (down to -step_s) where splits run faster than their forwards' prices.
     split_s: float = 0.0
     # The part of ``step_s`` outside the layer loop (batch set-up, embedding, logits): a
     # forward through some of the layers pays it whole. Measured by the engine that can
@@ -84,13 +85,16 @@ class ComputeCost:
             self.attention_s_per_token_pair,
             self.step_s,
             self.overlap_slowdown,
-            self.split_s,
             self.unlayered_s,
         )
         if min(fields) < 0:
             raise ValueError(
-                "compute.attention_s_per_token_pair, step_s, overlap_slowdown, split_s and "
+                "compute.attention_s_per_token_pair, step_s, overlap_slowdown and "
                 "unlayered_s must be >= 0"
+            )
+        if self.split_s < -self.step_s:
+            raise ValueError(
+                f"compute.split_s must be >= -step_s ({-self.step_s}), got {self.split_s}"
             )
 
     def seconds(self, prefix: float, n: float) -> float:

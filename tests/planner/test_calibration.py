@@ -167,7 +167,8 @@ def test_split_overhead_is_learnt_and_charged_to_split_shapes_only() -> None:
     from sglang_cacheflow.planner.capabilities import RUNTIME
     from sglang_cacheflow.planner.shapes import LAYER, LOAD_FRONT, TOKEN, Shape, Shaper
 
-    prior = CostModel(ModelShape(4, 2, 32, 4), ComputeCost(1e4), {"redis": TierCost(1e7)})
+    compute = ComputeCost(1e4, step_s=0.05)
+    prior = CostModel(ModelShape(4, 2, 32, 4), compute, {"redis": TierCost(1e7)})
     cal = Calibrator(prior)
     req = Request("r", 0, (Span("redis", 512),), 16)
 
@@ -184,9 +185,17 @@ def test_split_overhead_is_learnt_and_charged_to_split_shapes_only() -> None:
     # pure shapes (recompute all, load all, as a layer or token "split" at an end) do not
     assert ttft(whole) == base_whole
     assert ttft(Shape(LAYER, 4)) == ttft(Shape(TOKEN, 512))
-    for _ in range(40):  # as fast as predicted without it: it decays, never below 0
+    for _ in range(40):  # as fast as predicted without it: it decays to 0
         cal.add_split(base_split, ttft(split))
-    assert 0.0 <= cal.model().compute.split_s < 0.001
+    assert abs(cal.model().compute.split_s) < 0.001
+    for _ in range(40):  # 30 ms faster than its forwards' prices: learnt below 0
+        cal.add_split(base_split - 0.03, ttft(split))
+    assert cal.model().compute.split_s == pytest.approx(-0.03, rel=0.05)
+    assert ttft(split) == pytest.approx(base_split - 0.03, rel=1e-3)
+    assert ttft(whole) == base_whole
+    for _ in range(40):  # never below minus one forward's fixed cost
+        cal.add_split(0.0, ttft(split))
+    assert cal.model().compute.split_s == pytest.approx(-compute.step_s)
 
 
 def test_an_attention_term_within_the_noise_is_left_out_until_samples_show_it():

@@ -64,3 +64,11 @@ def test_bad_shapes_say_what_to_change(kwargs, match):
 def test_unknown_tier_names_the_known_ones():
     with pytest.raises(KeyError, match="redis"):
         llama8b().tier("ssd")
+
+
+def test_a_split_hand_off_may_be_negative_by_at_most_one_forward_fixed_cost():
+    assert ComputeCost(1000.0, step_s=0.1, split_s=-0.1).split_s == -0.1
+    with pytest.raises(ValueError, match="split_s must be >= -step_s"):
+        ComputeCost(1000.0, step_s=0.1, split_s=-0.11)
+    with pytest.raises(ValueError, match="overlap_slowdown and unlayered_s must be >= 0"):
+        ComputeCost(1000.0, step_s=-0.1)
