@@ -7,12 +7,14 @@ import pytest
 pytest_plugins: list[str] = ["tests.fixtures.redis", "tests.fixtures.sglang"]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules that start SGLang servers run first, then the other slow ones, the modules
     of more tests (more servers) first within each, each module's tests in their own order:
     ``make test`` hands whole modules to two workers in this order (``--dist loadfile
     --no-loadscope-reorder``), and the long ones, started first, end with the rest instead
-    of after it."""
+    of after it. Run in one process, the suite keeps its collection order."""
+    if getattr(config.option, "dist", "no") == "no":
+        return
     rank: dict[object, int] = {}
     size: dict[object, int] = {}
     for item in items:

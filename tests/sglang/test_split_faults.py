@@ -156,8 +156,15 @@ def _redis_killed_in_the_middle_of_a_read(
         before = metrics(server)
         replies: list[Any] = []
         asking = threading.Thread(target=lambda: replies.append(ask(server, back)))
+        planned = len(logged_decisions(server.log_text(), "redis"))
         asking.start()
-        time.sleep(0.15)  # the back is being read: about a quarter of it is in
+        # its read starts as it is planned (logged): kill Redis about a fifth into the read,
+        # however long the request took to reach the scheduler on a busy machine
+        deadline = time.monotonic() + 60
+        while len(logged_decisions(server.log_text(), "redis")) == planned:
+            assert time.monotonic() < deadline, "the returning request was never planned"
+            time.sleep(0.01)
+        time.sleep(0.1)
         l3.kill()
         asking.join(timeout=120)
         assert not asking.is_alive(), "the request hung after Redis died"
