@@ -89,7 +89,12 @@ async def _replay(
     gaps = random.Random(0)
     sem = asyncio.Semaphore(concurrency)
     results: list[Result] = []
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+    # One connection per request: SGLang's server (uvicorn) closes a connection idle for
+    # SGLANG_TIMEOUT_KEEP_ALIVE (5 s), and a round that waits longer than that for its slowest
+    # turn can reuse a connection the server is closing at that moment (ServerDisconnected).
+    # A loopback connect costs every policy the same ~0.1 ms.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
 
         async def one(sid: str, k: int, turn: Turn, t0: float, at: float = 0.0) -> None:
             if by_arrival:
