@@ -62,8 +62,7 @@ def server_url() -> Iterator[str]:
 
 def test_rounds_never_reuse_a_connection_the_server_may_be_closing(server_url: str) -> None:
     sessions = [
-        Session(f"s{i}", [Turn((1, 2, 3), 1, False), Turn((1, 2, 3, 4), 1, True)])
-        for i in range(3)
+        Session(f"s{i}", [Turn((1, 2, 3), 1, False), Turn((1, 2, 3, 4), 1, True)]) for i in range(3)
     ]
     results = replay(server_url, sessions, concurrency=3)
     assert [r.error for r in results] == [""] * 6
