@@ -48,7 +48,7 @@ def test_every_workload_against_a_running_server(cacheflow_server, workload, tmp
     out = tmp_path / workload
     args = ["bench", "--url", cacheflow_server.base_url, "--workload", workload, *SMALL]
     if workload == "mooncake-synthetic":  # its first shared prefix comes back at row 49
-        args += ["--requests", "52", "--trace-token-scale", "64"]
+        args += ["--requests", "52", "--trace-token-scale", "256"]
     assert main([*args, "--model", str(cacheflow_server.model_path), "--out", str(out)]) == 0
     doc = check_doc(out, ["as configured"])
     reqs = doc["runs"][0]["requests"]
