@@ -239,15 +239,18 @@ def run_against(
 
 
 def check_answers(runs: Sequence[Run]) -> None:
-    """Set each run's ``answers_match`` against the first run with the same sessions."""
+    """Set each run's ``answers_match`` against the first run with the same sessions.
+
+    Only turns both runs answered are compared: a failed request is an error the bench
+    reports as such, not a wrong answer."""
     if not runs:
         return
     ref = {(r.session, r.turn): r.output_ids for r in runs[0].results if not r.error}
     for run in runs:
         same = [
-            ref.get((r.session, r.turn)) == r.output_ids
+            ref[(r.session, r.turn)] == r.output_ids
             for r in run.results
-            if (r.session, r.turn) in ref
+            if (r.session, r.turn) in ref and not r.error
         ]
         run.answers_match = sum(same) / len(same) if same else None
 
