@@ -42,9 +42,10 @@ def test_answers_match_only_when_restores_are_right(
 ) -> None:
     good = _bench(smollm2_path, redis_server.url, tmp_path / "good")
     assert good["load"]["tokens_loaded"] > 0  # the check is only as good as what it restored
-    assert good["recompute"]["answers_match"] == 1.0 and good["load"]["answers_match"] == 1.0
+    # answers_match compares each policy with the first, recompute: load's must be all equal
+    assert good["load"]["answers_match"] == 1.0
     monkeypatch.setenv(FAULT_ENV, ZERO_HOST_LOADS)
     bad = _bench(smollm2_path, redis_server.url, tmp_path / "bad")
     assert bad["load"]["tokens_loaded"] > 0
-    assert bad["recompute"]["answers_match"] == 1.0
+    assert bad["recompute"]["tokens_loaded"] == 0  # the reference loads nothing: it stands
     assert bad["load"]["answers_match"] < 1.0, bad["load"]
