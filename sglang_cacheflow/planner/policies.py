@@ -69,6 +69,16 @@ def _best(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
     return s.best(tc, io)
 
 
+# each policy's choice for one request, given what the resources owe (cacheflow also
+# weighs whole schedules against each other: plan())
+_PER_REQUEST: dict[str, Chooser] = {
+    "recompute": _recompute_all,
+    "load": _load_all,
+    "cake": _cake,
+    "cacheflow": _best,
+}
+
+
 def _forced(kind: ShapeKind, recompute: float) -> Chooser:
     """Every request takes ``kind`` with about ``recompute`` of its span recomputed (the
     nearest split point; the fraction is of tokens, or of layers for a layer split)."""
@@ -81,6 +91,18 @@ def _forced(kind: ShapeKind, recompute: float) -> Chooser:
             split = min(s.grid, key=lambda g: (abs(g - want), g))
         shape = Shape(kind, split)
         return shape, s.run(shape, tc, io)
+
+    return choose
+
+
+def _or_forced(default: Chooser) -> Chooser:
+    """``default``, except for a request that forces its own shape (``Request.force``)."""
+
+    def choose(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
+        force = s.req.force
+        if force is None:
+            return default(s, tc, io)
+        return _forced(ShapeKind(force[0]), force[1])(s, tc, io)
 
     return choose
 
@@ -188,7 +210,9 @@ def plan(
     a request arriving behind a queue of recomputes can load instead. Times in the plan count
     from now, waits included. ``force=(kind, fraction)`` overrides the policy's choice for
     tests and experiments: every request takes shape ``kind`` (``token``, ``layer`` or
-    ``load_front``) with about ``fraction`` of its span recomputed. Raises ``ValueError`` for
+    ``load_front``) with about ``fraction`` of its span recomputed; a request's own
+    ``force`` does so for that request (a round holding one is served in arrival order, the
+    others taking the policy's shape for one request). Raises ``ValueError`` for
     an unknown policy, a policy or forced shape the executor cannot run, or requests naming
     a tier the cost model does not know.
     """
@@ -201,8 +225,9 @@ def plan(
         )
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    if force is not None:
-        check_forced_shape(*force, capabilities)
+    for f in (force, *(r.force for r in requests)):
+        if f is not None:
+            check_forced_shape(*f, capabilities)
     ids = [r.id for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError(f"request ids must be unique, got {ids}")
@@ -211,12 +236,10 @@ def plan(
     shapers = [Shaper(r, cost, capabilities, chunk_tokens) for r in requests]
     if force is not None:
         best = _schedule(shapers, _forced(ShapeKind(force[0]), force[1]), busy)
-    elif policy == "recompute":
-        best = _schedule(shapers, _recompute_all, busy)
-    elif policy == "load":
-        best = _schedule(shapers, _load_all, busy)
-    elif policy == "cake":
-        best = _schedule(shapers, _cake, busy)
+    elif any(r.force is not None for r in requests):  # served in arrival order
+        best = _schedule(shapers, _or_forced(_PER_REQUEST[policy]), busy)
+    elif policy != "cacheflow":
+        best = _schedule(shapers, _PER_REQUEST[policy], busy)
     else:
         shortest_first = sorted(shapers, key=_isolated_estimate)
         candidates = [

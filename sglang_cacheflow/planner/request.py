@@ -33,6 +33,9 @@ class Request:
     # engine's staging (SGLang: an L3 prefetch into host memory), which loads nothing or
     # between ``lo`` and ``hi`` tokens: its smallest prefetch and its free room. None: any.
     staged_load: tuple[int, int] | None = None
+    # Tests and experiments: this request's shape, ``(kind, recomputed fraction)`` as
+    # plan()'s ``force``, whatever the policy would choose. None: the policy's.
+    force: tuple[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.device_tokens < 0 or self.new_tokens < 0:

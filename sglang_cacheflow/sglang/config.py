@@ -19,10 +19,12 @@ from sglang_cacheflow.tiers.redis_config import URL_SCHEMES
 __all__ = [
     "CPU_ARRIVAL_GAP_MS",
     "POLICY_CHOICES",
+    "REQUEST_PARAM",
     "STREAM_GROUPS",
     "CacheFlowConfig",
     "ConfigError",
     "parse_config",
+    "request_force",
     "tier_prior",
 ]
 
@@ -325,6 +327,38 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
         force_recompute=float(cfg.force_recompute),
         arrival_gap_ms=gap,
     )
+
+
+REQUEST_PARAM = "cacheflow"
+"""The key of a request's ``sampling_params.custom_params`` that holds its own settings:
+``{"force_shape": ..., "force_recompute": ...}``, as the config keys, for that request only
+(docs/sglang.md, "Configuration")."""
+
+
+def request_force(custom_params: Any, capabilities: Any) -> tuple[str, float] | None:
+    """The shape a request forces through its ``custom_params`` (:data:`REQUEST_PARAM`), or
+    None. Raises :class:`ConfigError` for what ``capabilities`` cannot run or a malformed
+    value."""
+    if not isinstance(custom_params, Mapping) or custom_params.get(REQUEST_PARAM) is None:
+        return None
+    own = custom_params[REQUEST_PARAM]
+    where = f"custom_params[{REQUEST_PARAM!r}]"
+    if not isinstance(own, Mapping) or set(own) - {"force_shape", "force_recompute"}:
+        raise ConfigError(
+            f"{where} must be an object with force_shape and optionally force_recompute, "
+            f"got {own!r}"
+        )
+    shape = own.get("force_shape")
+    recompute = own.get("force_recompute", _DEFAULTS.force_recompute)
+    if isinstance(recompute, bool) or not isinstance(recompute, int | float):
+        raise ConfigError(f"{where}: force_recompute must be a number, got {recompute!r}")
+    from sglang_cacheflow.planner.policies import check_forced_shape
+
+    try:
+        check_forced_shape(shape, float(recompute), capabilities)
+    except ValueError as e:
+        raise ConfigError(f"{where}: force_shape: {e}") from None
+    return shape, float(recompute)
 
 
 def check_page_size(cfg: CacheFlowConfig, page_size: int | None) -> None:

@@ -40,6 +40,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sglang_cacheflow.planner import (
@@ -62,7 +63,7 @@ from sglang_cacheflow.sglang.admission import (
     wait_s,
 )
 from sglang_cacheflow.sglang.capabilities import sglang_capabilities
-from sglang_cacheflow.sglang.config import CacheFlowConfig
+from sglang_cacheflow.sglang.config import CacheFlowConfig, ConfigError, request_force
 from sglang_cacheflow.sglang.costs import CostTracker
 from sglang_cacheflow.sglang.decision import (
     Decision,
@@ -124,6 +125,7 @@ class CacheFlowController(SplitControl):
         self.tp_rank = tp_rank
         self.costs = CostTracker(cfg, shape)
         self.host_caps: dict[str, int] = {}
+        self.forced: dict[str, tuple[str, float]] = {}  # rid -> the shape it asks for
         self._round: dict[str, Decision] = {}
         self.storage_plans: OrderedDict[str, Decision] = OrderedDict()
         self.pending: OrderedDict[str, Decision] = OrderedDict()
@@ -222,7 +224,20 @@ class CacheFlowController(SplitControl):
 
     # -- decisions -----------------------------------------------------------------------
 
+    def take_request_params(self, req: Any) -> str | None:
+        """Read what a request arriving in the queue asks of CacheFlow itself (its
+        ``custom_params``: a forced shape); returns why it cannot be served, or None."""
+        try:
+            force = request_force(getattr(req.sampling_params, "custom_params", None), self.caps)
+        except ConfigError as e:
+            return str(e)
+        if force is not None:
+            self.forced[req.rid] = force
+        return None
+
     def _plan(self, reqs: list[Request], cost: CostModel, busy: dict[str, float]) -> Plan:
+        if self.forced:
+            reqs = [replace(r, force=self.forced.get(r.id)) for r in reqs]
         return plan(
             reqs, cost, self.cfg.policy, self.caps, self.cfg.chunk_tokens, busy, self.cfg.force
         )
@@ -327,6 +342,7 @@ class CacheFlowController(SplitControl):
         live = {r.rid for r in waiting}
         if chunked is not None:
             live.add(chunked.rid)
+        self.forced = {rid: f for rid, f in self.forced.items() if rid in live}
         for plans in (self.storage_plans, self.splits):
             for rid in [r for r, d in plans.items() if r not in live and now - d.t0 > _STALE_S]:
                 d = plans.pop(rid)

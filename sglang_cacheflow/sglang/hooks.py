@@ -9,6 +9,7 @@ process) does, lazily (each when SGLang imports the module concerned):
 - ``sglang.srt.mem_cache.registry``: registers the radix cache backend ``cacheflow``;
 - ``sglang.srt.managers.scheduler``: wraps ``Scheduler.process_input_requests`` (arrivals:
   a burst gathered on an idle scheduler, batch-planned L3 prefetches),
+  ``Scheduler._add_request_to_queue`` (a request's own settings in its ``custom_params``),
   ``Scheduler._get_new_batch_prefill_raw`` (admission: batch-planned host hits) and
   ``Scheduler.stash_chunked_request`` (a split restore's front is checkpointed: splice its
   loaded back in);
@@ -149,6 +150,19 @@ def _wrap_process_input_requests(original: Callable[..., Any]) -> Callable[..., 
     return process_input_requests
 
 
+def _wrap_add_request_to_queue(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _add_request_to_queue(self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+        ctl = _ctl()
+        if ctl is not None and not req.finished():  # before SGLang's L3 prefetch of it
+            error = ctl.take_request_params(req)
+            if error is not None:
+                req.set_finish_with_abort(error)
+        return original(self, req, *args, **kwargs)
+
+    return _add_request_to_queue
+
+
 def _wrap_get_new_batch_prefill_raw(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def _get_new_batch_prefill_raw(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -199,6 +213,7 @@ def _patch_scheduler(module: ModuleType) -> None:
         cls._prefetch_after_device_hit_loss
     )
     cls.process_input_requests = _wrap_process_input_requests(cls.process_input_requests)
+    cls._add_request_to_queue = _wrap_add_request_to_queue(cls._add_request_to_queue)
     cls._get_new_batch_prefill_raw = _wrap_get_new_batch_prefill_raw(cls._get_new_batch_prefill_raw)
     cls.stash_chunked_request = _wrap_stash_chunked_request(cls.stash_chunked_request)
 

@@ -492,6 +492,31 @@ def test_a_forced_shape_is_what_every_request_gets(kind: str, fraction: float, s
     assert {rp.shape for rp in p.requests.values()} == {shape}
 
 
+@pytest.mark.parametrize("policy", ["recompute", "load", "cake", "cacheflow"])
+def test_a_request_forcing_its_shape_gets_it_and_the_others_keep_the_policys(policy: str):
+    cost = llama8b(2e-9)
+    free = [Request(f"r{i}", 0, (Span("redis", 2048),), 16) for i in range(3)]
+    alone = plan(free, cost, policy, SGLANG, chunk_tokens=256)
+    # the middle request forces a layer split that no policy would take at this link
+    reqs = [free[0], replace(free[1], force=("layer", 0.25)), free[2]]
+    p = plan(reqs, cost, policy, SGLANG, chunk_tokens=256)
+    validate(p, reqs, 32)
+    assert p.requests["r1"].shape == "layer split 8/32"
+    assert alone.requests["r1"].shape != "layer split 8/32"
+    for rid in ("r0", "r2"):
+        assert p.requests[rid].shape == alone.requests[rid].shape, (rid, p.requests, alone)
+    assert p.order == ("r0", "r1", "r2")  # a round with a forced request: arrival order
+    # a server-wide force overrides the request's
+    everyone = plan(reqs, cost, policy, SGLANG, chunk_tokens=256, force=("token", 0.5))
+    assert {rp.shape for rp in everyone.requests.values()} == {"token split 1024+1024"}
+
+
+def test_a_request_forcing_a_shape_the_executor_cannot_run_is_refused():
+    req = Request("a", 0, (Span("redis", 1024),), 8, force=("layer", 0.5))
+    with pytest.raises(ValueError, match="cannot run a layer split"):
+        plan([req], llama8b(), "cacheflow", RUNTIME_TOKENS)
+
+
 def test_a_layer_split_chunk_is_priced_as_the_cost_model_prices_it():
     base = llama8b(2e-9)
     cost = CostModel(base.shape, ComputeCost(20000, 2e-9, 0.1, 0.25, unlayered_s=0.03), base.tiers)

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from sglang_cacheflow.sglang.config import REQUEST_PARAM
 from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
 from sglang_cacheflow.testing.server import SGLangServer
 from tests.fixtures.sglang import StartServer
@@ -69,9 +70,10 @@ def assert_same_replies(ref: list[dict[str, Any]], got: list[dict[str, Any]]) ->
         assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-4
 
 
-def ask(server: SGLangServer, ids: list[int], new: int = 4) -> dict[str, Any]:
-    """A greedy ``/generate`` of ``new`` tokens after ``ids``."""
-    return server.generate(input_ids=ids, max_new_tokens=new)
+def ask(server: SGLangServer, ids: list[int], new: int = 4, **sampling: Any) -> dict[str, Any]:
+    """A greedy ``/generate`` of ``new`` tokens after ``ids`` (``sampling``: more of its
+    sampling params)."""
+    return server.generate(input_ids=ids, max_new_tokens=new, **sampling)
 
 
 def conversations(
@@ -126,16 +128,29 @@ def returning_prompts(seed: int) -> dict[str, list[int]]:
     return out
 
 
-def returning(server: SGLangServer, p: dict[str, list[int]], l3: RedisServer | None) -> list[Any]:
+def returning(
+    server: SGLangServer, p: dict[str, list[int]], l3: RedisServer | None, **sampling: Any
+) -> list[Any]:
     """A prefix that returns from host memory (two prompts evicted it from a 1024-token
     device pool), one that returns from Redis (four more evicted it from a 1536-token host
     pool once it was backed up to ``l3``), then that conversation's next turn (its prefix is
-    on device again). Returns the three replies."""
+    on device again). Returns the three replies; ``sampling`` goes with the returning
+    requests (e.g. :func:`forcing`'s shape)."""
     ask(server, p["host"])
     ask(server, p["fill0"])
     ask(server, p["fill1"])
-    host = ask(server, p["host"] + p["host+"])
+    host = ask(server, p["host"] + p["host+"], **sampling)
     to_redis(server, p, l3)
+    back = p["redis"] + p["redis+"]
+    from_redis = ask(server, back, **sampling)
+    following = ask(server, back + from_redis["output_ids"] + p["next+"], **sampling)
+    return [host, from_redis, following]
+
+
+def returned(server: SGLangServer, p: dict[str, list[int]]) -> list[Any]:
+    """The replies :func:`returning` gets, from a server with the radix cache disabled (on
+    which the prompts that evict nothing change nothing)."""
+    host = ask(server, p["host"] + p["host+"])
     back = p["redis"] + p["redis+"]
     from_redis = ask(server, back)
     following = ask(server, back + from_redis["output_ids"] + p["next+"])
@@ -195,6 +210,13 @@ def forced(name: str) -> tuple[tuple[str, float], str, dict[str, Any]]:
     base, config = VARIANTS.get(name, (name, {}))
     force, shape = SHAPES[base]
     return force, shape, config
+
+
+def forcing(name: str) -> dict[str, Any]:
+    """The sampling params by which a request forces the shape ``name`` on itself."""
+    (shape, recompute), _, _ = forced(name)
+    own = {"force_shape": shape, "force_recompute": recompute}
+    return {"custom_params": {REQUEST_PARAM: own}}
 
 
 def forced_server(

@@ -9,6 +9,8 @@ from dataclasses import replace
 
 import pytest
 
+from sglang_cacheflow.planner import Capabilities
+from sglang_cacheflow.sglang.capabilities import SGLANG
 from sglang_cacheflow.sglang.config import (
     CPU_ARRIVAL_GAP_MS,
     STREAM_GROUPS,
@@ -16,6 +18,7 @@ from sglang_cacheflow.sglang.config import (
     ConfigError,
     check_page_size,
     parse_config,
+    request_force,
 )
 from sglang_cacheflow.sglang.flags import ENV_CONFIG, rewrite_argv
 
@@ -83,6 +86,32 @@ def test_cake_runs_and_a_forced_shape_reaches_the_planner() -> None:
     assert cfg.policy == "cake" and cfg.force == ("token", 0.25)
     assert CacheFlowConfig.from_json(cfg.to_json()) == cfg
     assert parse_config(None, None).force is None
+
+
+def test_a_request_forces_its_own_shape_through_its_custom_params() -> None:
+    assert request_force(None, SGLANG) is None
+    assert request_force({"thinking_budget": 8}, SGLANG) is None  # another feature's key
+    own = {"cacheflow": {"force_shape": "layer", "force_recompute": 0.25}}
+    assert request_force(own, SGLANG) == ("layer", 0.25)
+    assert request_force({"cacheflow": {"force_shape": "token"}}, SGLANG) == ("token", 0.5)
+
+
+@pytest.mark.parametrize(
+    ("own", "needle"),
+    [
+        ({"force_shape": "diagonal"}, "unknown shape 'diagonal'"),
+        ({"force_shape": "token", "force_recompute": 2}, "within [0, 1]"),
+        ({"force_shape": "token", "force_recompute": "half"}, "must be a number"),
+        ({"force_shape": "token", "policy": "load"}, "an object with force_shape"),
+        ("token", "an object with force_shape"),
+        ({"force_shape": "layer"}, "cannot run a layer split"),
+    ],
+)
+def test_a_bad_request_param_is_explained(own: object, needle: str) -> None:
+    tokens_only = Capabilities(token_split=True, layer_split=False, load_front=True)
+    with pytest.raises(ConfigError) as info:
+        request_force({"cacheflow": own}, tokens_only)
+    assert needle in str(info.value) and "custom_params['cacheflow']" in str(info.value)
 
 
 def test_chunk_must_be_page_aligned() -> None:

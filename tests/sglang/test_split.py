@@ -1,22 +1,24 @@
 """Split restores on a real SGLang server (CPU engine, fp32 models, real redis-server).
 
 One conversation returns to a prefix evicted to host memory, another to one evicted to Redis,
-on servers that force one restore shape each (``force_shape``), for the tiny Llama and for
-SmolLM2-135M: Cake's order (recompute the front in a first chunk while the back is read, then
-splice it in), the layer split (a first chunk through the bottom layers only while the top
-layers are read), load-front, load all and recompute all, and the Redis front loads streamed
-into the extend (``stream_front_loads``). Every reply must equal a server's with the radix
-cache disabled (greedy ids identical, logprobs within 1e-4), the decision
+each request forcing one restore shape on itself (its ``custom_params``; a server per
+configuration, the shapes in turn on it, each on conversations of its own), for the tiny
+Llama and for SmolLM2-135M: Cake's order (recompute the front in a first chunk while the back
+is read, then splice it in), the layer split (a first chunk through the bottom layers only
+while the top layers are read), load-front, load all and recompute all, and the Redis front
+loads streamed into the extend (``stream_front_loads``). Every reply must equal a server's
+with the radix cache disabled (greedy ids identical, logprobs within 1e-4), the decision
 log must name the shape, ``/metrics`` must show the same request loading and recomputing
 where the shape mixes them, the restored span must be cached on device for the next turn,
 and SGLang's idle pool check must find no leaked slot. Faults under a split restore are
-in ``test_split_faults.py``.
+in ``test_split_faults.py`` (servers forcing a shape through ``force_shape``).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import pytest
 
 from sglang_cacheflow.sglang.decision import logged_decisions
 from sglang_cacheflow.testing.redis import RedisServer
-from sglang_cacheflow.testing.server import SGLangServer
+from sglang_cacheflow.testing.server import SGLangServer, SGLangServerError
 from tests.fixtures.sglang import StartServer
 from tests.sglang.helpers import (
     FALLBACKS,
@@ -33,11 +35,14 @@ from tests.sglang.helpers import (
     RESTORED,
     SHAPES,
     VARIANTS,
+    ask,
     assert_same_replies,
+    cacheflow_server,
     forced,
-    forced_server,
+    forcing,
     metrics,
     reference_server,
+    returned,
     returning,
     returning_prompts,
     total,
@@ -47,11 +52,16 @@ pytestmark = [pytest.mark.sglang, pytest.mark.redis, pytest.mark.slow]
 
 
 def _check_restores(
-    server: SGLangServer, shape: str, replies: list[Any], config: dict[str, Any]
+    server: SGLangServer,
+    shape: str,
+    replies: list[Any],
+    config: dict[str, Any],
+    log: str,
+    m: dict[str, float],
 ) -> None:
+    """Check what ``server`` logged (``log``) and counted (``m``: the ``/metrics`` deltas)
+    while it served ``replies``, all of whose restores were forced into ``shape``."""
     streamed = config.get("stream_groups") != 1
-    log = server.log_text()
-    m = metrics(server)
     for tier in ("host", "redis"):
         decisions = logged_decisions(log, tier)
         assert [d.shape for d in decisions] == [shape], (tier, decisions)
@@ -92,63 +102,119 @@ def _check_restores(
     assert "memory leak detected" not in server.log_text()
 
 
-def _reference_replies(start: StartServer, model: Path, seed: int) -> list[Any]:
-    """The returning conversations of ``seed`` on a server with the radix cache disabled."""
-    ref = reference_server(start, model)
-    replies = returning(ref, returning_prompts(seed), None)
-    ref.stop()
-    return replies
+class ForcingServers:
+    """One CacheFlow server per ``--cacheflow-config`` at a time, shared by the shapes that
+    run on that configuration (each request forces its own; a server's first restore of
+    each kind would otherwise pay its warm-up in every test)."""
 
+    def __init__(self, start: StartServer, model: Path, l3: RedisServer, link: str) -> None:
+        self.start, self.model, self.l3, self.link = start, model, l3, link
+        self.config: dict[str, Any] | None = None
+        self.server: SGLangServer | None = None
 
-@pytest.fixture(scope="module")
-def tiny_reference(sglang_servers: StartServer, tiny_llama_path: Path) -> list[Any]:
-    return _reference_replies(sglang_servers, tiny_llama_path, 1)
+    def get(self, config: dict[str, Any]) -> SGLangServer:
+        if self.server is None or config != self.config:
+            self.stop()
+            self.config = config
+            self.server = cacheflow_server(
+                self.start, self.model, self.l3, link=self.link, **config
+            )
+        return self.server
 
-
-@pytest.mark.parametrize("name", [*SHAPES, *VARIANTS])
-def test_every_forced_shape_restores_exactly(
-    name: str,
-    sglang_servers: StartServer,
-    tiny_llama_path: Path,
-    l3: RedisServer,
-    tiny_reference: list[Any],
-) -> None:
-    _, shape, config = forced(name)
-    # 96 Mbit/s: a 240-token back (2 KiB a token) reads in about 40 ms
-    server = forced_server(sglang_servers, tiny_llama_path, l3, "96mbps+1ms", name)
-    _restores_exactly(server, l3, 1, tiny_reference, shape, config)
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.server = None
 
 
 def _restores_exactly(
-    server: SGLangServer, l3: RedisServer, seed: int, want: list[Any], shape: str,
-    config: dict[str, Any] | None = None,
-) -> None:  # fmt: skip
-    """Run the returning conversations of ``seed`` on ``server`` (started with ``config``),
-    compare with ``want``, check the restores it made (all in ``shape``), and stop it."""
+    servers: ForcingServers, name: str, seed: int, want: list[Any], num_layers: int
+) -> None:
+    """Run the returning conversations of ``seed``, each restore forcing the shape ``name``,
+    on the server of ``name``'s configuration; compare with ``want`` and check the
+    restores made."""
+    _, shape, config = forced(name)
+    if shape == "layer split 2/4":
+        shape = f"layer split {num_layers // 2}/{num_layers}"
+    server = servers.get(config)
+    offset = len(server.log_text())
+    before = metrics(server)
+    replies = returning(server, returning_prompts(seed), servers.l3, **forcing(name))
+    assert_same_replies(want, replies)
+    after = metrics(server)
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    _check_restores(server, shape, replies, config, server.log_text()[offset:], delta)
+
+
+TINY = [*SHAPES, *VARIANTS]
+SMOLLM2 = [*SHAPES, "load-front-streamed", "layer-split-two-forwards"]
+
+
+def _references(start: StartServer, model: Path, seeds: list[int]) -> dict[int, list[Any]]:
+    """The returning conversations of each of ``seeds`` on a server with the radix cache
+    disabled."""
+    ref = reference_server(start, model)
     try:
-        replies = returning(server, returning_prompts(seed), l3)
-        assert_same_replies(want, replies)
-        _check_restores(server, shape, replies, config or {})
+        return {seed: returned(ref, returning_prompts(seed)) for seed in seeds}
     finally:
-        server.stop()
+        ref.stop()
 
 
 @pytest.fixture(scope="module")
-def smollm2_reference(sglang_servers: StartServer, smollm2_path: Path) -> list[Any]:
-    return _reference_replies(sglang_servers, smollm2_path, 2)
+def tiny_references(sglang_servers: StartServer, tiny_llama_path: Path) -> dict[int, list[Any]]:
+    return _references(sglang_servers, tiny_llama_path, list(range(len(TINY))))
 
 
-@pytest.mark.parametrize("name", [*SHAPES, "load-front-streamed", "layer-split-two-forwards"])
-def test_smollm2_restores_every_forced_shape_exactly(
-    name: str,
-    sglang_servers: StartServer,
-    smollm2_path: Path,
-    l3: RedisServer,
-    smollm2_reference: list[Any],
+@pytest.fixture(scope="module")
+def tiny_servers(
+    sglang_servers: StartServer, tiny_llama_path: Path, l3: RedisServer
+) -> Iterator[ForcingServers]:
+    # 96 Mbit/s: a 240-token back (2 KiB a token) reads in about 40 ms
+    servers = ForcingServers(sglang_servers, tiny_llama_path, l3, "96mbps+1ms")
+    yield servers
+    servers.stop()
+
+
+def test_a_request_forcing_a_shape_the_server_cannot_run_is_refused(
+    tiny_servers: ForcingServers,
 ) -> None:
-    _, shape, config = forced(name)
-    if shape == "layer split 2/4":
-        shape = "layer split 15/30"  # SmolLM2 has 30 layers
+    server = tiny_servers.get({})  # the server of the default configuration's shapes
+    p = returning_prompts(99)  # prompts no other test sends
+    bad = {"custom_params": {"cacheflow": {"force_shape": "layer", "force_recompute": 2}}}
+    with pytest.raises(SGLangServerError, match="HTTP 400") as info:
+        ask(server, p["host"], **bad)
+    assert "custom_params['cacheflow']" in str(info.value), info.value
+    assert "within [0, 1]" in str(info.value), info.value
+    assert ask(server, p["fill0"])["output_ids"]  # and it serves on
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_forced_shape_restores_exactly(
+    name: str, tiny_servers: ForcingServers, tiny_references: dict[int, list[Any]]
+) -> None:
+    seed = TINY.index(name)
+    _restores_exactly(tiny_servers, name, seed, tiny_references[seed], 4)
+
+
+@pytest.fixture(scope="module")
+def smollm2_references(sglang_servers: StartServer, smollm2_path: Path) -> dict[int, list[Any]]:
+    return _references(sglang_servers, smollm2_path, [100 + i for i in range(len(SMOLLM2))])
+
+
+@pytest.fixture(scope="module")
+def smollm2_servers(
+    sglang_servers: StartServer, smollm2_path: Path, l3: RedisServer, tiny_servers: ForcingServers
+) -> Iterator[ForcingServers]:
+    tiny_servers.stop()  # one CacheFlow server at a time: they share the Redis server
     # SmolLM2 in fp32 keeps 46 KiB a token: 1 Gbit/s reads 240 tokens' worth in about 90 ms
-    server = forced_server(sglang_servers, smollm2_path, l3, "1gbps+1ms", name)
-    _restores_exactly(server, l3, 2, smollm2_reference, shape, config)
+    servers = ForcingServers(sglang_servers, smollm2_path, l3, "1gbps+1ms")
+    yield servers
+    servers.stop()
+
+
+@pytest.mark.parametrize("name", SMOLLM2)
+def test_smollm2_restores_every_forced_shape_exactly(
+    name: str, smollm2_servers: ForcingServers, smollm2_references: dict[int, list[Any]]
+) -> None:
+    seed = 100 + SMOLLM2.index(name)
+    _restores_exactly(smollm2_servers, name, seed, smollm2_references[seed], 30)
