@@ -228,3 +228,28 @@ def forced_server(
     return cacheflow_server(
         start, model, l3, link=link, force_shape=shape, force_recompute=recompute, **config
     )
+
+
+class ForcingServers:
+    """One CacheFlow server per ``--cacheflow-config`` at a time, shared by the shapes that
+    run on that configuration (each request forces its own; a server's first restore of
+    each kind would otherwise pay its warm-up in every test)."""
+
+    def __init__(self, start: StartServer, model: Any, l3: RedisServer, link: str) -> None:
+        self.start, self.model, self.l3, self.link = start, model, l3, link
+        self.config: dict[str, Any] | None = None
+        self.server: SGLangServer | None = None
+
+    def get(self, config: dict[str, Any]) -> SGLangServer:
+        if self.server is None or config != self.config:
+            self.stop()
+            self.config = config
+            self.server = cacheflow_server(
+                self.start, self.model, self.l3, link=self.link, **config
+            )
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.server = None

@@ -35,9 +35,9 @@ from tests.sglang.helpers import (
     RESTORED,
     SHAPES,
     VARIANTS,
+    ForcingServers,
     ask,
     assert_same_replies,
-    cacheflow_server,
     forced,
     forcing,
     metrics,
@@ -100,31 +100,6 @@ def _check_restores(
     assert following["cached_tokens"] >= PREFIX + GROW, following
     time.sleep(1.0)  # idle: SGLang's scheduler checks its pools for leaked slots
     assert "memory leak detected" not in server.log_text()
-
-
-class ForcingServers:
-    """One CacheFlow server per ``--cacheflow-config`` at a time, shared by the shapes that
-    run on that configuration (each request forces its own; a server's first restore of
-    each kind would otherwise pay its warm-up in every test)."""
-
-    def __init__(self, start: StartServer, model: Path, l3: RedisServer, link: str) -> None:
-        self.start, self.model, self.l3, self.link = start, model, l3, link
-        self.config: dict[str, Any] | None = None
-        self.server: SGLangServer | None = None
-
-    def get(self, config: dict[str, Any]) -> SGLangServer:
-        if self.server is None or config != self.config:
-            self.stop()
-            self.config = config
-            self.server = cacheflow_server(
-                self.start, self.model, self.l3, link=self.link, **config
-            )
-        return self.server
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        self.server = None
 
 
 def _restores_exactly(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,19 @@ import pytest
 import redis
 
 from sglang_cacheflow.sglang.decision import logged_decisions
-from sglang_cacheflow.testing.redis import RedisServer
+from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
 from sglang_cacheflow.testing.server import SGLangServer
 from tests.fixtures.sglang import StartServer
 from tests.sglang.helpers import (
     FALLBACKS,
     PREFIX,
+    ForcingServers,
     ask,
     assert_same_replies,
     corrupt,
+    forced,
     forced_server,
+    forcing,
     metrics,
     reference_server,
     returning_prompts,
@@ -83,52 +87,75 @@ def _slow_split_server(start: StartServer, model: Path, l3: RedisServer, name: s
     return forced_server(start, model, l3, "8mbps+1ms", name)
 
 
+CORRUPTED = [("token-split", 2), ("layer-split", 2), ("layer-split", 1),
+             ("load-front-streamed", 2), ("load-all-streamed", 1),
+             ("layer-split-two-forwards", 2), ("layer-split-two-forwards", 1)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def slow_split_servers(
+    sglang_servers: StartServer, tiny_llama_path: Path, l3: RedisServer
+) -> Iterator[ForcingServers]:
+    """Servers whose Redis is seen through 8 Mbit/s: reading what a split loads of a
+    480-token span (240 tokens, 2 KiB each) takes about half a second."""
+    servers = ForcingServers(sglang_servers, tiny_llama_path, l3, "8mbps+1ms")
+    yield servers
+    servers.stop()
+
+
 @pytest.mark.parametrize(
     ("name", "every"),
-    [("token-split", 2), ("layer-split", 2), ("layer-split", 1), ("load-front-streamed", 2),
-     ("load-all-streamed", 1), ("layer-split-two-forwards", 2),
-     ("layer-split-two-forwards", 1)],
+    CORRUPTED,
     ids=["token-split-half", "layer-split-half", "layer-split-all", "load-front-half",
          "load-all-all", "two-forwards-half", "two-forwards-all"],
 )  # fmt: skip
 def test_corrupted_records_under_a_split_restore_are_recomputed(
     name: str,
     every: int,
-    sglang_servers: StartServer,
-    tiny_llama_path: Path,
+    slow_split_servers: ForcingServers,
     fault_reference: SGLangServer,
     l3: RedisServer,
 ) -> None:
-    server = _slow_split_server(sglang_servers, tiny_llama_path, l3, name)
-    try:
-        p = returning_prompts(3)
-        back = p["redis"] + p["redis+"]
-        want = ask(fault_reference, back)
-        to_redis(server, p, l3)
-        client = redis.Redis(host="127.0.0.1", port=l3.port)
-        keys = sorted(client.scan_iter(count=10_000))
-        assert keys
-        # every other record, or all of them (nothing lands: a layer split whose span starts
-        # at token 0 gives back its whole chunk and starts over): flip bytes in the second half
-        corrupt(client, keys[every - 1 :: every])
-        got = ask(server, back)
-        assert_same_replies([want], [got])
-        m = metrics(server)
-        assert total(m, FALLBACKS, reason="split_read_failed") >= 1, m
-        log = server.log_text()
-        assert re.search(r"got \d+ of the \d+ tokens planned from redis \(split_read_failed", log)
-        # found by the extend that streamed it, whose result was then dropped (no token)
-        one = name == "layer-split"  # the CPU engine's default: in one forward
-        where = "in its one forward" if one else "in the extend"
-        assert re.search(rf"split rid=.* ms {where}\)", log), log
-        # the restored prefix (what landed, the rest recomputed) serves the next turn
-        following = ask(server, back + got["output_ids"] + p["next+"])
-        assert_same_replies([ask(fault_reference, back + got["output_ids"] + p["next+"])],
-                            [following])  # fmt: skip
-        time.sleep(1.0)
-        assert "memory leak detected" not in server.log_text()
-    finally:
-        server.stop()
+    server = slow_split_servers.get(forced(name)[2])  # the request forces the shape
+    force = forcing(name)
+    p = returning_prompts(10 + CORRUPTED.index((name, every)))  # prompts of its own
+    back = p["redis"] + p["redis+"]
+    want = ask(fault_reference, back)
+    client = redis.Redis(host="127.0.0.1", port=l3.port)
+    # what earlier tests on this server back up has landed: the keys added next are this one's
+    earlier = set(scan_keys(client, l3))
+    to_redis(server, p, l3)
+    keys = sorted(set(client.scan_iter(count=10_000)) - earlier)
+    assert keys
+    before = metrics(server)
+    offset = len(server.log_text())
+    # every other record, or all of them (nothing lands: a layer split whose span starts
+    # at token 0 gives back its whole chunk and starts over): flip bytes in the second half
+    corrupt(client, keys[every - 1 :: every])
+    got = ask(server, back, **force)
+    assert_same_replies([want], [got])
+    m = metrics(server)
+    assert total(m, FALLBACKS, reason="split_read_failed") > total(
+        before, FALLBACKS, reason="split_read_failed"
+    ), m
+    log = server.log_text()[offset:]
+    assert re.search(r"got \d+ of the \d+ tokens planned from redis \(split_read_failed", log)
+    # found by the extend that streamed it, whose result was then dropped (no token)
+    one = name == "layer-split"  # the CPU engine's default: in one forward
+    where = "in its one forward" if one else "in the extend"
+    assert re.search(rf"split rid=.* ms {where}\)", log), log
+    # the restored prefix (what landed, the rest recomputed) serves the next turn
+    following = ask(server, back + got["output_ids"] + p["next+"], **force)
+    assert_same_replies([ask(fault_reference, back + got["output_ids"] + p["next+"])],
+                        [following])  # fmt: skip
+    time.sleep(1.0)
+    assert "memory leak detected" not in server.log_text()
+
+
+def scan_keys(client: redis.Redis, l3: RedisServer) -> list[bytes]:
+    """Every key at ``l3`` once HiCache's backups have stopped landing."""
+    wait_for_backups(l3.url, settle_s=2.5, limit_s=60)
+    return list(client.scan_iter(count=10_000))
 
 
 @pytest.mark.parametrize("name", ["token-split", "load-front-streamed", "layer-split"])
@@ -137,7 +164,9 @@ def test_redis_killed_in_the_middle_of_a_split_read(
     sglang_servers: StartServer,
     tiny_llama_path: Path,
     fault_reference: SGLangServer,
+    slow_split_servers: ForcingServers,
 ) -> None:
+    slow_split_servers.stop()  # done with: the CPU is this test's
     with RedisServer() as l3:  # its own: killed below
         _redis_killed_in_the_middle_of_a_read(
             _slow_split_server(sglang_servers, tiny_llama_path, l3, name),
