@@ -1,13 +1,15 @@
 """``sglang-cacheflow gpu-check``: restores on SGLang with ``--enable-cacheflow`` on a GPU, exact.
 
-For each forced split (the token split and the layer split: one returning request loads
-half of its prefix from Redis while it recomputes the other half) one server starts on
-the GPU with a private Redis-compatible server as L3. Every prompt runs once on the
-fresh server (nothing cached: the reply without reuse), again so that HiCache writes it
-through to Redis, then ``/flush_cache`` drops device and host memory and the prompt
-runs a third time, restored from Redis. In fp32 the greedy ids must be identical;
-the decision log says which shape each restore took. The model is the random
-:data:`~sglang_cacheflow.models.GPU_LLAMA_CONFIG` Llama, built where it runs.
+One server starts on the GPU with a private Redis-compatible server as L3, and the forced
+shapes run on it in turn (the token split and the layer split by default: one returning
+request loads half of its prefix from Redis while it recomputes the other half), each on
+prompts of its own whose returning requests force the shape on themselves (their
+``custom_params``). Every prompt runs once (nothing cached: the reply without reuse), again
+so that HiCache writes it through to Redis, then ``/flush_cache`` drops device and host
+memory and the prompt runs a third time, restored from Redis. In fp32 the greedy ids must
+be identical; the decision log says which shape each restore took. A shape that fails
+(the server with it) is reported and the next one gets a fresh server. The model is the
+random :data:`~sglang_cacheflow.models.GPU_LLAMA_CONFIG` Llama, built where it runs.
 
 ``run.sh`` beside this module runs it on the device machine with the benches.
 """
@@ -26,12 +28,20 @@ __all__ = ["FORCED_SHAPES", "add_arguments", "run"]
 FORCED_SHAPES: dict[str, tuple[str, float]] = {
     "token-split": ("token", 0.5),
     "layer-split": ("layer", 0.5),
+    "load-front": ("load_front", 0.5),
+    "load-all": ("load_front", 0.0),
+    "recompute-all": ("load_front", 1.0),
 }
-"""Name -> (``force_shape``, ``force_recompute``) of ``--cacheflow-config``."""
+"""Name -> (``force_shape``, ``force_recompute``) a returning request asks for."""
+DEFAULT_SHAPES = ("token-split", "layer-split")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default=",".join(FORCED_SHAPES), help="forced shapes to run")
+    parser.add_argument(
+        "--shapes",
+        default=",".join(DEFAULT_SHAPES),
+        help=f"forced shapes to run, of {', '.join(FORCED_SHAPES)}",
+    )
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prefix", type=int, default=1024, help="tokens of each prompt")
     parser.add_argument("--new", type=int, default=16, help="greedy tokens compared")
@@ -46,26 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
 
 
-def _one_shape(model: Path, l3: Any, name: str, args: argparse.Namespace) -> dict[str, Any]:
-    import redis
-
+def _server(model: Path, l3: Any, args: argparse.Namespace) -> Any:
+    """A started CacheFlow server for the check, its decisions logged."""
     from sglang_cacheflow.sglang.cuda.install import cuda_server_args
-    from sglang_cacheflow.sglang.decision import logged_decisions
-    from sglang_cacheflow.testing.redis import wait_for_backups
     from sglang_cacheflow.testing.server import SGLangServer
 
-    force_shape, force_recompute = FORCED_SHAPES[name]
-    redis.Redis.from_url(l3.url).flushall()
-    rng = random.Random(0)
-    prompts = [[rng.randrange(256) for _ in range(args.prefix)] for _ in range(args.prompts)]
-    cfg = {
-        "redis_url": l3.url,
-        "link": args.link,
-        "chunk_tokens": 16,
-        "log_decisions": True,
-        "force_shape": force_shape,
-        "force_recompute": force_recompute,
-    }
+    cfg = {"redis_url": l3.url, "link": args.link, "chunk_tokens": 16, "log_decisions": True}
     total = args.prompts * (args.prefix + args.new) * 2 + 1024
     flags = ["--dtype", "float32", "--page-size", "16", "--max-total-tokens", str(total)]
     flags += ["--hicache-ratio", "2", "--enable-metrics", "--enable-cacheflow"]
@@ -73,25 +69,38 @@ def _one_shape(model: Path, l3: Any, name: str, args: argparse.Namespace) -> dic
     cpu = args.device == "cpu"
     if not cpu:
         flags += [*cuda_server_args(), "--disable-cuda-graph"]
-    server = SGLangServer(model, args=flags, cpu=cpu, sleep_on_idle=cpu)
-    with server:
-        first = [server.generate(input_ids=p, max_new_tokens=args.new) for p in prompts]
-        for p in prompts:  # HiCache writes a prefix through to L3 from its second hit
-            server.generate(input_ids=p, max_new_tokens=1)
-        keys = wait_for_backups(l3.url, settle_s=3.0, limit_s=60)
-        server.flush_cache(wait_s=60)
-        restored = []
-        for p in prompts:
-            started = time.perf_counter()
-            reply = server.generate(input_ids=p, max_new_tokens=args.new)
-            restored.append((time.perf_counter() - started, reply))
-        log = server.log_text()
-        startup_s = server.startup_seconds
+    return SGLangServer(model, args=flags, cpu=cpu, sleep_on_idle=cpu).start()
+
+
+def _one_shape(
+    server: Any, l3: Any, name: str, seed: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    from sglang_cacheflow.sglang.config import REQUEST_PARAM
+    from sglang_cacheflow.sglang.decision import logged_decisions
+    from sglang_cacheflow.testing.redis import wait_for_backups
+
+    force_shape, force_recompute = FORCED_SHAPES[name]
+    own = {"force_shape": force_shape, "force_recompute": force_recompute}
+    force = {"custom_params": {REQUEST_PARAM: own}}
+    rng = random.Random(seed)  # prompts no other shape sends
+    prompts = [[rng.randrange(256) for _ in range(args.prefix)] for _ in range(args.prompts)]
+    offset = len(server.log_text())
+    first = [server.generate(input_ids=p, max_new_tokens=args.new) for p in prompts]
+    for p in prompts:  # HiCache writes a prefix through to L3 from its second hit
+        server.generate(input_ids=p, max_new_tokens=1)
+    keys = wait_for_backups(l3.url, settle_s=3.0, limit_s=60)
+    server.flush_cache(wait_s=60)
+    restored = []
+    for p in prompts:
+        started = time.perf_counter()
+        reply = server.generate(input_ids=p, max_new_tokens=args.new, **force)
+        restored.append((time.perf_counter() - started, reply))
+    log = server.log_text()[offset:]
     decisions = logged_decisions(log, "redis")
     same = [a["output_ids"] == b["output_ids"] for a, (_, b) in zip(first, restored, strict=True)]
     return {
         "shape": name,
-        "startup_s": startup_s,
+        "startup_s": server.startup_seconds,
         "redis_keys": keys,
         "identical": same,
         "cached_tokens": [r["meta_info"].get("cached_tokens") for _, r in restored],
@@ -123,16 +132,25 @@ def run(args: argparse.Namespace) -> int:
         "results": [],
     }
     model = args.model or (build_tiny_llama() if args.device == "cpu" else build_gpu_llama())
+    server = None
     with RedisServer() as l3:
-        for name in names:
-            try:
-                result = _one_shape(model, l3, name, args)
-            except Exception as exc:  # the next shape still runs; the error is the result
-                result = {"shape": name, "error": f"{type(exc).__name__}: {exc}"[-4000:]}
-            out["results"].append(result)
-            print(json.dumps(result), flush=True)
-            if args.out is not None:
-                args.out.write_text(json.dumps(out, indent=2) + "\n")
+        try:
+            for seed, name in enumerate(names):
+                try:
+                    server = server or _server(model, l3, args)
+                    result = _one_shape(server, l3, name, seed, args)
+                except Exception as exc:  # the next shape still runs; the error is the result
+                    result = {"shape": name, "error": f"{type(exc).__name__}: {exc}"[-4000:]}
+                    if server is not None:
+                        server.stop()  # the next shape gets a fresh one
+                    server = None
+                out["results"].append(result)
+                print(json.dumps(result), flush=True)
+                if args.out is not None:
+                    args.out.write_text(json.dumps(out, indent=2) + "\n")
+        finally:
+            if server is not None:
+                server.stop()
     ok = all(r.get("identical") and all(r["identical"]) for r in out["results"])
     out["all_identical"] = ok
     if args.out is not None:

@@ -1,5 +1,6 @@
 """The device run, dry on this CPU: ``run.sh``'s checks of its inputs and ``gpu-check``
-end to end on SGLang's CPU engine (a forced token split restored from Redis = no reuse)."""
+end to end on SGLang's CPU engine (a forced token split and a forced load all on one server,
+restored from Redis = no reuse)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,17 @@ def test_unknown_shapes_are_refused() -> None:
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "exact.json"
-    argv = ["gpu-check", "--device", "cpu", "--shapes", "token-split", "--prompts", "2"]
+    argv = ["gpu-check", "--device", "cpu", "--shapes", "token-split,load-all", "--prompts", "2"]
     args = build_parser().parse_args([*argv, "--prefix", "256", "--new", "8", "--out", str(out)])
     assert check.run(args) == 0
     report = json.loads(out.read_text())
     assert report["all_identical"] is True
-    (result,) = report["results"]
-    assert result["identical"] == [True, True]
-    assert [d.split(" ")[:2] for d in result["decisions"]] == [["token", "split"]] * 2
-    assert result["loaded"] > 0 and result["recomputed"] > 0
+    token, load_all = report["results"]
+    # one server for both shapes, each restore forcing its own
+    assert token["startup_s"] == load_all["startup_s"]
+    for result in (token, load_all):
+        assert result["identical"] == [True, True]
+    assert [d.split(" ")[:2] for d in token["decisions"]] == [["token", "split"]] * 2
+    assert token["loaded"] > 0 and token["recomputed"] > 0
+    assert load_all["decisions"] == ["load all"] * 2, load_all
+    assert load_all["loaded"] > 0 and load_all["recomputed"] == 0
