@@ -11,7 +11,7 @@ with the radix cache disabled (greedy ids identical, logprobs within 1e-4), the 
 log must name the shape, ``/metrics`` must show the same request loading and recomputing
 where the shape mixes them, the restored span must be cached on device for the next turn,
 and SGLang's idle pool check must find no leaked slot. Faults under a split restore are
-in ``test_split_faults.py`` (servers forcing a shape through ``force_shape``).
+in ``test_split_faults.py``.
 """
 
 from __future__ import annotations

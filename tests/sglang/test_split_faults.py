@@ -2,7 +2,9 @@
 redis-server): records corrupted in the middle of a split's range, redis-server killed in the
 middle of a streamed read, and a layer split whose span follows a front in host memory. Every
 reply must equal a server's with the radix cache disabled, the fallbacks must be counted, and
-SGLang's idle pool check must find no leaked slot.
+SGLang's idle pool check must find no leaked slot. The corrupted-records cases share a server
+per configuration, each request forcing its shape (``custom_params``); the others start
+servers that force one shape for every restore (the ``force_shape`` config key).
 """
 
 from __future__ import annotations
