@@ -75,13 +75,11 @@ def _server(model: Path, l3: Any, args: argparse.Namespace) -> Any:
 def _one_shape(
     server: Any, l3: Any, name: str, seed: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    from sglang_cacheflow.sglang.config import REQUEST_PARAM
+    from sglang_cacheflow.sglang.config import forcing_params
     from sglang_cacheflow.sglang.decision import logged_decisions
     from sglang_cacheflow.testing.redis import wait_for_backups
 
-    force_shape, force_recompute = FORCED_SHAPES[name]
-    own = {"force_shape": force_shape, "force_recompute": force_recompute}
-    force = {"custom_params": {REQUEST_PARAM: own}}
+    force = forcing_params(*FORCED_SHAPES[name])
     rng = random.Random(seed)  # prompts no other shape sends
     prompts = [[rng.randrange(256) for _ in range(args.prefix)] for _ in range(args.prompts)]
     offset = len(server.log_text())

@@ -23,6 +23,7 @@ __all__ = [
     "STREAM_GROUPS",
     "CacheFlowConfig",
     "ConfigError",
+    "forcing_params",
     "parse_config",
     "request_force",
     "tier_prior",
@@ -333,6 +334,13 @@ REQUEST_PARAM = "cacheflow"
 """The key of a request's ``sampling_params.custom_params`` that holds its own settings:
 ``{"force_shape": ..., "force_recompute": ...}``, as the config keys, for that request only
 (docs/sglang.md, "Configuration")."""
+
+
+def forcing_params(force_shape: str, force_recompute: float) -> dict[str, Any]:
+    """The sampling params by which a request forces a shape on itself (what
+    :func:`request_force` reads back)."""
+    own = {"force_shape": force_shape, "force_recompute": force_recompute}
+    return {"custom_params": {REQUEST_PARAM: own}}
 
 
 def request_force(custom_params: Any, capabilities: Any) -> tuple[str, float] | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from sglang_cacheflow.sglang.config import REQUEST_PARAM
+from sglang_cacheflow.sglang.config import forcing_params
 from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
 from sglang_cacheflow.testing.server import SGLangServer
 from tests.fixtures.sglang import StartServer
@@ -214,9 +214,7 @@ def forced(name: str) -> tuple[tuple[str, float], str, dict[str, Any]]:
 
 def forcing(name: str) -> dict[str, Any]:
     """The sampling params by which a request forces the shape ``name`` on itself."""
-    (shape, recompute), _, _ = forced(name)
-    own = {"force_shape": shape, "force_recompute": recompute}
-    return {"custom_params": {REQUEST_PARAM: own}}
+    return forcing_params(*forced(name)[0])
 
 
 def forced_server(

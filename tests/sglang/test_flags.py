@@ -17,6 +17,7 @@ from sglang_cacheflow.sglang.config import (
     CacheFlowConfig,
     ConfigError,
     check_page_size,
+    forcing_params,
     parse_config,
     request_force,
 )
@@ -94,6 +95,8 @@ def test_a_request_forces_its_own_shape_through_its_custom_params() -> None:
     own = {"cacheflow": {"force_shape": "layer", "force_recompute": 0.25}}
     assert request_force(own, SGLANG) == ("layer", 0.25)
     assert request_force({"cacheflow": {"force_shape": "token"}}, SGLANG) == ("token", 0.5)
+    sent = forcing_params("load_front", 0.0)["custom_params"]
+    assert request_force(sent, SGLANG) == ("load_front", 0.0)  # what the builder sends
 
 
 @pytest.mark.parametrize(
