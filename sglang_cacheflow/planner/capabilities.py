@@ -22,6 +22,10 @@ class Capabilities:
     span and the new tokens go through the bottom layers together, the new tokens alone
     through the top ones, whose span KV streams in meanwhile (one forward's fixed cost);
     where the span and the new tokens fit one forward (``batch_tokens``).
+    ``one_forward_token_splits``: a token split runs in the forward of the new tokens
+    (Cake's order in one forward): the front and the new tokens go through every layer
+    together, each layer once the back's KV of that layer has streamed in; within
+    ``batch_tokens`` too.
     ``batch_tokens``: the engine runs the waiting prefills together in forwards of up to
     this many tokens (SGLang: ``chunked_prefill_size``), each of them getting its first
     token when the forward holding its last token ends; under a policy it does not serve
@@ -35,13 +39,16 @@ class Capabilities:
     streamed_tiers: frozenset[str] | None = None
     streamed_splits: bool = False
     one_forward_layer_splits: bool = False
+    one_forward_token_splits: bool = False
     batch_tokens: int = 0
 
-    def layer_split_in_one_forward(self, tokens: int) -> bool:
-        """Whether a layer split whose span and new tokens are ``tokens`` together runs in
-        the new tokens' forward (``one_forward_layer_splits``, within ``batch_tokens``)."""
+    def split_in_one_forward(self, layer: bool, tokens: int) -> bool:
+        """Whether a layer split (``layer``) or a token split whose span and new tokens are
+        ``tokens`` together runs in the new tokens' forward (``one_forward_layer_splits``,
+        ``one_forward_token_splits``; within ``batch_tokens``)."""
+        allowed = self.one_forward_layer_splits if layer else self.one_forward_token_splits
         budget = self.batch_tokens
-        return self.one_forward_layer_splits and (not budget or tokens <= budget)
+        return allowed and (not budget or tokens <= budget)
 
     def streams(self, tier: str) -> bool:
         """Whether whole-span loads from ``tier`` arrive layer by layer."""

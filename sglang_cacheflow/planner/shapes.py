@@ -104,6 +104,7 @@ class Shaper:
         "new",
         "num_layers",
         "one_forward",
+        "one_forward_token",
         "prefill_s",
         "ranges",
         "reads_until",
@@ -123,8 +124,9 @@ class Shaper:
         self.evicted = req.evicted_tokens
         self.new = req.new_tokens
         self.ranges = req.tier_ranges()
-        # whether a layer split runs in the new tokens' forward (see ``Capabilities``)
-        self.one_forward = caps.layer_split_in_one_forward(self.evicted + self.new)
+        # whether a layer split, a token split runs in the new tokens' forward (``Capabilities``)
+        self.one_forward = caps.split_in_one_forward(True, self.evicted + self.new)
+        self.one_forward_token = caps.split_in_one_forward(False, self.evicted + self.new)
         self.tiers = [
             TierRange(
                 t,
@@ -268,7 +270,19 @@ class Shaper:
         is_split = kind != LOAD_FRONT and 0 < split < (L if kind == LAYER else self.evicted)
         reads = max(self.reads_until, max(io.values(), default=NEG))  # loads in flight
         cpu: ReadCpu | None = None
-        if kind == TOKEN:
+        if kind == TOKEN and is_split and self.one_forward_token:
+            # Cake's order in one forward: the front and the new tokens go through each layer
+            # once the back's KV of that layer has streamed in (a load front mirrored); the
+            # front is priced here, the new tokens' share (one fixed cost) below
+            mid = d + split
+            front = self.cost.recompute_s(d, split)
+            pace = (front + self.prefill_s - self.cost.compute.step_s) / L
+            pace *= 1.0 + self.cost.compute.overlap_slowdown
+            cpu = self._read_cpu(mid, end, 0, io)
+            b, free = self._loads(mid, end, 0, io, pace, steps, True)
+            a = self._compute(d, mid, 0, L, max(tc, b), steps, True, reads, cpu)
+            b = NEG
+        elif kind == TOKEN:
             mid = d + split
             cpu = self._read_cpu(mid, end, 0, io) if is_split else None
             a = self._compute(d, mid, 0, L, tc, steps, mid < end, reads, cpu)
@@ -303,11 +317,12 @@ class Shaper:
         # a split's hand-off from its chunk to its extend (0 < split < the span's end; in one
         # forward, what narrowing it costs): what its forwards do not price, learnt
         one_forward = is_split and kind == LAYER and self.one_forward
+        one_token_forward = is_split and kind == TOKEN and self.one_forward_token
         hand_off = self.cost.compute.split_s if is_split else 0.0
         if self.new:
             prefill = self.prefill_s
-            if kind == LOAD_FRONT and split < self.evicted:
-                # the recomputed back and the new tokens are one forward: one fixed cost
+            if (kind == LOAD_FRONT and split < self.evicted) or one_token_forward:
+                # the recomputed part and the new tokens are one forward: one fixed cost
                 prefill = max(0.0, prefill - self.cost.compute.step_s)
             elif one_forward:  # the top layers only; the unlayered part ran with the bottom
                 prefill = (L - split) / L * (prefill - self.cost.compute.fixed_s(0.0))
@@ -343,7 +358,9 @@ class Shaper:
     def best(self, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
         """The allowed shape with the earliest TTFT given the clocks."""
         cands: list[tuple[float, Shape]] = []
-        if self.caps.token_split:
+        if self.caps.token_split and self.one_forward_token:
+            cands += self._token_forward_candidates(tc, io)
+        elif self.caps.token_split:
             cands += self._crossing(TOKEN, self.grid, tc, io)
         if self.caps.layer_split:
             cands += self._layer_crossing(tc, io)
@@ -352,16 +369,28 @@ class Shaper:
             points = [j for j in points if self.req.stages(j)]
             cands += [
                 self._convex_min(LOAD_FRONT, seg, tc, io)
-                for seg in self._load_front_segments(points)
+                for seg in self._segments(points)
             ]
         best = min(cands, key=lambda c: c[0])[1]
         return best, self.run(best, tc, io)
 
-    def _load_front_segments(self, points: list[int]) -> list[list[int]]:
+    def _token_forward_candidates(
+        self, tc: float, io: dict[str, float]
+    ) -> list[tuple[float, Shape]]:
+        """Token splits in one forward: both ends (load all where it can be staged, recompute
+        all) and the best split between them, where the TTFT is convex as a load front's is
+        (the loads' readiness falls, the forward's length grows convexly)."""
+        g = self.grid
+        ends = {g[-1], g[0]} if self._first_split() == 0 else {g[-1]}
+        cands = [(self._price(TOKEN, x, tc, io, None)[2], Shape(TOKEN, x)) for x in ends]
+        cands += [self._convex_min(TOKEN, seg, tc, io) for seg in self._segments(g[1:-1])]
+        return cands
+
+    def _segments(self, points: list[int]) -> list[list[int]]:
         """Split points where the TTFT jumps: a tier's first loaded token adds its latency,
         and loading everything drops the back's forward. Between jumps the TTFT is convex
-        (a max of convex pieces: pipelined loads grow linearly, the back's recompute
-        shrinks convexly)."""
+        (a max of convex pieces: pipelined loads grow linearly, the recomputed part's
+        forward shrinks or grows convexly)."""
         cuts = sorted({t.start - self.device_tokens for t in self.tiers} | {self.evicted})
         segs: list[list[int]] = []
         cur: list[int] = []

@@ -28,20 +28,25 @@ def sglang_capabilities(
     stream_groups: int | None,
     batch_tokens: int = 0,
     front_loads: bool = False,
-    one_forward: bool = False,
+    one_forward_layer: bool = False,
+    one_forward_token: bool = False,
 ) -> Capabilities:
     """What a server runs: splits streamed with ``stream_groups`` > 1, and then, with
     ``front_loads`` (``stream_front_loads``), L3 front loads (load front, load all) too,
     through the split reader, where they are otherwise SGLang's prefetch, and with
-    ``one_forward`` (``one_forward_layer_splits``) layer splits in the new tokens' forward
-    (:mod:`~sglang_cacheflow.sglang.top_layers`). Prefills batched in forwards of up to
-    ``batch_tokens`` tokens (:func:`prefill_budget`)."""
+    ``one_forward_layer``, ``one_forward_token`` (``one_forward_*_splits``) layer and token
+    splits in the new tokens' forward (:mod:`~sglang_cacheflow.sglang.one_forward`). Prefills
+    batched in forwards of up to ``batch_tokens`` tokens (:func:`prefill_budget`)."""
     streamed = (stream_groups or 1) > 1
     caps = SGLANG_STREAMED if streamed else SGLANG
     if streamed and front_loads:
         caps = replace(caps, streamed_tiers=frozenset({HOST_TIER, L3_TIER}))
-    if streamed and one_forward:
-        caps = replace(caps, one_forward_layer_splits=True)
+    if streamed:
+        caps = replace(
+            caps,
+            one_forward_layer_splits=one_forward_layer,
+            one_forward_token_splits=one_forward_token,
+        )
     return replace(caps, batch_tokens=max(0, batch_tokens))
 
 

@@ -105,6 +105,11 @@ class CacheFlowConfig:
     ones, whose span KV streams in; :mod:`~sglang_cacheflow.sglang.top_layers`), not as a
     chunk and then an extend. Needs streamed splits and the CPU engine; ``None``: on there,
     off elsewhere (docs/benchmarks.md, "A layer split in one forward").
+    ``one_forward_token_splits``: a token split runs in the forward of the new tokens (the
+    front and the new tokens through every layer, each layer once the back's KV of that
+    layer has streamed in; :mod:`~sglang_cacheflow.sglang.one_forward`), not as a chunk of the
+    front and then an extend. Needs streamed splits and the CPU engine; ``None``: as
+    ``one_forward_layer_splits`` (docs/benchmarks.md, "Cake's order in one forward").
     """
 
     policy: str = "cacheflow"
@@ -124,6 +129,7 @@ class CacheFlowConfig:
     stream_groups: int | None = None
     stream_front_loads: bool = False
     one_forward_layer_splits: bool | None = None
+    one_forward_token_splits: bool | None = None
 
     def for_device(self, device: str | None, overlap: bool | None = None) -> CacheFlowConfig:
         """This configuration with its server-dependent defaults resolved for ``device``
@@ -142,29 +148,32 @@ class CacheFlowConfig:
                 "which needs streamed splits: --disable-overlap-schedule and stream_groups > 1 "
                 "(or set stream_front_loads to false)"
             )
-        one = self.one_forward_layer_splits
-        if one and (overlap or self.stream_groups == 1):
-            raise ConfigError(
-                f"{FLAG_CONFIG}: one_forward_layer_splits streams a layer split's load into its "
-                "one forward, which needs streamed splits: --disable-overlap-schedule and "
-                "stream_groups > 1 (or set one_forward_layer_splits to false)"
-            )
-        if one and device != "cpu":
-            raise ConfigError(
-                f"{FLAG_CONFIG}: one_forward_layer_splits narrows a forward to its new tokens "
-                "between two layers, which the CPU engine's attention backends follow (they "
-                "read the batch's lengths at every layer) and CUDA backends do not (they plan "
-                "once a forward): set it to false on this device"
-            )
+        ones = {}  # one_forward_*_splits, resolved
+        for name in ("one_forward_layer_splits", "one_forward_token_splits"):
+            one = getattr(self, name)
+            if one and (overlap or self.stream_groups == 1):
+                raise ConfigError(
+                    f"{FLAG_CONFIG}: {name} streams a split's load into its one forward, "
+                    "which needs streamed splits: --disable-overlap-schedule and "
+                    f"stream_groups > 1 (or set {name} to false)"
+                )
+            if one and device != "cpu":
+                raise ConfigError(
+                    f"{FLAG_CONFIG}: {name} changes a forward's tokens before a layer, which "
+                    "the CPU engine's attention backends follow (they read the batch's lengths "
+                    "and positions at every layer) and CUDA backends do not (they plan once a "
+                    "forward): set it to false on this device"
+                )
+            ones[name] = one
         gap = self.arrival_gap_ms
         if gap is None:
             gap = CPU_ARRIVAL_GAP_MS if device == "cpu" else 0.0
         groups = self.stream_groups
         if groups is None:
             groups = 1 if overlap else STREAM_GROUPS
-        if one is None:  # on where it can run: streamed splits on the CPU engine
-            one = device == "cpu" and groups > 1
-        return replace(self, arrival_gap_ms=gap, stream_groups=groups, one_forward_layer_splits=one)
+        for name, one in ones.items():  # on where they can run: streamed splits on CPU
+            ones[name] = device == "cpu" and groups > 1 if one is None else one
+        return replace(self, arrival_gap_ms=gap, stream_groups=groups, **ones)
 
     @property
     def force(self) -> tuple[str, float] | None:

@@ -137,7 +137,11 @@ class CacheFlowController(SplitControl):
         self.owed = OwedWork(clock)
         self._init_splits(cfg, cache)
         self.caps = sglang_capabilities(
-            cfg.stream_groups, batch_tokens, cfg.stream_front_loads, cfg.one_forward_layer_splits
+            cfg.stream_groups,
+            batch_tokens,
+            cfg.stream_front_loads,
+            bool(cfg.one_forward_layer_splits),
+            bool(cfg.one_forward_token_splits),
         )
         # L3 front loads (load front, load all) go through the split reader, streamed
         self.front_loads = self.caps.streams(L3_TIER) and self.layers is not None

@@ -38,7 +38,7 @@ from typing import Any
 
 from sglang_cacheflow.sglang.arrivals import gather_burst
 from sglang_cacheflow.sglang.layer_clock import layer_clock
-from sglang_cacheflow.sglang.top_layers import TopLayers
+from sglang_cacheflow.sglang.one_forward import Narrowed
 
 __all__ = ["create_cacheflow_cache", "install"]
 
@@ -236,8 +236,8 @@ def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleT
             return other  # a streamed extend runs alone: it may have to be cut back
         if not ctl.splits:
             return admission
-        if any(ctl.layer_chunk(r) for r in self.can_run_list):
-            return other  # a layer split's chunk runs alone: the others wait a round
+        if any(ctl.runs_alone(r) for r in self.can_run_list):
+            return other  # a layer split's chunk, a split's one forward run alone
         sp = ctl.split_of(req.rid)
         start = admission.prefix_len
         busy = kwargs.get("has_chunked_req") or self.new_chunked_req is not None
@@ -245,6 +245,13 @@ def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleT
             return other if busy or self.can_run_list else admission
         if sp is None or not start < sp.cut < start + admission.extend_len:
             return admission
+        if sp.one_forward and not sp.layer_split:  # Cake's order in one forward (one_forward)
+            if busy or self.can_run_list:
+                return other
+            if not admission.is_chunked:
+                sp.skip_insert, req.skip_radix_cache_insert = req.skip_radix_cache_insert, True
+                return admission
+            sp.one_forward = False  # over this round's budget: the front's chunk, then the extend
         if sp.layer_split:
             if start != sp.start:  # the span moved (its front got cached): recompute it
                 ctl.drop_split(req.rid, "split_cut_missed")
@@ -254,7 +261,7 @@ def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleT
             # its top layers are not in yet: keep the chunk out of the tree until the splice
             sp.skip_insert, req.skip_radix_cache_insert = req.skip_radix_cache_insert, True
             if sp.one_forward and not admission.is_chunked:
-                return admission  # the span and the new tokens in one forward (top_layers)
+                return admission  # the span and the new tokens in one forward (one_forward)
             sp.one_forward = False  # over this round's budget: a chunk, then the extend
         elif busy:
             return other  # SGLang runs one chunked request at a time: wait for it
@@ -336,11 +343,11 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
         saved = stack.end_layer if limited else None
         if limited:
             stack.end_layer = stack.start_layer + top
-        # A layer split in one forward: the span leaves it at its first loaded layer (where
-        # the layer loop cannot be hooked it goes on through every layer, its top layers
-        # computed and then overwritten with the loaded ones: slower, not wrong).
+        # A split in one forward: the span's loaded part leaves it at its first loaded layer
+        # (where the layer loop cannot be hooked it goes on through every layer, the loaded
+        # part computed and then overwritten with the loaded KV: slower, not wrong).
         one = ctl.begin_one_forward(batch) if ctl.splits else None
-        switch = TopLayers(stack, *one) if one is not None and stack is not None else None
+        switch = Narrowed(stack, *one) if one is not None and stack is not None else None
         clock = layer_clock(stack, getattr(getattr(self, "model_runner", None), "device", None))
         if clock is not None:
             clock.reset()

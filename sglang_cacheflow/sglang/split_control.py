@@ -118,10 +118,11 @@ class SplitControl:
         return self._in_one_forward(sp, req)
 
     def _in_one_forward(self, sp: SplitRestore, req: Request) -> SplitRestore:
-        """Mark a layer split that the plan runs in its new tokens' forward
-        (:mod:`~sglang_cacheflow.sglang.top_layers`)."""
+        """Mark a split that the plan runs in its new tokens' forward
+        (:mod:`~sglang_cacheflow.sglang.one_forward`): a layer or token split proper."""
         tokens = req.evicted_tokens + req.new_tokens
-        sp.one_forward = bool(sp.layer_split) and self.caps.layer_split_in_one_forward(tokens)
+        split = bool(sp.layer_split) or not sp.loads_front
+        sp.one_forward = split and self.caps.split_in_one_forward(bool(sp.layer_split), tokens)
         return sp
 
     def _start_host_split(
@@ -177,39 +178,43 @@ class SplitControl:
         self._stream(req, d, slots)  # front loads are planned only when streaming
         return sp.tokens
 
-    def layer_chunk(self, req: Any) -> bool:
-        """Whether ``req`` is admitted for a layer split's first chunk, or for its one
+    def runs_alone(self, req: Any) -> bool:
+        """Whether ``req`` is admitted for a layer split's first chunk, or for a split's one
         forward (:attr:`SplitRestore.one_forward`); either runs alone."""
         sp = self.split_of(req.rid)
-        if sp is None or not sp.layer_split:
+        if sp is None:
             return False
-        return req.extend_end == sp.cut or (sp.one_forward and req.extend_end > sp.cut)
+        if sp.one_forward:  # the whole loaded part inside the extend, the new tokens after it
+            return req.prefix_len <= sp.start and req.extend_end > sp.start + sp.tokens
+        return bool(sp.layer_split) and req.extend_end == sp.cut
 
     def layer_chunk_of(self, batch: Any) -> int | None:
         """``l`` when ``batch`` is a layer split's first chunk, alone in its forward: the
         forward runs layers ``[0, l)`` only."""
-        sp = self._layer_split_alone(batch)
+        sp = self._split_alone(batch)
         return sp.layer_split if sp is not None and not sp.one_forward else None
 
-    def _layer_split_alone(self, batch: Any) -> SplitRestore | None:
+    def _split_alone(self, batch: Any) -> SplitRestore | None:
         reqs = batch.reqs
-        if len(reqs) != 1 or not self.layer_chunk(reqs[0]):
+        if len(reqs) != 1 or not self.runs_alone(reqs[0]):
             return None
         return self.split_of(reqs[0].rid)
 
-    def begin_one_forward(self, batch: Any) -> tuple[int, int] | None:
-        """``(l, E)`` when ``batch`` is a layer split's one forward
-        (:mod:`~sglang_cacheflow.sglang.top_layers`): its span of ``E`` tokens leaves the
-        forward at layer ``l``; the load of the span's top layers now streams into the
-        span's slots (:mod:`~sglang_cacheflow.sglang.stream`), settled after the forward
-        by :meth:`finish_streams`. None for any other batch."""
-        sp = self._layer_split_alone(batch)
+    def begin_one_forward(self, batch: Any) -> tuple[int, int, int] | None:
+        """``(layer, lo, hi)`` when ``batch`` is a split's one forward
+        (:mod:`~sglang_cacheflow.sglang.one_forward`): its extend rows ``[lo, hi)`` (the
+        loaded part of its span) leave the forward at ``layer``, ``l`` of a layer split, 0
+        of a token split; the load now streams into the loaded part's slots
+        (:mod:`~sglang_cacheflow.sglang.stream`), settled after the forward by
+        :meth:`finish_streams`. None for any other batch."""
+        sp = self._split_alone(batch)
         if sp is None or not sp.one_forward or self.layers is None:
             return None
         req = batch.reqs[0]
         slots = row_of(req, self.cache)[sp.start : sp.start + sp.tokens].to(torch.int64)
         self._stream(req, self.splits.pop(req.rid), slots)
-        return sp.layer_split or 0, sp.tokens
+        lo = sp.start - req.prefix_len  # the extend begins at the request's prefix
+        return sp.layer_split or 0, lo, lo + sp.tokens
 
     def _stream(self, req: Any, d: Decision, slots: torch.Tensor) -> None:
         """Stream the load of ``d``'s split into ``slots`` from now, with the
@@ -222,9 +227,11 @@ class SplitControl:
     def one_forward_done(self, batch: Any, seconds: float, started: float) -> None:
         """A layer split's one forward took ``seconds`` from ``started`` to its first
         loaded layer: the span's and the new tokens' bottom layers, beside the load,
-        measure the overlap slowdown as a split's chunk does."""
+        measure the overlap slowdown as a split's chunk does (a token split's one forward
+        narrows before its first layer: nothing to measure so)."""
         sp = self.streamed[batch.reqs[0].rid].split
-        assert sp is not None and sp.layer_split
+        if sp is None or not sp.layer_split:
+            return
         cpu = self.read_cpu_during(batch.reqs, started, seconds)
         self.costs.observe_compute(
             batch.prefix_lens, batch.extend_lens, seconds, sp.layer_split, True, cpu

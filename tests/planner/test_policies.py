@@ -158,6 +158,50 @@ def test_a_layer_split_in_one_forward_saves_the_chunks_fixed_cost() -> None:
     ).run(Shape(LAYER, 12), 0.0, {})
 
 
+def test_a_token_split_in_one_forward_saves_the_chunks_fixed_cost() -> None:
+    # Cake's order in one forward: the front and the new tokens go through each layer once
+    # the back's KV of that layer is in; one fixed cost where the chunk and the extend paid
+    # one each.
+    shape = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
+    compute = ComputeCost(tokens_per_s=900.0, step_s=0.09, unlayered_s=0.01, overlap_slowdown=0.1)
+    cost = CostModel(shape, compute, {"redis": TierCost(bandwidth_Bps=20e6, latency_s=1e-3)})
+    req = Request("one", 0, (Span("redis", 512),), 16)
+    caps = replace(SGLANG_STREAMED, one_forward_token_splits=True)
+    two, one = Shaper(req, cost, SGLANG_STREAMED, 64), Shaper(req, cost, caps, 64)
+    for split in range(64, 512, 64):
+        steps: list = []
+        got = one.run(Shape(TOKEN, split), 0.0, {}, steps)
+        before = two.run(Shape(TOKEN, split), 0.0, {})
+        if before.compute_ready >= before.load_ready:  # the compute binds: one step saved
+            assert got.ttft < before.ttft - 0.5 * compute.step_s
+        else:  # the loads bind: both end about with the last layer loaded
+            assert got.ttft <= before.ttft * (1 + 1e-4)
+        (recompute,) = [x for x in steps if x.action == Action.RECOMPUTE]
+        (extend,) = [x for x in steps if x.action == Action.PREFILL]
+        (load,) = [x for x in steps if x.action == Action.LOAD]
+        # the forward's last layer reads the back's last layer; its first waits for the first
+        per_layer = (load.finish_s - load.start_s - 1e-3) / 30
+        assert extend.finish_s >= load.finish_s
+        assert recompute.start_s >= load.start_s + 1e-3 + per_layer - 1e-12
+        # one fixed cost: the new tokens' share is the prefill less its step (slowed at most
+        # by the loads beside it)
+        alone = extend.finish_s - extend.start_s
+        assert alone <= (one.prefill_s - compute.step_s) * 1.1 + 1e-12
+    for whole in (0, 512):  # no split: priced as before
+        assert one.run(Shape(TOKEN, whole), 0.0, {}) == two.run(Shape(TOKEN, whole), 0.0, {})
+    # the search finds the best split by brute force over the grid
+    best, _ = one.best(0.0, {})
+    assert best.kind in (TOKEN, LAYER)
+    brute = min(one.grid, key=lambda x: one.run(Shape(TOKEN, x), 0.0, {}).ttft)
+    token_best = min(one._token_forward_candidates(0.0, {}), key=lambda c: c[0])
+    assert token_best[0] <= one.run(Shape(TOKEN, brute), 0.0, {}).ttft * (1 + 1e-9)
+    # over the engine's prefill budget the front and the new tokens are two forwards
+    capped = Shaper(req, cost, replace(caps, batch_tokens=512), 64)
+    assert capped.run(Shape(TOKEN, 128), 0.0, {}) == Shaper(
+        req, cost, replace(SGLANG_STREAMED, batch_tokens=512), 64
+    ).run(Shape(TOKEN, 128), 0.0, {})
+
+
 def _staged(p, req: Request) -> int | None:
     """Tokens a plan loads for ``req`` through the engine's staging (a front of the span or
     all of it, not a split), None when it loads nothing so or splits."""

@@ -194,13 +194,15 @@ SHAPES: dict[str, tuple[tuple[str, float], str]] = {
     "recompute-all": (("load_front", 1.0), "recompute all"),
 }
 FRONT_LOADS = {"stream_front_loads": True}  # L3 front loads read by the split reader, streamed
-TWO_FORWARDS = {"one_forward_layer_splits": False}  # a layer split's chunk, then the extend
+# a split's chunk (the layer split's bottom layers, the token split's front), then the extend
+TWO_FORWARDS = {"one_forward_layer_splits": False, "one_forward_token_splits": False}
 # a forced shape on a server configured otherwise: name -> (name in SHAPES, config)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "token-split-unstreamed": ("token-split", {"stream_groups": 1}),  # with the overlap loop
     "load-front-streamed": ("load-front", FRONT_LOADS),
     "load-all-streamed": ("load-all", FRONT_LOADS),
     "layer-split-two-forwards": ("layer-split", TWO_FORWARDS),
+    "token-split-two-forwards": ("token-split", TWO_FORWARDS),
 }
 
 

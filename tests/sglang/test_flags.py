@@ -73,6 +73,7 @@ def test_defaults_and_round_trip() -> None:
         ("cacheflow", '{"stream_groups": 2.5}', "stream_groups must be int or null"),
         ("cacheflow", '{"stream_front_loads": 1}', "stream_front_loads must be bool"),
         ("cacheflow", '{"one_forward_layer_splits": 1}', "one_forward_layer_splits must be bool"),
+        ("cacheflow", '{"one_forward_token_splits": "on"}', "one_forward_token_splits must be"),
         ("load", '{"stream_front_loads": true}', "--cacheflow-policy cacheflow, not 'load'"),
     ],
 )
@@ -214,19 +215,20 @@ def test_splits_stream_where_the_scheduler_runs_without_the_overlap_loop() -> No
     for cfg, device in ((front, "cuda"), (replace(front, stream_groups=1), "cpu")):
         with pytest.raises(ConfigError, match=r"stream_front_loads .* needs streamed splits"):
             cfg.for_device(device)
-    # a layer split in one forward: where splits stream, on the CPU engine only
-    one = parse_config(None, '{"one_forward_layer_splits": true}')
-    assert one.for_device("cpu").one_forward_layer_splits
-    with pytest.raises(ConfigError, match=r"one_forward_layer_splits .* needs streamed splits"):
-        replace(one, stream_groups=1).for_device("cpu")
-    with pytest.raises(ConfigError, match=r"one_forward_layer_splits .* on this device"):
-        replace(one, stream_groups=6).for_device("cuda", overlap=False)
-    off = parse_config(None, '{"one_forward_layer_splits": false}')
-    assert off.for_device("cpu").one_forward_layer_splits is False
-    default = parse_config(None, None)  # on where it can run
-    assert default.for_device("cpu").one_forward_layer_splits is True
-    assert default.for_device("cuda").one_forward_layer_splits is False
-    assert replace(default, stream_groups=1).for_device("cpu").one_forward_layer_splits is False
+    # a layer or token split in one forward: where splits stream, on the CPU engine only
+    for name in ("one_forward_layer_splits", "one_forward_token_splits"):
+        one = parse_config(None, f'{{"{name}": true}}')
+        assert getattr(one.for_device("cpu"), name) is True
+        with pytest.raises(ConfigError, match=rf"{name} .* needs streamed splits"):
+            replace(one, stream_groups=1).for_device("cpu")
+        with pytest.raises(ConfigError, match=rf"{name} .* on this device"):
+            replace(one, stream_groups=6).for_device("cuda", overlap=False)
+        off = parse_config(None, f'{{"{name}": false}}')
+        assert getattr(off.for_device("cpu"), name) is False
+        default = parse_config(None, None)  # on where it can run
+        assert getattr(default.for_device("cpu"), name) is True
+        assert getattr(default.for_device("cuda"), name) is False
+        assert getattr(replace(default, stream_groups=1).for_device("cpu"), name) is False
 
 
 @pytest.mark.parametrize(

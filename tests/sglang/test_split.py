@@ -85,7 +85,8 @@ def _check_restores(
     done = re.findall(pattern, log)
     # streamed into the extend (the CPU engine's default), or spliced whole before it
     where = "in the extend" if streamed else "at the splice"
-    if streamed and "layer split" in shape and config.get("one_forward_layer_splits", True):
+    kind = "layer" if "layer split" in shape else "token"
+    if streamed and "split" in shape and config.get(f"one_forward_{kind}_splits", True):
         where = "in its one forward"  # the CPU engine's default
     if "split" in shape:  # both restores were spliced whole
         assert len(done) == 2 and all(a == b for a, b in done), done
@@ -122,7 +123,7 @@ def _restores_exactly(
 
 
 TINY = [*SHAPES, *VARIANTS]
-SMOLLM2 = [*SHAPES, "load-front-streamed", "layer-split-two-forwards"]
+SMOLLM2 = [*SHAPES, "load-front-streamed", "layer-split-two-forwards", "token-split-two-forwards"]
 
 
 def _references(start: StartServer, model: Path, seeds: list[int]) -> dict[int, list[Any]]:

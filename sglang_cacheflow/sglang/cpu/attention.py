@@ -12,6 +12,11 @@ This backend is ``torch_native`` with both SDPA paths replaced:
   that share a KV head are folded into one SDPA row block, so grouped-query
   attention reads every key once.
 
+An extend may leave a hole between its queries (a token split in one forward,
+:mod:`~sglang_cacheflow.sglang.one_forward`: the loaded back of a span leaves the
+forward, its KV streamed in): where a request's prefix and new tokens do not add
+up to its sequence, each query attends the keys up to its own position.
+
 Per forward batch, the request layout (query ranges, KV slots, masks) is built
 once and reused by every layer; a request whose KV slots are one contiguous run
 reads the KV pool through a view instead of a gather. Cases this backend does
@@ -42,7 +47,7 @@ class _Request:
     kv: slice | torch.Tensor
     """KV pool rows of the request's tokens: a slice when they are contiguous."""
     mask: torch.Tensor | None
-    """Boolean [new, prefix + new] mask, or None when ``is_causal`` or no mask applies."""
+    """Boolean [new, keys] mask, or None when ``is_causal`` or no mask applies."""
     is_causal: bool
 
 
@@ -78,8 +83,10 @@ def _plan(
     seq_lens: torch.Tensor,
     prefix_lens: torch.Tensor | None,
     new_lens: torch.Tensor | None,
+    positions: torch.Tensor | None = None,
 ) -> _Plan:
-    """The per-request layout of an extend (with prefix and new lengths) or a decode batch."""
+    """The per-request layout of an extend (with prefix and new lengths, and the queries'
+    ``positions`` where an extend has a hole) or a decode batch."""
     lens = [int(x) for x in seq_lens.tolist()]
     rows = [int(x) for x in req_pool_indices.tolist()]
     if prefix_lens is None or new_lens is None:
@@ -91,9 +98,15 @@ def _plan(
     requests = []
     q_start = 0
     for row, total, prefix, new in zip(rows, lens, prefixes, news, strict=True):
-        if prefix + new != total:
-            raise ValueError(f"prefix {prefix} + new {new} != sequence length {total}")
         kv = _kv_rows(req_to_token[row, :total])
+        if prefix + new != total:  # a hole: each query attends up to its position
+            if positions is None or prefix + new > total:
+                raise ValueError(f"prefix {prefix} + new {new} != sequence length {total}")
+            queries = positions[q_start : q_start + new].to(torch.int64).unsqueeze(1)
+            mask = torch.arange(total).unsqueeze(0) <= queries
+            requests.append(_Request(q_start, q_start + new, prefix, kv, mask, False))
+            q_start += new
+            continue
         is_causal = prefix == 0 and new > 1
         mask = _offset_causal_mask(new, prefix) if prefix > 0 and new > 1 else None
         requests.append(_Request(q_start, q_start + new, prefix, kv, mask, is_causal))
@@ -114,7 +127,7 @@ def _attend(
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
     k_h, v_h = k.transpose(0, 1), v.transpose(0, 1)
-    if new == 1:
+    if new == 1 and request.mask is None:
         # Every key is visible: fold the query heads of each KV head into rows.
         group = heads // kv_heads
         out = scaled_dot_product_attention(q.reshape(kv_heads, group, dim), k_h, v_h, scale=scaling)
@@ -137,10 +150,12 @@ class CpuAttnBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner: ModelRunner) -> None:
         super().__init__(model_runner)
         self._cached_plan: _Plan | None = None
+        self._positions: torch.Tensor | None = None
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
         self._cached_plan = None
+        self._positions = getattr(forward_batch, "positions", None)
 
     def _plan_for(
         self,
@@ -152,7 +167,9 @@ class CpuAttnBackend(TorchNativeAttnBackend):
     ) -> _Plan:
         plan = self._cached_plan
         if plan is None or plan.seq_lens is not seq_lens:
-            plan = _plan(req_to_token, req_pool_indices, seq_lens, prefix_lens, new_lens)
+            plan = _plan(
+                req_to_token, req_pool_indices, seq_lens, prefix_lens, new_lens, self._positions
+            )
             self._cached_plan = plan
         return plan
 

@@ -3,7 +3,9 @@
 A batch of requests with cached prefixes of several lengths (none included), KV slots
 contiguous or scattered through the pool, grouped-query heads: each request's new queries
 must attend exactly the keys at or before their positions, in fp32 within 1e-5 of the
-float64 reference; a decode batch's one query per request attends all its keys.
+float64 reference; so must the queries of an extend with a hole (a token split in one
+forward: its loaded back left the forward); a decode batch's one query per request attends
+all its keys.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from sglang_cacheflow.sglang.cpu.attention import CpuAttnBackend, _kv_rows
 HEADS, KV_HEADS, DIM, SLOTS = 4, 2, 8, 64
 
 
-def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor:
-    """Causal attention of ``q`` [new, H, D] at positions ``prefix + i`` over ``k``, ``v``
-    [prefix + new, Hkv, D], one score at a time, in float64."""
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, at: list[int] | None = None
+) -> torch.Tensor:
+    """Causal attention of ``q`` [new, H, D] at positions ``prefix + i`` (or ``at``) over
+    ``k``, ``v`` [keys, Hkv, D], one score at a time, in float64."""
     q, k, v = q.double(), k.double(), v.double()
     out = torch.empty_like(q)
     group = HEADS // KV_HEADS
     for i in range(q.shape[0]):
-        visible = prefix + i + 1
+        visible = (prefix + i if at is None else at[i]) + 1
         for h in range(HEADS):
             scores = (k[:visible, h // group] @ q[i, h]) / math.sqrt(DIM)
             out[i, h] = torch.softmax(scores, 0) @ v[:visible, h // group]
@@ -37,6 +41,7 @@ def _backend() -> CpuAttnBackend:
     (they use only the per-forward plan, cleared here as ``init_forward_metadata`` does)."""
     backend = CpuAttnBackend.__new__(CpuAttnBackend)
     backend._cached_plan = None
+    backend._positions = None
     return backend
 
 
@@ -76,6 +81,32 @@ def test_extend_attends_prefix_and_new_keys_causally(scattered: bool) -> None:
         want = _reference(q[start : start + new], k[slots], v[slots], prefix)
         torch.testing.assert_close(out[start : start + new].double(), want, rtol=0, atol=1e-5)
         start += new
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+def test_an_extend_with_a_hole_attends_up_to_each_querys_position(scattered: bool) -> None:
+    # (prefix, front, back, new): the back's rows left the forward; its keys stay in the row
+    lens = [(0, 3, 4, 2), (5, 2, 6, 1), (2, 1, 1, 3)]
+    k, v, req_to_token, rows, seq = _batch([(p, f + b + n) for p, f, b, n in lens], scattered, 6)
+    at = [
+        [p + i for i in range(f)] + [p + f + b + i for i in range(n)] for p, f, b, n in lens
+    ]
+    news = torch.tensor([f + n for _, f, _, n in lens])
+    q = torch.randn(int(news.sum()), HEADS, DIM, generator=torch.Generator().manual_seed(7))
+    out = torch.full_like(q, float("nan"))
+    backend = _backend()
+    backend._positions = torch.tensor([x for pos in at for x in pos])
+    backend._run_sdpa_forward_extend(
+        q, out, k, v, req_to_token, rows, seq, torch.tensor([p for p, *_ in lens]), news,
+        scaling=1 / math.sqrt(DIM), enable_gqa=True, causal=True,
+    )  # fmt: skip
+    start = 0
+    for r, (prefix, front, back, new) in enumerate(lens):
+        slots = req_to_token[r + 1, : prefix + front + back + new].long()
+        n = front + new
+        want = _reference(q[start : start + n], k[slots], v[slots], prefix, at[r])
+        torch.testing.assert_close(out[start : start + n].double(), want, rtol=0, atol=1e-5)
+        start += n
 
 
 @pytest.mark.parametrize("scattered", [False, True])
