@@ -367,10 +367,7 @@ class Shaper:
         if self.caps.load_front or not cands:
             points = self.grid if self.caps.load_front else [0]
             points = [j for j in points if self.req.stages(j)]
-            cands += [
-                self._convex_min(LOAD_FRONT, seg, tc, io)
-                for seg in self._segments(points)
-            ]
+            cands += [self._convex_min(LOAD_FRONT, seg, tc, io) for seg in self._segments(points)]
         best = min(cands, key=lambda c: c[0])[1]
         return best, self.run(best, tc, io)
 

@@ -88,9 +88,7 @@ def test_an_extend_with_a_hole_attends_up_to_each_querys_position(scattered: boo
     # (prefix, front, back, new): the back's rows left the forward; its keys stay in the row
     lens = [(0, 3, 4, 2), (5, 2, 6, 1), (2, 1, 1, 3)]
     k, v, req_to_token, rows, seq = _batch([(p, f + b + n) for p, f, b, n in lens], scattered, 6)
-    at = [
-        [p + i for i in range(f)] + [p + f + b + i for i in range(n)] for p, f, b, n in lens
-    ]
+    at = [[p + i for i in range(f)] + [p + f + b + i for i in range(n)] for p, f, b, n in lens]
     news = torch.tensor([f + n for _, f, _, n in lens])
     q = torch.randn(int(news.sum()), HEADS, DIM, generator=torch.Generator().manual_seed(7))
     out = torch.full_like(q, float("nan"))
