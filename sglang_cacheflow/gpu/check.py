@@ -23,16 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORCED_SHAPES", "add_arguments", "run"]
+from sglang_cacheflow.sglang.config import FORCED_SHAPES, forcing_params
 
-FORCED_SHAPES: dict[str, tuple[str, float]] = {
-    "token-split": ("token", 0.5),
-    "layer-split": ("layer", 0.5),
-    "load-front": ("load_front", 0.5),
-    "load-all": ("load_front", 0.0),
-    "recompute-all": ("load_front", 1.0),
-}
-"""Name -> (``force_shape``, ``force_recompute``) a returning request asks for."""
+__all__ = ["add_arguments", "run"]
+
 DEFAULT_SHAPES = ("token-split", "layer-split")
 
 
@@ -75,7 +69,6 @@ def _server(model: Path, l3: Any, args: argparse.Namespace) -> Any:
 def _one_shape(
     server: Any, l3: Any, name: str, seed: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    from sglang_cacheflow.sglang.config import forcing_params
     from sglang_cacheflow.sglang.decision import logged_decisions
     from sglang_cacheflow.testing.redis import wait_for_backups
 

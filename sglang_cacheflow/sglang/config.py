@@ -345,6 +345,16 @@ REQUEST_PARAM = "cacheflow"
 (docs/sglang.md, "Configuration")."""
 
 
+FORCED_SHAPES: dict[str, tuple[str, float]] = {
+    "token-split": ("token", 0.5),
+    "layer-split": ("layer", 0.5),
+    "load-front": ("load_front", 0.5),
+    "load-all": ("load_front", 0.0),
+    "recompute-all": ("load_front", 1.0),
+}
+"""The restore shapes a check forces, by name: (``force_shape``, ``force_recompute``)."""
+
+
 def forcing_params(force_shape: str, force_recompute: float) -> dict[str, Any]:
     """The sampling params by which a request forces a shape on itself (what
     :func:`request_force` reads back)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from sglang_cacheflow.sglang.config import forcing_params
+from sglang_cacheflow.sglang.config import FORCED_SHAPES, forcing_params
 from sglang_cacheflow.testing.redis import RedisServer, wait_for_backups
 from sglang_cacheflow.testing.server import SGLangServer
 from tests.fixtures.sglang import StartServer
@@ -185,13 +185,13 @@ def corrupt(client: redis.Redis, keys: list[bytes]) -> None:
 
 # -- restores forced into one shape (``force_shape``) -------------------------------------
 
-# name -> ((force_shape, force_recompute), what the decision log calls it for a 480-token span)
-SHAPES: dict[str, tuple[tuple[str, float], str]] = {
-    "token-split": (("token", 0.5), "token split 240+240"),
-    "layer-split": (("layer", 0.5), "layer split 2/4"),
-    "load-front": (("load_front", 0.5), "load front 240+240"),
-    "load-all": (("load_front", 0.0), "load all"),
-    "recompute-all": (("load_front", 1.0), "recompute all"),
+# name (of FORCED_SHAPES) -> what the decision log calls it for a 480-token span
+SHAPES: dict[str, str] = {
+    "token-split": "token split 240+240",
+    "layer-split": "layer split 2/4",
+    "load-front": "load front 240+240",
+    "load-all": "load all",
+    "recompute-all": "recompute all",
 }
 FRONT_LOADS = {"stream_front_loads": True}  # L3 front loads read by the split reader, streamed
 # a split's chunk (the layer split's bottom layers, the token split's front), then the extend
@@ -210,8 +210,7 @@ def forced(name: str) -> tuple[tuple[str, float], str, dict[str, Any]]:
     """What ``name`` (of :data:`SHAPES` or :data:`VARIANTS`) forces, the shape its decisions
     log, and the ``--cacheflow-config`` keys it adds."""
     base, config = VARIANTS.get(name, (name, {}))
-    force, shape = SHAPES[base]
-    return force, shape, config
+    return FORCED_SHAPES[base], SHAPES[base], config
 
 
 def forcing(name: str) -> dict[str, Any]:
