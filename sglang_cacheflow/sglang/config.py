@@ -102,7 +102,7 @@ class CacheFlowConfig:
     loads streamed into the extend").
     ``one_forward_layer_splits``: a layer split runs in the forward of the new tokens (the
     span and the new tokens through the bottom layers, the new tokens alone through the top
-    ones, whose span KV streams in; :mod:`~sglang_cacheflow.sglang.top_layers`), not as a
+    ones, whose span KV streams in; :mod:`~sglang_cacheflow.sglang.one_forward`), not as a
     chunk and then an extend. Needs streamed splits and the CPU engine; ``None``: on there,
     off elsewhere (docs/benchmarks.md, "A layer split in one forward").
     ``one_forward_token_splits``: a token split runs in the forward of the new tokens (the

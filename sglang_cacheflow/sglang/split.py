@@ -95,8 +95,11 @@ class SplitRestore:
     # where the span begins: the request is admitted with its prefix up to here (device
     # pages, and host pages before an L3 span, which SGLang loads back as for any host hit)
     span_start: int = 0
-    # a layer split run in its new tokens' forward (sglang_cacheflow.sglang.top_layers)
+    # a split run in its new tokens' forward (sglang_cacheflow.sglang.one_forward)
     one_forward: bool = False
+    # its layer groups are small at both ends (:meth:`group_layers`), fixed when the read
+    # starts: a forward reads them from its first layer on (a token split in one forward)
+    tapered: bool = False
     groups: int = 1  # the loaded layers are read in this many layer groups, one after another
     group_pages: list[int] = field(default_factory=list)  # per group: pages [0, n) landed
     error: str | None = None
@@ -121,12 +124,13 @@ class SplitRestore:
 
     def group_layers(self, g: int) -> tuple[int, int]:
         """Staging layers ``[a, b)`` of layer group ``g``: equal groups (they differ by one
-        layer at most), except for a front load, whose groups grow towards the middle and
-        shrink again (weights 1, 2, 3, ..., 3, 2, 1): its extend reads nothing before the first
-        group has landed and, where the read is the slower, computes the last group after it
-        ends, so both are kept short."""
+        layer at most), except for a front load or a :attr:`tapered` read, whose groups grow
+        towards the middle and shrink again (weights 1, 2, 3, ..., 3, 2, 1): the forward that
+        reads them from its first layer on reads nothing before the first group has landed
+        and, where the read is the slower, computes the last group after it ends, so both
+        are kept short."""
         n, k = self.staging.shape[1], self.groups
-        if not self.loads_front:
+        if not (self.loads_front or self.tapered):
             return g * n // k, (g + 1) * n // k
         weights = [min(i + 1, k - i) for i in range(k)]
         total = sum(weights)
@@ -276,29 +280,32 @@ class SplitUnavailable(RuntimeError):
 def _new_split(
     req: Any, tier: str, front: int, layer: int, pages: int, like: tuple[int, ...],
     dtype: torch.dtype, groups: int, release: Callable[[], None] | None = None,
+    tapered: bool = False,
 ) -> SplitRestore:  # fmt: skip
     """A split restore of ``req``'s span (a planner ``Request``) loading ``pages`` pages from
-    ``front`` tokens into the span and from layer ``layer`` on, in ``groups`` layer groups;
-    ``like`` is a page's (layers, 2, tokens, heads, dim)."""
+    ``front`` tokens into the span and from layer ``layer`` on, in ``groups`` layer groups
+    (``tapered``: see :meth:`SplitRestore.group_layers`); ``like`` is a page's (layers, 2,
+    tokens, heads, dim)."""
     num_layers, _, page, heads, dim = like
     staging = new_staging(pages, num_layers - layer, page, heads, dim, dtype)
     start = req.device_tokens + front
     return SplitRestore(
         req.id, tier, start, pages * page, page, staging,
         layers=(layer, num_layers) if layer else (0, 0), release=release, groups=groups,
-        span_start=req.device_tokens,
+        span_start=req.device_tokens, tapered=tapered,
     )  # fmt: skip
 
 
 def start_l3_split(
     reader: SplitReader, storage: Any, req: Any, front: int, layer: int, keys: list[str],
-    page: int, groups: int = 1, tokens: int | None = None,
+    page: int, groups: int = 1, tokens: int | None = None, tapered: bool = False,
 ) -> SplitRestore:  # fmt: skip
     """Start reading what a split loads of ``req``'s L3 span (a planner ``Request``) through
     ``storage`` (:class:`~sglang_cacheflow.sglang.storage.CacheFlowRedisStorage`): the pages after
     ``front`` tokens of the span (``tokens`` of them; None: to its end), their layers from
     ``layer`` on, in ``groups`` layer groups (more than one: streamed into the extend, see
-    :mod:`~sglang_cacheflow.sglang.stream`). ``keys``: the span's page keys."""
+    :mod:`~sglang_cacheflow.sglang.stream`; ``tapered``: :meth:`SplitRestore.group_layers`).
+    ``keys``: the span's page keys."""
     from sglang_cacheflow.tiers.names import L3_TIER
 
     end = req.evicted_tokens if tokens is None else front + tokens
@@ -307,7 +314,7 @@ def start_l3_split(
         raise SplitUnavailable(f"{len(back)} page keys, L3 backend {storage}")
     lay = storage.ns.layout
     like = (lay.num_layers, 2, page, lay.kv_heads, lay.head_dim)
-    sp = _new_split(req, L3_TIER, front, layer, len(back), like, lay.dtype, groups)
+    sp = _new_split(req, L3_TIER, front, layer, len(back), like, lay.dtype, groups, None, tapered)
 
     def read(lo: int, hi: int, a: int, b: int) -> list[bool]:
         return storage.read_pages(back[lo:hi], sp.staging[lo:hi, a:b], (layer + a, layer + b))
@@ -318,12 +325,12 @@ def start_l3_split(
 
 def start_host_split(
     reader: SplitReader, cache: Any, node: Any, req: Any, front: int, layer: int, page: int,
-    groups: int = 1,
+    groups: int = 1, tapered: bool = False,
 ) -> SplitRestore:  # fmt: skip
     """Start copying what a split loads of ``req``'s host hit (ending at ``node`` of the
     radix ``cache``) to staging: the pages after ``front`` tokens, their layers from
-    ``layer`` on, in ``groups`` layer groups. The host pages stay locked until the restore
-    is closed."""
+    ``layer`` on, in ``groups`` layer groups (``tapered``: :meth:`SplitRestore.group_layers`).
+    The host pages stay locked until the restore is closed."""
     from sglang_cacheflow.sglang.storage import canonical_page_view
     from sglang_cacheflow.tiers.names import HOST_TIER
 
@@ -336,7 +343,7 @@ def start_host_split(
     unlock = cache.inc_host_lock_ref(node).to_dec_params()
     sp = _new_split(
         req, HOST_TIER, front, layer, len(starts), tuple(first.shape), first.dtype, groups,
-        release=lambda: cache.dec_host_lock_ref(node, unlock),
+        release=lambda: cache.dec_host_lock_ref(node, unlock), tapered=tapered,
     )  # fmt: skip
 
     def read(lo: int, hi: int, a: int, b: int) -> list[bool]:

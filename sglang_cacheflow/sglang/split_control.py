@@ -106,37 +106,44 @@ class SplitControl:
     def _start_l3_split(
         self, req: Request, front: int, layer: int, keys: list[str], tokens: int | None = None
     ) -> SplitRestore | None:
+        one = self._in_one_forward(req, front, layer)
         try:
             storage = self.cache.cacheflow_storage()
             sp = start_l3_split(
                 self.reader, storage, req, front, layer, keys, self.page_size, self.groups,
-                tokens,
+                tokens, tapered=one and not layer,
             )  # fmt: skip
         except SplitUnavailable as e:
             self.account.split_unavailable(req, str(e))
             return None
-        return self._in_one_forward(sp, req)
-
-    def _in_one_forward(self, sp: SplitRestore, req: Request) -> SplitRestore:
-        """Mark a split that the plan runs in its new tokens' forward
-        (:mod:`~sglang_cacheflow.sglang.one_forward`): a layer or token split proper."""
-        tokens = req.evicted_tokens + req.new_tokens
-        split = bool(sp.layer_split) or not sp.loads_front
-        sp.one_forward = split and self.caps.split_in_one_forward(bool(sp.layer_split), tokens)
+        sp.one_forward = one
         return sp
+
+    def _in_one_forward(self, req: Request, front: int, layer: int) -> bool:
+        """Whether the plan runs a split of ``req`` (``front`` tokens recomputed, or ``layer``
+        layers) in its new tokens' forward (:mod:`~sglang_cacheflow.sglang.one_forward`): a
+        layer split, or a token split proper. A token split's read is then tapered
+        (:meth:`SplitRestore.group_layers`): the forward reads it from its first layer on."""
+        tokens = req.evicted_tokens + req.new_tokens
+        if layer:
+            return self.caps.split_in_one_forward(True, tokens)
+        return front > 0 and self.caps.split_in_one_forward(False, tokens)
 
     def _start_host_split(
         self, sreq: Any, req: Request, front: int, layer: int
     ) -> SplitRestore | None:
+        one = self._in_one_forward(req, front, layer)
         try:
             node = sreq.best_match_node
             sp = start_host_split(
-                self.reader, self.cache, node, req, front, layer, self.page_size, self.groups
-            )
+                self.reader, self.cache, node, req, front, layer, self.page_size, self.groups,
+                tapered=one and not layer,
+            )  # fmt: skip
         except SplitUnavailable as e:
             self.account.split_unavailable(req, str(e))
             return None
-        return self._in_one_forward(sp, req)
+        sp.one_forward = one
+        return sp
 
     def _split_read(self, sp: SplitRestore) -> None:
         """A split restore's read ended (reader thread): calibrate the tier from it."""

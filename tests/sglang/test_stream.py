@@ -80,16 +80,20 @@ def test_the_reader_lands_layer_groups_in_order_one_tier_call_each() -> None:
 
 
 def test_a_front_loads_groups_are_small_first_and_last() -> None:
-    # a front load (its span's first pages): the extend reads nothing before the first group
-    # lands and computes the last after the read ends; a split's back reads equal groups
-    def groups(layers: int, k: int, start: int) -> list[tuple[int, int]]:
+    # a front load (its span's first pages), or a token split's back read into its one
+    # forward (tapered): the forward reads nothing before the first group lands and computes
+    # the last after the read ends; a split's back read for its extend reads equal groups
+    def groups(layers: int, k: int, start: int, tapered: bool = False) -> list[tuple[int, int]]:
         staging = new_staging(1, layers, P, H, D, torch.float32)
-        sp = SplitRestore("r", "redis", start, P, P, staging, groups=k, span_start=16)
+        sp = SplitRestore(
+            "r", "redis", start, P, P, staging, groups=k, span_start=16, tapered=tapered
+        )
         assert sp.loads_front == (start == 16)
         return [sp.group_layers(g) for g in range(sp.groups)]
 
     assert [b - a for a, b in groups(30, 6, 16)] == [2, 6, 7, 7, 6, 2]
     assert [b - a for a, b in groups(30, 6, 32)] == [5] * 6
+    assert [b - a for a, b in groups(30, 6, 32, tapered=True)] == [2, 6, 7, 7, 6, 2]
     for layers in range(1, 9):
         for k in range(1, 9):
             got = groups(layers, k, 16)
