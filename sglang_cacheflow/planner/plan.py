@@ -77,6 +77,8 @@ class RequestPlan:
     shape: str  # human-readable restore shape, e.g. "token split @ 4096"
     steps: tuple[Step, ...]
     predicted_ttft_s: float
+    # a split run in the new tokens' forward, not as a chunk and then an extend
+    one_forward: bool = False
 
     def work_s(self) -> dict[str, float]:
         """Seconds of work this request puts on each resource (``"compute"``, tier names)."""
@@ -99,6 +101,7 @@ class RequestPlan:
         return {
             "shape": self.shape,
             "predicted_ttft_s": self.predicted_ttft_s,
+            "one_forward": self.one_forward,
             "steps": [s.to_dict() for s in self.steps],
         }
 

@@ -61,8 +61,7 @@ def _cake(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
     split = s.cake_split(tc, io)
     if split == 0 and not s.req.stages(s.evicted):  # a whole-span load it cannot stage
         split = s.grid[1]
-    shape = Shape(TOKEN, split)
-    return shape, s.run(shape, tc, io)
+    return s.token_split(split, tc, io)
 
 
 def _best(s: Shaper, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
@@ -89,6 +88,8 @@ def _forced(kind: ShapeKind, recompute: float) -> Chooser:
         else:
             want = recompute * s.evicted if kind == TOKEN else (1 - recompute) * s.evicted
             split = min(s.grid, key=lambda g: (abs(g - want), g))
+        if kind == TOKEN:  # in one forward where the executor runs it so
+            return s.token_split(split, tc, io, one=True)
         shape = Shape(kind, split)
         return shape, s.run(shape, tc, io)
 
@@ -329,7 +330,9 @@ def _emit(
         tc = out.compute_free
         io.update(out.io_free)
         desc = shape.describe(s.evicted, num_layers)
-        plans[s.req.id] = RequestPlan(s.req.id, desc, tuple(steps), out.ttft)
+        plans[s.req.id] = RequestPlan(
+            s.req.id, desc, tuple(steps), out.ttft, s.runs_in_one_forward(shape)
+        )
     return plans
 
 

@@ -47,6 +47,9 @@ NEG = float("-inf")
 class Shape:
     kind: ShapeKind
     split: int  # tokens (TOKEN, LOAD_FRONT) or layers (LAYER), counted from the span's start
+    # a token split proper run in its new tokens' forward (``one_forward_token_splits``), not
+    # as a chunk of the front and then the extend; a layer split runs so wherever it can
+    one_forward: bool = False
 
     def describe(self, evicted: int, num_layers: int) -> str:
         """Short text: ``token split 4096+4096`` is 4096 recomputed then 4096 loaded."""
@@ -261,16 +264,24 @@ class Shaper:
         return dur + (reads_until - at) * (1.0 - 1.0 / slow)
 
     def _price(
-        self, kind: ShapeKind, split: int, tc: float, io: dict[str, float], steps: list[Step] | None
+        self,
+        kind: ShapeKind,
+        split: int,
+        tc: float,
+        io: dict[str, float],
+        steps: list[Step] | None,
+        one: bool = False,
     ) -> tuple[float, float, float, dict[str, float]]:
-        """(compute ready A, load ready B, TTFT, new tier clocks) of one shape."""
+        """(compute ready A, load ready B, TTFT, new tier clocks) of one shape (``one``: a
+        token split in one forward, :attr:`Shape.one_forward`)."""
         d, end, L = self.device_tokens, self.device_tokens + self.evicted, self.num_layers
         cper = self.prefill_s / L
         # a split proper (0 < split < the span's end): a chunk, a hand-off, an extend
         is_split = kind != LOAD_FRONT and 0 < split < (L if kind == LAYER else self.evicted)
         reads = max(self.reads_until, max(io.values(), default=NEG))  # loads in flight
         cpu: ReadCpu | None = None
-        if kind == TOKEN and is_split and self.one_forward_token:
+        one_token_forward = one and is_split and kind == TOKEN and self.one_forward_token
+        if one_token_forward:
             # Cake's order in one forward: the front and the new tokens go through each layer
             # once the back's KV of that layer has streamed in (a load front mirrored); the
             # front is priced here, the new tokens' share (one fixed cost) below
@@ -317,7 +328,6 @@ class Shaper:
         # a split's hand-off from its chunk to its extend (0 < split < the span's end; in one
         # forward, what narrowing it costs): what its forwards do not price, learnt
         one_forward = is_split and kind == LAYER and self.one_forward
-        one_token_forward = is_split and kind == TOKEN and self.one_forward_token
         hand_off = self.cost.compute.split_s if is_split else 0.0
         if self.new:
             prefill = self.prefill_s
@@ -346,11 +356,33 @@ class Shaper:
             ttft += hand_off
         return a, b, ttft, free
 
+    def token_split(
+        self, split: int, tc: float, io: dict[str, float], one: bool | None = None
+    ) -> tuple[Shape, Outcome]:
+        """A token split at ``split``: in one forward (``one``), as a chunk and an extend, or
+        (None) whichever of the two ends first where the executor runs both."""
+        two = Shape(TOKEN, split)
+        if not (self.one_forward_token and 0 < split < self.evicted) or one is False:
+            return two, self.run(two, tc, io)
+        single = Shape(TOKEN, split, True)
+        got = self.run(single, tc, io)
+        if one:
+            return single, got
+        other = self.run(two, tc, io)
+        return (single, got) if got.ttft <= other.ttft else (two, other)
+
+    def runs_in_one_forward(self, shape: Shape) -> bool:
+        """Whether ``shape`` runs in its new tokens' forward: a token split so marked, a
+        layer split proper wherever the executor can."""
+        if shape.kind == LAYER:
+            return self.one_forward and 0 < shape.split < self.num_layers
+        return shape.one_forward
+
     def run(
         self, shape: Shape, tc: float, io: dict[str, float], steps: list[Step] | None = None
     ) -> Outcome:
         """Price ``shape`` with compute free at ``tc`` and tier channels free at ``io``."""
-        a, b, ttft, free = self._price(shape.kind, shape.split, tc, io, steps)
+        a, b, ttft, free = self._price(shape.kind, shape.split, tc, io, steps, shape.one_forward)
         return Outcome(a, b, ttft, ttft if self.new else a, free)
 
     # -- search --------------------------------------------------------------------------
@@ -358,10 +390,10 @@ class Shaper:
     def best(self, tc: float, io: dict[str, float]) -> tuple[Shape, Outcome]:
         """The allowed shape with the earliest TTFT given the clocks."""
         cands: list[tuple[float, Shape]] = []
-        if self.caps.token_split and self.one_forward_token:
-            cands += self._token_forward_candidates(tc, io)
-        elif self.caps.token_split:
+        if self.caps.token_split:
             cands += self._crossing(TOKEN, self.grid, tc, io)
+            if self.one_forward_token:  # or in one forward, whichever ends first
+                cands += self._token_forward_candidates(tc, io)
         if self.caps.layer_split:
             cands += self._layer_crossing(tc, io)
         if self.caps.load_front or not cands:
@@ -374,14 +406,12 @@ class Shaper:
     def _token_forward_candidates(
         self, tc: float, io: dict[str, float]
     ) -> list[tuple[float, Shape]]:
-        """Token splits in one forward: both ends (load all where it can be staged, recompute
-        all) and the best split between them, where the TTFT is convex as a load front's is
-        (the loads' readiness falls, the forward's length grows convexly)."""
-        g = self.grid
-        ends = {g[-1], g[0]} if self._first_split() == 0 else {g[-1]}
-        cands = [(self._price(TOKEN, x, tc, io, None)[2], Shape(TOKEN, x)) for x in ends]
-        cands += [self._convex_min(TOKEN, seg, tc, io) for seg in self._segments(g[1:-1])]
-        return cands
+        """Token splits proper in one forward: the best split of each stretch where the TTFT
+        is convex, as a load front's is (the loads' readiness falls, the forward's length
+        grows convexly)."""
+        return [
+            self._convex_min(TOKEN, seg, tc, io, True) for seg in self._segments(self.grid[1:-1])
+        ]
 
     def _segments(self, points: list[int]) -> list[list[int]]:
         """Split points where the TTFT jumps: a tier's first loaded token adds its latency,
@@ -407,19 +437,19 @@ class Shaper:
         return segs
 
     def _convex_min(
-        self, kind: str, points: list[int], tc: float, io: dict[str, float]
+        self, kind: ShapeKind, points: list[int], tc: float, io: dict[str, float], one: bool = False
     ) -> tuple[float, Shape]:
         """Minimum of a convex TTFT over ``points``: the first point whose forward
-        difference is not negative."""
+        difference is not negative (``one``: token splits in one forward)."""
         lo, hi = 0, len(points) - 1
         while lo < hi:
             mid = (lo + hi) // 2
-            here = self._price(kind, points[mid], tc, io, None)[2]
-            if self._price(kind, points[mid + 1], tc, io, None)[2] >= here:
+            here = self._price(kind, points[mid], tc, io, None, one)[2]
+            if self._price(kind, points[mid + 1], tc, io, None, one)[2] >= here:
                 hi = mid
             else:
                 lo = mid + 1
-        return self._price(kind, points[lo], tc, io, None)[2], Shape(kind, points[lo])
+        return self._price(kind, points[lo], tc, io, None, one)[2], Shape(kind, points[lo], one)
 
     def _crossing(
         self, kind: str, points: list[int], tc: float, io: dict[str, float]

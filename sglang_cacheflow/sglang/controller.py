@@ -537,7 +537,7 @@ class CacheFlowController(SplitControl):
                 split = self._start_l3_split(req, *shape, keys[rid])
                 load = split.tokens if split is not None else 0
             elif load > 0 and self.front_loads:  # so does a front load, streamed
-                split = self._start_l3_split(req, 0, 0, keys[rid], load)
+                split = self._start_l3_split(req, 0, 0, False, keys[rid], load)
                 load = split.tokens if split is not None else 0
             d = self.storage_plans[rid] = Decision(
                 rid,

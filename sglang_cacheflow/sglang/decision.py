@@ -31,21 +31,23 @@ class Decision:
     order: tuple[int, int] = (0, 0)  # (planning round, place in its plan's service order)
 
 
-def planned_split(plan_: Plan, req: Request) -> tuple[int, int] | None:
-    """``(front, layer)`` of a split restore the plan gives ``req``: a token split recomputes
-    its span's first ``front`` tokens and loads the rest (``layer`` 0); a layer split
-    recomputes layers ``[0, layer)`` of the whole span and loads the others (``front`` 0).
-    None when the plan loads the span's front, all of it or nothing."""
-    loads = [s for s in plan_.requests[req.id].steps if s.action is Action.LOAD]
+def planned_split(plan_: Plan, req: Request) -> tuple[int, int, bool] | None:
+    """``(front, layer, one_forward)`` of a split restore the plan gives ``req``: a token
+    split recomputes its span's first ``front`` tokens and loads the rest (``layer`` 0); a
+    layer split recomputes layers ``[0, layer)`` of the whole span and loads the others
+    (``front`` 0); ``one_forward``: in its new tokens' forward. None when the plan loads the
+    span's front, all of it or nothing."""
+    rp = plan_.requests[req.id]
+    loads = [s for s in rp.steps if s.action is Action.LOAD]
     if not loads:
         return None
     layer = min(s.layer_start for s in loads)
     if layer > 0:
-        return 0, layer
+        return 0, layer, rp.one_forward
     start = min(s.start for s in loads)
     if start <= req.device_tokens or max(s.end for s in loads) < req.evicted_end:
         return None
-    return start - req.device_tokens, 0
+    return start - req.device_tokens, 0, rp.one_forward
 
 
 def loaded_tokens(plan_: Plan, rid: str) -> int:

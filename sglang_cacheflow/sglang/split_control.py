@@ -104,9 +104,18 @@ class SplitControl:
         return total
 
     def _start_l3_split(
-        self, req: Request, front: int, layer: int, keys: list[str], tokens: int | None = None
+        self,
+        req: Request,
+        front: int,
+        layer: int,
+        one: bool,
+        keys: list[str],
+        tokens: int | None = None,
     ) -> SplitRestore | None:
-        one = self._in_one_forward(req, front, layer)
+        """Start the read of a split's L3 part (``front`` tokens or ``layer`` layers
+        recomputed; ``one``: in its new tokens' forward,
+        :mod:`~sglang_cacheflow.sglang.one_forward`), or of a front load (``tokens`` of the
+        span's front, ``front`` and ``layer`` 0)."""
         try:
             storage = self.cache.cacheflow_storage()
             sp = start_l3_split(
@@ -119,20 +128,12 @@ class SplitControl:
         sp.one_forward = one
         return sp
 
-    def _in_one_forward(self, req: Request, front: int, layer: int) -> bool:
-        """Whether the plan runs a split of ``req`` (``front`` tokens recomputed, or ``layer``
-        layers) in its new tokens' forward (:mod:`~sglang_cacheflow.sglang.one_forward`): a
-        layer split, or a token split proper. A token split's read is then tapered
-        (:meth:`SplitRestore.group_layers`): the forward reads it from its first layer on."""
-        tokens = req.evicted_tokens + req.new_tokens
-        if layer:
-            return self.caps.split_in_one_forward(True, tokens)
-        return front > 0 and self.caps.split_in_one_forward(False, tokens)
-
     def _start_host_split(
-        self, sreq: Any, req: Request, front: int, layer: int
+        self, sreq: Any, req: Request, front: int, layer: int, one: bool
     ) -> SplitRestore | None:
-        one = self._in_one_forward(req, front, layer)
+        """Start copying a split's host part to staging (as :meth:`_start_l3_split`). A token
+        split's read into its one forward is tapered (:meth:`SplitRestore.group_layers`): the
+        forward reads it from its first layer on."""
         try:
             node = sreq.best_match_node
             sp = start_host_split(

@@ -161,17 +161,17 @@ def test_a_layer_split_in_one_forward_saves_the_chunks_fixed_cost() -> None:
 def test_a_token_split_in_one_forward_saves_the_chunks_fixed_cost() -> None:
     # Cake's order in one forward: the front and the new tokens go through each layer once
     # the back's KV of that layer is in; one fixed cost where the chunk and the extend paid
-    # one each.
+    # one each, but the forward waits for the loads from its first layer on.
     shape = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
     compute = ComputeCost(tokens_per_s=900.0, step_s=0.09, unlayered_s=0.01, overlap_slowdown=0.1)
     cost = CostModel(shape, compute, {"redis": TierCost(bandwidth_Bps=20e6, latency_s=1e-3)})
     req = Request("one", 0, (Span("redis", 512),), 16)
     caps = replace(SGLANG_STREAMED, one_forward_token_splits=True)
-    two, one = Shaper(req, cost, SGLANG_STREAMED, 64), Shaper(req, cost, caps, 64)
+    one = Shaper(req, cost, caps, 64)
     for split in range(64, 512, 64):
         steps: list = []
-        got = one.run(Shape(TOKEN, split), 0.0, {}, steps)
-        before = two.run(Shape(TOKEN, split), 0.0, {})
+        got = one.run(Shape(TOKEN, split, True), 0.0, {}, steps)
+        before = one.run(Shape(TOKEN, split), 0.0, {})  # a chunk, then the extend
         if before.compute_ready >= before.load_ready:  # the compute binds: one step saved
             assert got.ttft < before.ttft - 0.5 * compute.step_s
         else:  # the loads bind: both end about with the last layer loaded
@@ -187,19 +187,47 @@ def test_a_token_split_in_one_forward_saves_the_chunks_fixed_cost() -> None:
         # by the loads beside it)
         alone = extend.finish_s - extend.start_s
         assert alone <= (one.prefill_s - compute.step_s) * 1.1 + 1e-12
-    for whole in (0, 512):  # no split: priced as before
-        assert one.run(Shape(TOKEN, whole), 0.0, {}) == two.run(Shape(TOKEN, whole), 0.0, {})
-    # the search finds the best split by brute force over the grid
+        # the plan takes whichever of the two ends first, or the one it is told
+        pick, out = one.token_split(split, 0.0, {})
+        assert pick.one_forward == (got.ttft <= before.ttft)
+        assert out.ttft == min(got.ttft, before.ttft)
+        assert one.token_split(split, 0.0, {}, one=True)[0] == Shape(TOKEN, split, True)
+    for whole in (0, 512):  # no split: priced as before, never in one forward
+        assert one.run(Shape(TOKEN, whole, True), 0.0, {}) == one.run(Shape(TOKEN, whole), 0.0, {})
+        assert not one.token_split(whole, 0.0, {}, one=True)[0].one_forward
+    # the search finds the best split of either kind by brute force over the grid
     best, _ = one.best(0.0, {})
-    assert best.kind in (TOKEN, LAYER)
-    brute = min(one.grid, key=lambda x: one.run(Shape(TOKEN, x), 0.0, {}).ttft)
-    token_best = min(one._token_forward_candidates(0.0, {}), key=lambda c: c[0])
-    assert token_best[0] <= one.run(Shape(TOKEN, brute), 0.0, {}).ttft * (1 + 1e-9)
+    brute = min(
+        (Shape(TOKEN, x, f) for x in one.grid for f in (False, True)),
+        key=lambda sh: one.run(sh, 0.0, {}).ttft,
+    )
+    assert one.run(best, 0.0, {}).ttft <= one.run(brute, 0.0, {}).ttft * (1 + 1e-9)
+    # a request whose reads queue behind another's: its forward would wait from layer 0
+    busy = {"redis": 0.6}
+    pick, _ = one.token_split(256, 0.0, busy)
+    assert not pick.one_forward
     # over the engine's prefill budget the front and the new tokens are two forwards
     capped = Shaper(req, cost, replace(caps, batch_tokens=512), 64)
-    assert capped.run(Shape(TOKEN, 128), 0.0, {}) == Shaper(
-        req, cost, replace(SGLANG_STREAMED, batch_tokens=512), 64
-    ).run(Shape(TOKEN, 128), 0.0, {})
+    assert capped.run(Shape(TOKEN, 128, True), 0.0, {}) == capped.run(Shape(TOKEN, 128), 0.0, {})
+    assert not capped.token_split(128, 0.0, {}, one=True)[0].one_forward
+
+
+def test_the_plan_says_which_splits_run_in_one_forward() -> None:
+    shape = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
+    compute = ComputeCost(tokens_per_s=900.0, step_s=0.09, overlap_slowdown=0.1)
+    cost = CostModel(shape, compute, {"redis": TierCost(bandwidth_Bps=20e6, latency_s=1e-3)})
+    caps = replace(SGLANG_ONE_FORWARD, one_forward_token_splits=True)
+    reqs = [Request("a", 0, (Span("redis", 512),), 16)]
+    for force, one in (
+        (("token", 0.5), True),
+        (("layer", 0.5), True),
+        (("load_front", 0.5), False),
+    ):
+        p = plan(reqs, cost, "cacheflow", caps, chunk_tokens=64, force=force)
+        assert p.requests["a"].one_forward is one, force
+        assert p.requests["a"].to_dict()["one_forward"] is one
+    two = plan(reqs, cost, "cacheflow", SGLANG_STREAMED, chunk_tokens=64, force=("token", 0.5))
+    assert two.requests["a"].one_forward is False
 
 
 def _staged(p, req: Request) -> int | None:
