@@ -391,33 +391,27 @@ class Shaper:
         """The allowed shape with the earliest TTFT given the clocks."""
         cands: list[tuple[float, Shape]] = []
         if self.caps.token_split:
+            # not in one forward: its price ran 15-20% short of what rounds of such restores
+            # took, and CacheFlow was no faster with it (docs/benchmarks.md, "Cake's order in
+            # one forward"); Cake's rule takes it (:meth:`token_split`)
             cands += self._crossing(TOKEN, self.grid, tc, io)
-            if self.one_forward_token:  # or in one forward, whichever ends first
-                cands += self._token_forward_candidates(tc, io)
         if self.caps.layer_split:
             cands += self._layer_crossing(tc, io)
         if self.caps.load_front or not cands:
             points = self.grid if self.caps.load_front else [0]
             points = [j for j in points if self.req.stages(j)]
-            cands += [self._convex_min(LOAD_FRONT, seg, tc, io) for seg in self._segments(points)]
+            cands += [
+                self._convex_min(LOAD_FRONT, seg, tc, io)
+                for seg in self._load_front_segments(points)
+            ]
         best = min(cands, key=lambda c: c[0])[1]
         return best, self.run(best, tc, io)
 
-    def _token_forward_candidates(
-        self, tc: float, io: dict[str, float]
-    ) -> list[tuple[float, Shape]]:
-        """Token splits proper in one forward: the best split of each stretch where the TTFT
-        is convex, as a load front's is (the loads' readiness falls, the forward's length
-        grows convexly)."""
-        return [
-            self._convex_min(TOKEN, seg, tc, io, True) for seg in self._segments(self.grid[1:-1])
-        ]
-
-    def _segments(self, points: list[int]) -> list[list[int]]:
+    def _load_front_segments(self, points: list[int]) -> list[list[int]]:
         """Split points where the TTFT jumps: a tier's first loaded token adds its latency,
         and loading everything drops the back's forward. Between jumps the TTFT is convex
-        (a max of convex pieces: pipelined loads grow linearly, the recomputed part's
-        forward shrinks or grows convexly)."""
+        (a max of convex pieces: pipelined loads grow linearly, the back's recompute
+        shrinks convexly)."""
         cuts = sorted({t.start - self.device_tokens for t in self.tiers} | {self.evicted})
         segs: list[list[int]] = []
         cur: list[int] = []
@@ -437,19 +431,19 @@ class Shaper:
         return segs
 
     def _convex_min(
-        self, kind: ShapeKind, points: list[int], tc: float, io: dict[str, float], one: bool = False
+        self, kind: ShapeKind, points: list[int], tc: float, io: dict[str, float]
     ) -> tuple[float, Shape]:
         """Minimum of a convex TTFT over ``points``: the first point whose forward
-        difference is not negative (``one``: token splits in one forward)."""
+        difference is not negative."""
         lo, hi = 0, len(points) - 1
         while lo < hi:
             mid = (lo + hi) // 2
-            here = self._price(kind, points[mid], tc, io, None, one)[2]
-            if self._price(kind, points[mid + 1], tc, io, None, one)[2] >= here:
+            here = self._price(kind, points[mid], tc, io, None)[2]
+            if self._price(kind, points[mid + 1], tc, io, None)[2] >= here:
                 hi = mid
             else:
                 lo = mid + 1
-        return self._price(kind, points[lo], tc, io, None, one)[2], Shape(kind, points[lo], one)
+        return self._price(kind, points[lo], tc, io, None)[2], Shape(kind, points[lo])
 
     def _crossing(
         self, kind: str, points: list[int], tc: float, io: dict[str, float]
