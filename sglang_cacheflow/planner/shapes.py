@@ -391,9 +391,8 @@ class Shaper:
         """The allowed shape with the earliest TTFT given the clocks."""
         cands: list[tuple[float, Shape]] = []
         if self.caps.token_split:
-            # not in one forward: its price ran 15-20% short of what rounds of such restores
-            # took, and CacheFlow was no faster with it (docs/benchmarks.md, "Cake's order in
-            # one forward"); Cake's rule takes it (:meth:`token_split`)
+            # not in one forward: CacheFlow was no faster with it (docs/benchmarks.md,
+            # "Cake's order in one forward"); Cake's rule takes it (:meth:`token_split`)
             cands += self._crossing(TOKEN, self.grid, tc, io)
         if self.caps.layer_split:
             cands += self._layer_crossing(tc, io)

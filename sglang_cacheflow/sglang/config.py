@@ -105,10 +105,11 @@ class CacheFlowConfig:
     ones, whose span KV streams in; :mod:`~sglang_cacheflow.sglang.one_forward`), not as a
     chunk and then an extend. Needs streamed splits and the CPU engine; ``None``: on there,
     off elsewhere (docs/benchmarks.md, "A layer split in one forward").
-    ``one_forward_token_splits``: a token split runs in the forward of the new tokens (the
-    front and the new tokens through every layer, each layer once the back's KV of that
-    layer has streamed in; :mod:`~sglang_cacheflow.sglang.one_forward`), not as a chunk of the
-    front and then an extend. Needs streamed splits and the CPU engine; ``None``: as
+    ``one_forward_token_splits``: a token split may run in the forward of the new tokens
+    (the front and the new tokens through every layer, each layer once the back's KV of that
+    layer has streamed in; :mod:`~sglang_cacheflow.sglang.one_forward`), not as a chunk of
+    the front and then an extend, where the plan prices it to end first (Cake's rule, a
+    request forcing ``token``). Needs streamed splits and the CPU engine; ``None``: as
     ``one_forward_layer_splits`` (docs/benchmarks.md, "Cake's order in one forward").
     """
 
