@@ -91,7 +91,8 @@ def _slow_split_server(start: StartServer, model: Path, l3: RedisServer, name: s
 
 CORRUPTED = [("token-split", 2), ("layer-split", 2), ("layer-split", 1),
              ("load-front-streamed", 2), ("load-all-streamed", 1),
-             ("layer-split-two-forwards", 2), ("layer-split-two-forwards", 1)]  # fmt: skip
+             ("layer-split-two-forwards", 2), ("layer-split-two-forwards", 1),
+             ("token-split-two-forwards", 2)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def slow_split_servers(
     ("name", "every"),
     CORRUPTED,
     ids=["token-split-half", "layer-split-half", "layer-split-all", "load-front-half",
-         "load-all-all", "two-forwards-half", "two-forwards-all"],
+         "load-all-all", "two-forwards-half", "two-forwards-all", "token-two-forwards-half"],
 )  # fmt: skip
 def test_corrupted_records_under_a_split_restore_are_recomputed(
     name: str,
@@ -143,7 +144,7 @@ def test_corrupted_records_under_a_split_restore_are_recomputed(
     log = server.log_text()[offset:]
     assert re.search(r"got \d+ of the \d+ tokens planned from redis \(split_read_failed", log)
     # found by the extend that streamed it, whose result was then dropped (no token)
-    one = name == "layer-split"  # the CPU engine's default: in one forward
+    one = name in ("layer-split", "token-split")  # the CPU engine's default: in one forward
     where = "in its one forward" if one else "in the extend"
     assert re.search(rf"split rid=.* ms {where}\)", log), log
     # the restored prefix (what landed, the rest recomputed) serves the next turn
