@@ -245,24 +245,20 @@ def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleT
             return other if busy or self.can_run_list else admission
         if sp is None or not start < sp.cut < start + admission.extend_len:
             return admission
-        if sp.one_forward and not sp.layer_split:  # Cake's order in one forward (one_forward)
-            if busy or self.can_run_list:
-                return other
-            if not admission.is_chunked:
-                sp.skip_insert, req.skip_radix_cache_insert = req.skip_radix_cache_insert, True
-                return admission
-            sp.one_forward = False  # over this round's budget: the front's chunk, then the extend
-        if sp.layer_split:
-            if start != sp.start:  # the span moved (its front got cached): recompute it
+        if sp.layer_split or sp.one_forward:  # a layer split's chunk, a split's one forward
+            if sp.layer_split and start != sp.start:  # the span moved (its front got cached)
                 ctl.drop_split(req.rid, "split_cut_missed")
                 return admission
             if busy or self.can_run_list:
-                return other
-            # its top layers are not in yet: keep the chunk out of the tree until the splice
-            sp.skip_insert, req.skip_radix_cache_insert = req.skip_radix_cache_insert, True
-            if sp.one_forward and not admission.is_chunked:
-                return admission  # the span and the new tokens in one forward (one_forward)
-            sp.one_forward = False  # over this round's budget: a chunk, then the extend
+                return other  # either runs alone
+            # the span and the new tokens in one forward (one_forward), or over this round's
+            # budget a chunk and then the extend
+            sp.one_forward = sp.one_forward and not admission.is_chunked
+            if sp.one_forward or sp.layer_split:
+                # its loaded part is not in yet: keep it out of the tree until it is
+                sp.skip_insert, req.skip_radix_cache_insert = req.skip_radix_cache_insert, True
+            if sp.one_forward:
+                return admission
         elif busy:
             return other  # SGLang runs one chunked request at a time: wait for it
         return admission_cls(start, sp.cut - start, 0, True, admission.replay_len)

@@ -280,32 +280,33 @@ class SplitUnavailable(RuntimeError):
 def _new_split(
     req: Any, tier: str, front: int, layer: int, pages: int, like: tuple[int, ...],
     dtype: torch.dtype, groups: int, release: Callable[[], None] | None = None,
-    tapered: bool = False,
+    one_forward: bool = False,
 ) -> SplitRestore:  # fmt: skip
     """A split restore of ``req``'s span (a planner ``Request``) loading ``pages`` pages from
     ``front`` tokens into the span and from layer ``layer`` on, in ``groups`` layer groups
-    (``tapered``: see :meth:`SplitRestore.group_layers`); ``like`` is a page's (layers, 2,
-    tokens, heads, dim)."""
+    (``one_forward``: in its new tokens' forward, a token split's read then tapered);
+    ``like`` is a page's (layers, 2, tokens, heads, dim)."""
     num_layers, _, page, heads, dim = like
     staging = new_staging(pages, num_layers - layer, page, heads, dim, dtype)
     start = req.device_tokens + front
     return SplitRestore(
         req.id, tier, start, pages * page, page, staging,
         layers=(layer, num_layers) if layer else (0, 0), release=release, groups=groups,
-        span_start=req.device_tokens, tapered=tapered,
+        span_start=req.device_tokens, one_forward=one_forward,
+        tapered=one_forward and not layer,
     )  # fmt: skip
 
 
 def start_l3_split(
     reader: SplitReader, storage: Any, req: Any, front: int, layer: int, keys: list[str],
-    page: int, groups: int = 1, tokens: int | None = None, tapered: bool = False,
+    page: int, groups: int = 1, tokens: int | None = None, one_forward: bool = False,
 ) -> SplitRestore:  # fmt: skip
     """Start reading what a split loads of ``req``'s L3 span (a planner ``Request``) through
     ``storage`` (:class:`~sglang_cacheflow.sglang.storage.CacheFlowRedisStorage`): the pages after
     ``front`` tokens of the span (``tokens`` of them; None: to its end), their layers from
     ``layer`` on, in ``groups`` layer groups (more than one: streamed into the extend, see
-    :mod:`~sglang_cacheflow.sglang.stream`; ``tapered``: :meth:`SplitRestore.group_layers`).
-    ``keys``: the span's page keys."""
+    :mod:`~sglang_cacheflow.sglang.stream`; ``one_forward``: into its new tokens' forward,
+    :mod:`~sglang_cacheflow.sglang.one_forward`). ``keys``: the span's page keys."""
     from sglang_cacheflow.tiers.names import L3_TIER
 
     end = req.evicted_tokens if tokens is None else front + tokens
@@ -314,7 +315,9 @@ def start_l3_split(
         raise SplitUnavailable(f"{len(back)} page keys, L3 backend {storage}")
     lay = storage.ns.layout
     like = (lay.num_layers, 2, page, lay.kv_heads, lay.head_dim)
-    sp = _new_split(req, L3_TIER, front, layer, len(back), like, lay.dtype, groups, None, tapered)
+    sp = _new_split(
+        req, L3_TIER, front, layer, len(back), like, lay.dtype, groups, None, one_forward
+    )
 
     def read(lo: int, hi: int, a: int, b: int) -> list[bool]:
         return storage.read_pages(back[lo:hi], sp.staging[lo:hi, a:b], (layer + a, layer + b))
@@ -325,12 +328,12 @@ def start_l3_split(
 
 def start_host_split(
     reader: SplitReader, cache: Any, node: Any, req: Any, front: int, layer: int, page: int,
-    groups: int = 1, tapered: bool = False,
+    groups: int = 1, one_forward: bool = False,
 ) -> SplitRestore:  # fmt: skip
     """Start copying what a split loads of ``req``'s host hit (ending at ``node`` of the
     radix ``cache``) to staging: the pages after ``front`` tokens, their layers from
-    ``layer`` on, in ``groups`` layer groups (``tapered``: :meth:`SplitRestore.group_layers`).
-    The host pages stay locked until the restore is closed."""
+    ``layer`` on, in ``groups`` layer groups (``one_forward``: as for
+    :func:`start_l3_split`). The host pages stay locked until the restore is closed."""
     from sglang_cacheflow.sglang.storage import canonical_page_view
     from sglang_cacheflow.tiers.names import HOST_TIER
 
@@ -343,7 +346,7 @@ def start_host_split(
     unlock = cache.inc_host_lock_ref(node).to_dec_params()
     sp = _new_split(
         req, HOST_TIER, front, layer, len(starts), tuple(first.shape), first.dtype, groups,
-        release=lambda: cache.dec_host_lock_ref(node, unlock), tapered=tapered,
+        release=lambda: cache.dec_host_lock_ref(node, unlock), one_forward=one_forward,
     )  # fmt: skip
 
     def read(lo: int, hi: int, a: int, b: int) -> list[bool]:

@@ -120,30 +120,26 @@ class SplitControl:
             storage = self.cache.cacheflow_storage()
             sp = start_l3_split(
                 self.reader, storage, req, front, layer, keys, self.page_size, self.groups,
-                tokens, tapered=one and not layer,
+                tokens, one,
             )  # fmt: skip
         except SplitUnavailable as e:
             self.account.split_unavailable(req, str(e))
             return None
-        sp.one_forward = one
         return sp
 
     def _start_host_split(
         self, sreq: Any, req: Request, front: int, layer: int, one: bool
     ) -> SplitRestore | None:
-        """Start copying a split's host part to staging (as :meth:`_start_l3_split`). A token
-        split's read into its one forward is tapered (:meth:`SplitRestore.group_layers`): the
-        forward reads it from its first layer on."""
+        """Start copying a split's host part to staging (as :meth:`_start_l3_split`)."""
         try:
             node = sreq.best_match_node
             sp = start_host_split(
                 self.reader, self.cache, node, req, front, layer, self.page_size, self.groups,
-                tapered=one and not layer,
+                one,
             )  # fmt: skip
         except SplitUnavailable as e:
             self.account.split_unavailable(req, str(e))
             return None
-        sp.one_forward = one
         return sp
 
     def _split_read(self, sp: SplitRestore) -> None:
