@@ -12,13 +12,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sglang_cacheflow"
 # folder -> (project folders it must not import, third-party packages it must not import)
 FORBIDDEN: dict[str, tuple[set[str], set[str]]] = {
     "planner": (
-        {"tiers", "runtime", "sglang", "bench", "testing", "models", "cli"},
+        {"tiers", "blend", "runtime", "sglang", "bench", "testing", "models", "cli"},
         {"torch", "sglang", "redis", "transformers"},
     ),
-    "tiers": ({"runtime", "sglang", "bench", "testing", "models", "cli"}, {"sglang"}),
+    "tiers": ({"blend", "runtime", "sglang", "bench", "testing", "models", "cli"}, {"sglang"}),
+    "blend": ({"runtime", "sglang", "bench", "testing", "models", "cli"}, {"sglang"}),
     "runtime": ({"sglang", "bench", "testing", "cli"}, {"sglang"}),
     "sglang": ({"runtime", "bench", "testing", "cli"}, set()),
-    "testing": ({"planner", "tiers", "runtime", "sglang", "bench", "cli"}, set()),
+    "testing": ({"planner", "tiers", "blend", "runtime", "sglang", "bench", "cli"}, set()),
     "bench": ({"cli", "gpu"}, set()),
     "gpu": ({"cli"}, set()),
 }

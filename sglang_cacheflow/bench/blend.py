@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from sglang_cacheflow.bench.blend_data import Document, RagSet, rag_prompts
+from sglang_cacheflow.blend.store import ChunkStore
 from sglang_cacheflow.planner import Calibrator, CostModel, TierCost
 from sglang_cacheflow.planner.blend import BlendRequest, Selection, plan_blend
 from sglang_cacheflow.runtime.blend.restore import BlendPrompt, ChunkReuse
-from sglang_cacheflow.runtime.blend.store import ChunkStore
 from sglang_cacheflow.runtime.kv import KVCache
 from sglang_cacheflow.runtime.model import ModelAdapter
 from sglang_cacheflow.runtime.workload import balanced_cost

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from sglang_cacheflow.planner.policies import POLICIES, serves_in_order
-from sglang_cacheflow.tiers.names import HOST_TIER, L3_TIER
+from sglang_cacheflow.tiers.names import HOST_TIER, L3_TIER, REDIS_TIER
 from sglang_cacheflow.tiers.redis_config import URL_SCHEMES
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "ConfigError",
     "forcing_params",
     "parse_config",
+    "request_chunks",
     "request_force",
     "tier_prior",
 ]
@@ -45,6 +46,9 @@ loop): each group is one tier call, so more groups shorten the extend's wait beh
 last group and add a call's latency each. Measured at 512 tokens on the CPU engine
 (docs/benchmarks.md, "How many layer groups"): 3, 6 and 15 groups within noise of each
 other, all about 8% sooner than unstreamed; 6 is the middle of that flat range."""
+
+CHUNK_STORES = (HOST_TIER, REDIS_TIER)
+"""The tiers that can keep reused chunks (``chunk_store``)."""
 
 STORAGE_MODULE = "sglang_cacheflow.sglang.storage"
 STORAGE_CLASS = "CacheFlowRedisStorage"
@@ -111,6 +115,11 @@ class CacheFlowConfig:
     the front and then an extend, where the plan prices it to end first (Cake's rule, a
     request forcing ``token``). Needs streamed splits and the CPU engine; ``None``: as
     ``one_forward_layer_splits`` (docs/benchmarks.md, "Cake's order in one forward").
+    ``chunk_store``: chunk reuse beyond exact prefixes (:mod:`~sglang_cacheflow.sglang.blend`):
+    the tier that keeps the chunks requests mark (``host``: this process's memory, at most
+    ``chunk_store_mb``; ``redis``: the ``redis_url`` server); None: off. Needs the CPU engine
+    without SGLang's overlap loop. ``blend_min_ratio``: the least share of a reused chunk's
+    tokens recomputed (the planner may choose more, :func:`~sglang_cacheflow.planner.plan_blend`).
     """
 
     policy: str = "cacheflow"
@@ -131,6 +140,9 @@ class CacheFlowConfig:
     stream_front_loads: bool = False
     one_forward_layer_splits: bool | None = None
     one_forward_token_splits: bool | None = None
+    chunk_store: str | None = None
+    chunk_store_mb: int = 256
+    blend_min_ratio: float = 0.15
 
     def for_device(self, device: str | None, overlap: bool | None = None) -> CacheFlowConfig:
         """This configuration with its server-dependent defaults resolved for ``device``
@@ -166,6 +178,13 @@ class CacheFlowConfig:
                     "forward): set it to false on this device"
                 )
             ones[name] = one
+        if self.chunk_store and (overlap or device != "cpu"):
+            raise ConfigError(
+                f"{FLAG_CONFIG}: chunk_store blends chunks in one forward whose queries leave "
+                "holes between them, which the CPU engine's attention follows (CUDA backends "
+                "need a masked extend, not built yet), and cuts a failed blend back before the "
+                "next batch (--disable-overlap-schedule): unset chunk_store on this device"
+            )
         gap = self.arrival_gap_ms
         if gap is None:
             gap = CPU_ARRIVAL_GAP_MS if device == "cpu" else 0.0
@@ -305,6 +324,22 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
             f"{FLAG_CONFIG}: stream_front_loads needs a policy served one restore per forward "
             f"(a streamed extend runs alone): {FLAG_POLICY} cacheflow, not {policy!r}"
         )
+    store = data.get("chunk_store")
+    if store is not None and store not in CHUNK_STORES:
+        raise ConfigError(
+            f"{FLAG_CONFIG}: chunk_store {store!r} is unknown; choose one of "
+            f"{', '.join(CHUNK_STORES)} (or null: no chunk reuse)"
+        )
+    if store == REDIS_TIER and url is None:
+        raise ConfigError(f"{FLAG_CONFIG}: chunk_store {store!r} keeps chunks in redis_url: set it")
+    if data.get("chunk_store_mb", _DEFAULTS.chunk_store_mb) < 1:
+        raise ConfigError(
+            f"{FLAG_CONFIG}: chunk_store_mb must be >= 1, got {data['chunk_store_mb']}"
+        )
+    if not 0.0 <= data.get("blend_min_ratio", _DEFAULTS.blend_min_ratio) <= 1.0:
+        raise ConfigError(
+            f"{FLAG_CONFIG}: blend_min_ratio must be in [0, 1], got {data['blend_min_ratio']}"
+        )
     if data.get("split_wait_s", _DEFAULTS.split_wait_s) <= 0:
         raise ConfigError(f"{FLAG_CONFIG}: split_wait_s must be > 0, got {data['split_wait_s']}")
     if data.get("force_shape") is not None:
@@ -337,13 +372,17 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
         split_wait_s=float(cfg.split_wait_s),
         force_recompute=float(cfg.force_recompute),
         arrival_gap_ms=gap,
+        blend_min_ratio=float(cfg.blend_min_ratio),
     )
 
 
 REQUEST_PARAM = "cacheflow"
 """The key of a request's ``sampling_params.custom_params`` that holds its own settings:
-``{"force_shape": ..., "force_recompute": ...}``, as the config keys, for that request only
-(docs/sglang.md, "Configuration")."""
+``{"force_shape": ..., "force_recompute": ...}``, as the config keys, for that request only,
+and ``"chunks": [s0, e0, s1, e1, ...]``, the token ranges ``[s, e)`` of its prompt that are
+reusable chunks (docs/sglang.md, "Configuration" and "Chunk reuse")."""
+
+_REQUEST_KEYS = ("force_shape", "force_recompute", "chunks")
 
 
 FORCED_SHAPES: dict[str, tuple[str, float]] = {
@@ -363,19 +402,60 @@ def forcing_params(force_shape: str, force_recompute: float) -> dict[str, Any]:
     return {"custom_params": {REQUEST_PARAM: own}}
 
 
+def _request_own(custom_params: Any) -> Mapping[str, Any] | None:
+    """A request's own settings (:data:`REQUEST_PARAM`), checked for unknown keys."""
+    if not isinstance(custom_params, Mapping) or custom_params.get(REQUEST_PARAM) is None:
+        return None
+    own = custom_params[REQUEST_PARAM]
+    if not isinstance(own, Mapping) or set(own) - set(_REQUEST_KEYS):
+        raise ConfigError(
+            f"custom_params[{REQUEST_PARAM!r}] must be an object with any of "
+            f"{', '.join(_REQUEST_KEYS)}, got {own!r}"
+        )
+    return own
+
+
+def request_chunks(custom_params: Any, prompt_tokens: int) -> list[tuple[int, int]] | None:
+    """The chunks a request marks in its prompt of ``prompt_tokens`` tokens (``chunks`` of
+    :data:`REQUEST_PARAM`), as ``[start, end)`` ranges, or None. Raises :class:`ConfigError`
+    for a malformed list: odd length, not integers, empty, overlapping or out of order
+    ranges, or one past the prompt's end (the last token must stay outside: it is the
+    query's)."""
+    own = _request_own(custom_params)
+    if own is None or own.get("chunks") is None:
+        return None
+    flat = own["chunks"]
+    where = f"custom_params[{REQUEST_PARAM!r}]['chunks']"
+    ok = isinstance(flat, list) and len(flat) % 2 == 0 and flat
+    if not ok or not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
+        raise ConfigError(
+            f"{where} must be a flat list of token offsets [s0, e0, s1, e1, ...], got {flat!r}"
+        )
+    spans = list(zip(flat[::2], flat[1::2], strict=True))
+    end = 0
+    for s, e in spans:
+        if not end <= s < e:
+            raise ConfigError(
+                f"{where}: range [{s}, {e}) is empty, overlaps the one before or is out of "
+                "order; give non-empty ranges in prompt order"
+            )
+        end = e
+    if end >= prompt_tokens:
+        raise ConfigError(
+            f"{where}: range ending at {end} leaves no query token in a prompt of "
+            f"{prompt_tokens} tokens; chunks must end before the prompt's last token"
+        )
+    return spans
+
+
 def request_force(custom_params: Any, capabilities: Any) -> tuple[str, float] | None:
     """The shape a request forces through its ``custom_params`` (:data:`REQUEST_PARAM`), or
     None. Raises :class:`ConfigError` for what ``capabilities`` cannot run or a malformed
     value."""
-    if not isinstance(custom_params, Mapping) or custom_params.get(REQUEST_PARAM) is None:
+    own = _request_own(custom_params)
+    if own is None or (own.get("force_shape") is None and "force_recompute" not in own):
         return None
-    own = custom_params[REQUEST_PARAM]
     where = f"custom_params[{REQUEST_PARAM!r}]"
-    if not isinstance(own, Mapping) or set(own) - {"force_shape", "force_recompute"}:
-        raise ConfigError(
-            f"{where} must be an object with force_shape and optionally force_recompute, "
-            f"got {own!r}"
-        )
     shape = own.get("force_shape")
     recompute = own.get("force_recompute", _DEFAULTS.force_recompute)
     if isinstance(recompute, bool) or not isinstance(recompute, int | float):

@@ -62,8 +62,14 @@ from sglang_cacheflow.sglang.admission import (
     prefill_tokens,
     wait_s,
 )
+from sglang_cacheflow.sglang.blend import Blend, ChunkReuse
 from sglang_cacheflow.sglang.capabilities import sglang_capabilities
-from sglang_cacheflow.sglang.config import CacheFlowConfig, ConfigError, request_force
+from sglang_cacheflow.sglang.config import (
+    CacheFlowConfig,
+    ConfigError,
+    request_chunks,
+    request_force,
+)
 from sglang_cacheflow.sglang.costs import CostTracker
 from sglang_cacheflow.sglang.decision import (
     Decision,
@@ -126,6 +132,7 @@ class CacheFlowController(SplitControl):
         self.costs = CostTracker(cfg, shape)
         self.host_caps: dict[str, int] = {}
         self.forced: dict[str, tuple[str, float]] = {}  # rid -> the shape it asks for
+        self.blends: ChunkReuse | None = None  # chunk reuse, where chunk_store is set
         self._round: dict[str, Decision] = {}
         self.storage_plans: OrderedDict[str, Decision] = OrderedDict()
         self.pending: OrderedDict[str, Decision] = OrderedDict()
@@ -231,13 +238,24 @@ class CacheFlowController(SplitControl):
     def take_request_params(self, req: Any) -> str | None:
         """Read what a request arriving in the queue asks of CacheFlow itself (its
         ``custom_params``: a forced shape); returns why it cannot be served, or None."""
+        params = getattr(req.sampling_params, "custom_params", None)
         try:
-            force = request_force(getattr(req.sampling_params, "custom_params", None), self.caps)
+            force = request_force(params, self.caps)
+            spans = request_chunks(params, len(req.origin_input_ids))
         except ConfigError as e:
             return str(e)
         if force is not None:
             self.forced[req.rid] = force
+        if spans is not None and self.blends is not None:
+            self.blends.take(req.rid, list(req.origin_input_ids), spans)
         return None
+
+    def plan_blend(self, req: Any, prefix_len: int, extend_len: int) -> Blend | None:
+        """``req``'s chunk reuse for this admission (:mod:`~sglang_cacheflow.sglang.blend`),
+        or None; a request with a split restore of its own is not blended."""
+        if self.blends is None or self.split_of(req.rid) is not None:
+            return None
+        return self.blends.plan(req, prefix_len, extend_len, self.costs.model())
 
     def _plan(self, reqs: list[Request], cost: CostModel, busy: dict[str, float]) -> Plan:
         if self.forced:
@@ -347,6 +365,8 @@ class CacheFlowController(SplitControl):
         if chunked is not None:
             live.add(chunked.rid)
         self.forced = {rid: f for rid, f in self.forced.items() if rid in live}
+        if self.blends is not None:
+            self.blends.keep_only(live)
         for plans in (self.storage_plans, self.splits):
             for rid in [r for r, d in plans.items() if r not in live and now - d.t0 > _STALE_S]:
                 d = plans.pop(rid)

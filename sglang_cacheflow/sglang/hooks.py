@@ -99,6 +99,16 @@ def create_cacheflow_cache(ctx: Any) -> Any:
         enable_metrics=bool(getattr(ctx.server_args, "enable_metrics", False)),
         batch_tokens=batch_tokens,
     )
+    if cfg.chunk_store is not None:
+        from sglang_cacheflow.sglang.blend import ChunkReuse
+
+        if ctx.tp_size > 1:
+            raise ValueError(
+                "--cacheflow-config chunk_store runs on one TP rank for now: drop --tp or "
+                "unset chunk_store"
+            )
+        model = ctx.server_args.served_model_name or ctx.server_args.model_path
+        ctl.blends = ChunkReuse.create(cfg, cache, str(model), ctl.metrics)
     cache.cacheflow = ctl
     set_current_controller(ctl)
     logger.info(
@@ -234,13 +244,24 @@ def _wrap_select_prefill_admission(original: Callable[..., Any], module: ModuleT
             return other  # one restore per forward, in the plan's order
         if ctl.streamed and any(ctl.streaming(r) for r in self.can_run_list):
             return other  # a streamed extend runs alone: it may have to be cut back
+        busy = kwargs.get("has_chunked_req") or self.new_chunked_req is not None
+        if ctl.blends is not None:
+            if any(ctl.blends.runs_alone(r) for r in self.can_run_list):
+                return other  # a blend runs alone: it may have to be cut back
+            if ctl.plan_blend(req, admission.prefix_len, admission.extend_len) is not None:
+                if busy or self.can_run_list:
+                    return other
+                if admission.is_chunked:  # over this round's budget: served plainly
+                    ctl.blends.drop(req, "unsupported")
+                else:
+                    ctl.blends.admit(req)
+                return admission
         if not ctl.splits:
             return admission
         if any(ctl.runs_alone(r) for r in self.can_run_list):
             return other  # a layer split's chunk, a split's one forward run alone
         sp = ctl.split_of(req.rid)
         start = admission.prefix_len
-        busy = kwargs.get("has_chunked_req") or self.new_chunked_req is not None
         if sp is not None and sp.loads_front:  # its extend streams: it runs alone
             return other if busy or self.can_run_list else admission
         if sp is None or not start < sp.cut < start + admission.extend_len:
@@ -343,6 +364,11 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
         # (where the layer loop cannot be hooked it goes on through every layer, the loaded
         # part computed and then overwritten with the loaded KV: slower, not wrong).
         one = ctl.begin_one_forward(batch) if ctl.splits else None
+        # A blend: the loaded tokens leave before layer 0, their KV loads layer by layer.
+        blend = None
+        if one is None and ctl.blends is not None:
+            blend = ctl.blends.begin(batch, self, stack)
+            one = (0, blend.drop()) if blend is not None else None
         switch = Narrowed(stack, *one) if one is not None and stack is not None else None
         clock = layer_clock(stack, getattr(getattr(self, "model_runner", None), "device", None))
         if clock is not None:
@@ -357,11 +383,15 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
                 switch.remove()
         elapsed = time.perf_counter() - start
         outside = clock.outside(elapsed) if clock is not None else None
-        if switch is not None and switch.switched_at is not None:
+        if blend is not None:  # not under _safe: a blend that failed must be cut back
+            ctl.blends.finish(batch, ctl.scheduler)
+        elif switch is not None and switch.switched_at is not None:
             bottom = switch.switched_at - start
             _safe("bottom layers timing", lambda: ctl.one_forward_done(batch, bottom, start))
         # Not under _safe: a stream that did not land must cut its request back, or fail.
         streamed = ctl.finish_streams(batch) if ctl.streamed else None
+        if ctl.blends is not None and batch.forward_mode.is_extend():
+            _safe("chunk store", lambda: ctl.blends.fill(batch))
         _safe(
             "forward bookkeeping",
             lambda: ctl.forward_done(batch, elapsed, top, start, streamed, outside),

@@ -82,6 +82,15 @@ class RestoreMetrics:
             "Restores, by policy and the shape each was given (once per request).",
             [*names, "policy", "shape"],
         )
+        self._blend = {
+            what: (Counter(f"sglang:cacheflow_blend_{what}_total", doc, [*names, label]), label)
+            for what, label, doc in (
+                ("requests", "outcome", "Requests with chunks: blended, plain or fallback."),
+                ("tokens", "kind", "Chunk tokens of blends: loaded, recomputed or exact."),
+                ("chunks", "result", "Chunks looked up (hit, miss) and stored."),
+                ("fallbacks", "reason", "Blends recomputed plainly, by reason."),
+            )
+        }
 
     def _l(self, **extra: str) -> dict[str, Any]:
         return {**self.labels, **extra}
@@ -100,6 +109,13 @@ class RestoreMetrics:
         """A planned prefetch's host pages ``held`` or ``released``."""
         if self.enabled:
             self._held.labels(**self._l(event=event)).inc()
+
+    def blend(self, what: str, value: str, n: int = 1) -> None:
+        """Chunk reuse: ``what`` is ``requests``, ``tokens``, ``chunks`` or ``fallbacks``,
+        ``value`` its label (an outcome, a kind, a result, a reason)."""
+        if self.enabled and n > 0:
+            counter, label = self._blend[what]
+            counter.labels(**self._l(**{label: value})).inc(n)
 
     def planned(self, policy: str, shape: str) -> None:
         if self.enabled:

@@ -42,44 +42,52 @@ import torch
 __all__ = ["Narrowed", "narrow_extend"]
 
 
-def _kept(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """``x`` without its rows ``[lo, hi)``."""
-    return x[hi:] if lo == 0 else torch.cat((x[:lo], x[hi:]))
+def _kept(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The rows ``keep`` (ascending int64 indices) of ``x``."""
+    return x.index_select(0, keep.to(x.device))
 
 
-def narrow_extend(fb: Any, lo: int, hi: int) -> None:
-    """Take the extend rows ``[lo, hi)`` out of ``fb`` (SGLang's ``ForwardBatch`` of one
-    extending request): with ``lo == 0`` they become prefix; after ``lo > 0`` rows they leave
-    a hole in the positions."""
-    gone = hi - lo
-    fb.input_ids = _kept(fb.input_ids, lo, hi)
-    fb.positions = _kept(fb.positions, lo, hi)
-    fb.out_cache_loc = _kept(fb.out_cache_loc, lo, hi)
-    if lo == 0:
-        fb.extend_prefix_lens = fb.extend_prefix_lens + gone
-        fb.extend_prefix_lens_cpu = [p + gone for p in fb.extend_prefix_lens_cpu]
+def narrow_extend(fb: Any, drop: torch.Tensor) -> torch.Tensor:
+    """Take the extend rows ``drop`` (ascending int64 indices, one request's) out of ``fb``
+    (SGLang's ``ForwardBatch`` of one extending request): a run of them from row 0 becomes
+    prefix; any other leaves a hole in the positions. Returns the rows kept."""
+    n = fb.input_ids.shape[0]
+    gone = drop.numel()
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[drop] = False
+    keep = mask.nonzero().reshape(-1)
+    lead = int(keep[0]) if keep.numel() else n  # dropped rows before the first kept one
+    fb.input_ids = _kept(fb.input_ids, keep)
+    fb.positions = _kept(fb.positions, keep)
+    fb.out_cache_loc = _kept(fb.out_cache_loc, keep)
+    if lead:
+        fb.extend_prefix_lens = fb.extend_prefix_lens + lead
+        fb.extend_prefix_lens_cpu = [p + lead for p in fb.extend_prefix_lens_cpu]
     fb.extend_seq_lens = fb.extend_seq_lens - gone
-    fb.extend_seq_lens_cpu = [n - gone for n in fb.extend_seq_lens_cpu]
+    fb.extend_seq_lens_cpu = [m - gone for m in fb.extend_seq_lens_cpu]
     fb.extend_num_tokens = sum(fb.extend_seq_lens_cpu)
     if fb.extend_logprob_start_lens_cpu is not None:
+        before = torch.cumsum(mask, 0).tolist()  # rows kept up to and including each row
         fb.extend_logprob_start_lens_cpu = [
-            s if s <= lo else max(lo, s - gone) for s in fb.extend_logprob_start_lens_cpu
+            s if s == 0 else before[min(s, n) - 1] for s in fb.extend_logprob_start_lens_cpu
         ]
     if fb.num_token_non_padded is not None:
         fb.num_token_non_padded = torch.full_like(fb.num_token_non_padded, fb.extend_num_tokens)
     from sglang.srt.model_executor.forward_context import get_attn_backend
 
     get_attn_backend().init_forward_metadata(fb)  # the attention layout of the narrowed batch
+    return keep
 
 
 class Narrowed:
-    """Forward pre-hooks on ``stack.layers[layer:]`` that take the extend rows ``[lo, hi)``
-    out of one forward at ``layer`` (see the module doc). ``switched_at``: when the forward
-    reached ``layer`` (``perf_counter()``), None before."""
+    """Forward pre-hooks on ``stack.layers[layer:]`` that take the extend rows ``drop``
+    (ascending indices) out of one forward at ``layer`` (see the module doc).
+    ``switched_at``: when the forward reached ``layer`` (``perf_counter()``), None before."""
 
-    def __init__(self, stack: Any, layer: int, lo: int, hi: int) -> None:
-        self.layer, self.lo, self.hi = layer, lo, hi
+    def __init__(self, stack: Any, layer: int, drop: torch.Tensor) -> None:
+        self.layer, self.drop = layer, drop.to(torch.int64)
         self.switched_at: float | None = None
+        self._keep: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._handles = [
             stack.layers[i].register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -91,7 +99,8 @@ class Narrowed:
         if self._positions is None:
             self.switched_at = time.perf_counter()
             hidden = self._narrow(hidden, fb)
-            self._positions = _kept(positions, self.lo, self.hi)
+            assert self._keep is not None
+            self._positions = _kept(positions, self._keep)
         return (self._positions, hidden, fb, *args[3:]), kwargs
 
     def _narrow(self, hidden: Any, fb: Any) -> Any:
@@ -100,12 +109,11 @@ class Narrowed:
         # the layer below's output (or the embeddings), complete, with the residual it owes
         hidden = residual.complete_output(hidden, fb)
         handoff = residual.export_replay_handoff(hidden, fb)
-        lo, hi = self.lo, self.hi
+        self._keep = keep = narrow_extend(fb, self.drop)
         narrowed = handoff._replace(
-            value=_kept(handoff.value, lo, hi),
-            residual=None if handoff.residual is None else _kept(handoff.residual, lo, hi),
+            value=_kept(handoff.value, keep),
+            residual=None if handoff.residual is None else _kept(handoff.residual, keep),
         )
-        narrow_extend(fb, lo, hi)
         return residual.import_replay_handoff(narrowed, fb)
 
     def remove(self) -> None:

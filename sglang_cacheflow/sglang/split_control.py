@@ -28,7 +28,7 @@ from sglang_cacheflow.sglang.split import (
     start_host_split,
     start_l3_split,
 )
-from sglang_cacheflow.sglang.stream import Stream, StreamedLayers, cut_back
+from sglang_cacheflow.sglang.stream import Stream, StreamedLayers, cut_back, no_input_logprobs
 from sglang_cacheflow.tiers.names import L3_TIER
 
 __all__ = ["SplitControl"]
@@ -204,10 +204,10 @@ class SplitControl:
             return None
         return self.split_of(reqs[0].rid)
 
-    def begin_one_forward(self, batch: Any) -> tuple[int, int, int] | None:
-        """``(layer, lo, hi)`` when ``batch`` is a split's one forward
-        (:mod:`~sglang_cacheflow.sglang.one_forward`): its extend rows ``[lo, hi)`` (the
-        loaded part of its span) leave the forward at ``layer``, ``l`` of a layer split, 0
+    def begin_one_forward(self, batch: Any) -> tuple[int, torch.Tensor] | None:
+        """``(layer, rows)`` when ``batch`` is a split's one forward
+        (:mod:`~sglang_cacheflow.sglang.one_forward`): its extend ``rows`` (the loaded part
+        of its span) leave the forward at ``layer``, ``l`` of a layer split, 0
         of a token split; the load now streams into the loaded part's slots
         (:mod:`~sglang_cacheflow.sglang.stream`), settled after the forward by
         :meth:`finish_streams`. None for any other batch."""
@@ -218,7 +218,7 @@ class SplitControl:
         slots = row_of(req, self.cache)[sp.start : sp.start + sp.tokens].to(torch.int64)
         self._stream(req, self.splits.pop(req.rid), slots)
         lo = sp.start - req.prefix_len  # the extend begins at the request's prefix
-        return sp.layer_split or 0, lo, lo + sp.tokens
+        return sp.layer_split or 0, torch.arange(lo, lo + sp.tokens)
 
     def _stream(self, req: Any, d: Decision, slots: torch.Tensor) -> None:
         """Stream the load of ``d``'s split into ``slots`` from now, with the
@@ -304,9 +304,7 @@ class SplitControl:
             try:
                 if pages < sp.pages:
                     cut_back(st, pages, req, self.cache, self.scheduler)
-                    starts = batch.extend_logprob_start_lens if batch.return_logprob else None
-                    if starts is not None:  # none of its input logprobs came out right
-                        starts[i] = batch.extend_lens[i]
+                    no_input_logprobs(batch, i)
                     reason = "split_timeout" if not sp.done.is_set() else "split_read_failed"
                 else:
                     req.skip_radix_cache_insert = sp.skip_insert  # whole: publish it

@@ -34,7 +34,7 @@ import torch
 
 from sglang_cacheflow.sglang.split import SplitRestore, agree_pages, row_of, set_end, write_layer
 
-__all__ = ["Stream", "StreamedLayers", "cut_back"]
+__all__ = ["Stream", "StreamedLayers", "cut_back", "cut_to", "no_input_logprobs"]
 
 
 @dataclass
@@ -119,16 +119,21 @@ class StreamedLayers:
 
 def cut_back(st: Stream, pages: int, req: Any, tree_cache: Any, scheduler: Any) -> None:
     """The forward just run attended over layers of ``st`` that did not land: cut ``req``'s
-    KV back to the ``pages`` whole pages of its loaded part and make it the scheduler's
-    chunked request again, so that the forward's result is a middle chunk (no token) and the
-    next chunk recomputes the rest through every layer."""
+    KV back to the ``pages`` whole pages of its loaded part (:func:`cut_to`)."""
+    sp = st.sp
+    cut_to(req, sp.start + pages * sp.page_tokens, tree_cache, scheduler, sp.skip_insert)
+
+
+def cut_to(req: Any, keep: int, tree_cache: Any, scheduler: Any, skip_insert: bool) -> None:
+    """The forward just run gave ``req`` a result not to use: cut its KV back to its first
+    ``keep`` tokens and make it the scheduler's chunked request again, so that the result
+    is a middle chunk (no token) and the next chunk recomputes the rest through every
+    layer. ``skip_insert``: the request's ``skip_radix_cache_insert`` from now on."""
     chunked = scheduler.chunked_req
     if chunked is not None and chunked is not req:  # admission keeps such a batch clear
         raise RuntimeError(
-            f"cacheflow: stream of rid={req.rid} failed while rid={chunked.rid} is being chunked"
+            f"cacheflow: rid={req.rid} must be cut back while rid={chunked.rid} is being chunked"
         )
-    sp = st.sp
-    keep = sp.start + pages * sp.page_tokens
     row = row_of(req, tree_cache)
     if req.extend_end > keep:
         tree_cache.token_to_kv_pool_allocator.free(row[keep : req.extend_end].to(torch.int64))
@@ -136,7 +141,15 @@ def cut_back(st: Stream, pages: int, req: Any, tree_cache: Any, scheduler: Any) 
     req.prefix_len = keep
     if keep == 0:  # nothing left: the request starts over without a row
         tree_cache.req_to_token_pool.free(req)
-    req.skip_radix_cache_insert = sp.skip_insert
+    req.skip_radix_cache_insert = skip_insert
     if chunked is None:  # its last chunk, now a middle one (SGLang counted it if chunked)
         scheduler.chunked_req = req
         req.inflight_middle_chunks += 1
+
+
+def no_input_logprobs(batch: Any, i: int) -> None:
+    """The ``i``-th request of ``batch`` was cut back: none of its input logprobs came out
+    right."""
+    starts = batch.extend_logprob_start_lens if batch.return_logprob else None
+    if starts is not None:
+        starts[i] = batch.extend_lens[i]

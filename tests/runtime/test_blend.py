@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sglang_cacheflow.blend.rope import KeyRotator
+from sglang_cacheflow.blend.store import ChunkStore, chunk_key
 from sglang_cacheflow.planner.blend import Selection
 from sglang_cacheflow.runtime import ModelAdapter
 from sglang_cacheflow.runtime.blend.restore import BlendPrompt, ChunkReuse
-from sglang_cacheflow.runtime.blend.rope import KeyRotator
-from sglang_cacheflow.runtime.blend.store import ChunkStore, chunk_key
 from sglang_cacheflow.tiers import HostTier
 from sglang_cacheflow.tiers.base import KVTier, Namespace
 from sglang_cacheflow.tiers.redis import RedisTier

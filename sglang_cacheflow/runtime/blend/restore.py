@@ -13,24 +13,23 @@ recompute in full. Both are counted; a lost page never reaches attention.
 
 from __future__ import annotations
 
-import math
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from sglang_cacheflow.planner.blend import Selection, check_selection
-from sglang_cacheflow.runtime.blend.rope import KeyRotator
-from sglang_cacheflow.runtime.blend.selection import (
+from sglang_cacheflow.blend.loader import Load, Loader, LoadFailed, offline_load, recomputed_tokens
+from sglang_cacheflow.blend.rope import KeyRotator
+from sglang_cacheflow.blend.selection import (
     key_deviation,
     probe_scores,
     random_choice,
     spectral_scores,
     top,
 )
-from sglang_cacheflow.runtime.blend.store import ChunkStore, StoredChunk, chunk_key
+from sglang_cacheflow.blend.store import ChunkStore, chunk_key
+from sglang_cacheflow.planner.blend import Selection, check_selection
 from sglang_cacheflow.runtime.kv import KVCache
 from sglang_cacheflow.runtime.model import ModelAdapter
 
@@ -86,89 +85,6 @@ class BlendResult:
     load_wait_s: float = 0.0  # the forward waiting for a layer's loads
     missing_chunks: int = 0  # chunks the store did not have: recomputed in full
     fallback: bool = False  # a page failed mid-restore: the prompt was recomputed in full
-
-
-@dataclass
-class _Load:
-    """One chunk's part of the loads: which stored pages, where their tokens go."""
-
-    chunk: StoredChunk
-    first_page: int
-    keep: torch.Tensor  # indices (in stored order, from first_page's first token) to place
-    positions: torch.Tensor  # where each kept token goes in the prompt
-    delta: int  # RoPE fix-up: new position - stored position
-
-
-class _LoadFailed(RuntimeError):
-    pass
-
-
-@dataclass
-class _Loader:
-    """Reads the loads layer range by layer range on a thread; the forward waits per layer."""
-
-    store: ChunkStore
-    kv: KVCache
-    loads: list[_Load]
-    rotator: KeyRotator
-    first_layer: int
-    layers_per_read: int
-    ready: list[threading.Event] = field(default_factory=list)
-    failed: bool = False
-    loaded_bytes: int = 0
-    waited_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        n = self.kv.num_layers
-        self.ready = [threading.Event() for _ in range(n)]
-        for layer in range(self.first_layer):
-            self.ready[layer].set()
-        self.thread = threading.Thread(target=self._run, name="chunk-loader", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            loads = [x for x in self.loads if x.keep.numel() and self._pages(x) > 0]
-            for l0 in range(self.first_layer, self.kv.num_layers, self.layers_per_read):
-                l1 = min(l0 + self.layers_per_read, self.kv.num_layers)
-                if loads and not self._read(loads, l0, l1):
-                    self.failed = True
-                    return
-                for layer in range(l0, l1):
-                    self.ready[layer].set()
-        finally:
-            for event in self.ready:  # a failure wakes the forward, which then checks
-                event.set()
-
-    def _pages(self, load: _Load) -> int:
-        return load.chunk.pages(self.store.page_tokens) - load.first_page
-
-    def _read(self, loads: list[_Load], l0: int, l1: int) -> bool:
-        """Layers ``[l0, l1)`` of every load: one tier call, then each chunk's tokens placed
-        at their positions with their keys moved by the chunk's delta."""
-        layout = self.store.layout
-        counts = [self._pages(x) for x in loads]
-        outs = [layout.empty((l0, l1)) for _ in range(sum(counts))]
-        parts = [(x.chunk, x.first_page) for x in loads]
-        if not all(self.store.read(parts, (l0, l1), outs)):
-            return False
-        self.loaded_bytes += len(outs) * (l1 - l0) * layout.layer_bytes
-        device, at = self.kv.device, 0
-        for load, count in zip(loads, counts, strict=True):
-            pages, at = outs[at : at + count], at + count
-            data = torch.cat(pages, dim=2)[:, :, load.keep]  # (layers, 2, kept, heads, dim)
-            keys = data[:, 0]
-            if load.delta:
-                keys = self.rotator.rotate(keys, load.delta)
-            self.kv.data[l0:l1, 0, load.positions] = keys.to(device)
-            self.kv.data[l0:l1, 1, load.positions] = data[:, 1].to(device)
-        return True
-
-    def wait(self, layer: int) -> None:
-        t = time.perf_counter()
-        self.ready[layer].wait()
-        self.waited_s += time.perf_counter() - t
-        if self.failed:
-            raise _LoadFailed(f"a chunk page could not be read for layer {layer}")
 
 
 class ChunkReuse:
@@ -253,6 +169,7 @@ class ChunkReuse:
         t0 = time.perf_counter()
         kv = self._new_kv(prompt.tokens + extra)
         gen = torch.Generator().manual_seed(seed)
+        t = self.store.page_tokens
         loads, chosen, budgets = [], [], []
         reused = exact = missing = missing_tokens = 0
         online_pool: list[torch.Tensor] = []  # positions the online choice picks from
@@ -265,33 +182,39 @@ class ChunkReuse:
                 missing_tokens += n
                 chosen.append(positions)
                 continue
-            if index == 0 and offset == stored.start:
+            is_exact = index == 0 and offset == stored.start
+            if is_exact:
                 exact += n
-                loads.append(_Load(stored, 0, torch.arange(n), offset + stored.order, 0))
+            else:
+                reused += n
+            if is_exact or selection is Selection.OFFLINE:  # the best k: their pages unread
+                picked, load = offline_load(stored, offset, is_exact, ratio, t)
+                chosen.append(picked)
+                loads.append(load)
                 continue
-            reused += n
-            # the offline choice skips whole pages: every choice recomputes that many tokens
-            t = self.store.page_tokens
-            k = min(t * math.ceil(math.ceil(ratio * n - 1e-9) / t), n)
+            k = recomputed_tokens(n, ratio, t)  # as many as the offline choice's whole pages
             delta = offset - stored.start
-            if selection is Selection.OFFLINE:  # the best k: their pages are not read
-                chosen.append(offset + stored.order[:k])
-                keep = torch.arange(k, n) - (k // t) * t
-                loads.append(_Load(stored, k // t, keep, offset + stored.order[k:], delta))
-            elif selection is Selection.RANDOM:
+            if selection is Selection.RANDOM:
                 picked = random_choice(n, k, gen)
                 chosen.append(offset + picked)
                 mask = torch.ones(n, dtype=torch.bool)
                 mask[picked] = False
                 keep = mask[stored.order].nonzero().reshape(-1)  # stored order -> token
-                loads.append(_Load(stored, 0, keep, offset + stored.order[keep], delta))
+                loads.append(Load(stored, 0, keep, offset + stored.order[keep], delta))
             else:  # online: every token loaded, the choice made at CHECK_LAYER
                 online_pool.append(positions)
                 budgets.append(k)
-                loads.append(_Load(stored, 0, torch.arange(n), offset + stored.order, delta))
+                loads.append(Load(stored, 0, torch.arange(n), offset + stored.order, delta))
         online = selection is Selection.ONLINE and bool(online_pool)
-        loader = _Loader(self.store, kv, loads, self.rotator, 1 if online else 0, layers_per_read)
-        loader.thread.start()
+
+        def place(l0: int, l1: int, load: Load, keys: torch.Tensor, values: torch.Tensor) -> None:
+            kv.data[l0:l1, 0, load.positions] = keys.to(kv.device)
+            kv.data[l0:l1, 1, load.positions] = values.to(kv.device)
+
+        loader = Loader(
+            self.store, loads, self.rotator, kv.num_layers, place, 1 if online else 0,
+            layers_per_read,
+        ).start()  # fmt: skip
         result = BlendResult(
             logits=torch.empty(0), kv=kv, ttft_s=0.0, selection=selection, ratio=0.0,
             recomputed=0, reused=reused, exact=exact, missing_chunks=missing,
@@ -299,7 +222,7 @@ class ChunkReuse:
         try:
             logits, computed = self._forward(prompt, kv, loader, chosen, online_pool, budgets)
             recomputed = computed - missing_tokens
-        except _LoadFailed:
+        except LoadFailed:
             loader.thread.join()
             logits, kv_full, _ = self.full(prompt, extra)
             result.kv, result.fallback, recomputed = kv_full, True, reused
@@ -316,7 +239,7 @@ class ChunkReuse:
         self,
         prompt: BlendPrompt,
         kv: KVCache,
-        loader: _Loader,
+        loader: Loader,
         chosen: list[torch.Tensor],
         online_pool: list[torch.Tensor],
         budgets: list[int],
