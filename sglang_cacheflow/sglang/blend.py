@@ -135,12 +135,14 @@ class ChunkReuse:
         tier_name: str,
         min_ratio: float,
         metrics: RestoreMetrics,
+        force_ratio: float | None = None,
     ) -> None:
         self.store = ChunkStore(tier, namespace)
         self.cache = cache  # the radix cache: request rows, the slot allocator
         self.pool = cache.token_to_kv_pool_allocator.get_kvcache()
         self.tier_name = tier_name
         self.min_ratio = min_ratio
+        self.force_ratio = force_ratio
         self.metrics = metrics
         self.chunks: dict[str, _Chunks] = {}  # requests with chunks, by rid
         self.blends: dict[str, Blend] = {}  # planned, not yet run
@@ -174,7 +176,9 @@ class ChunkReuse:
         pool = cache.token_to_kv_pool_allocator.get_kvcache()
         ns = chunk_namespace(model, pool, max(1, cache.page_size))
         logger.info("cacheflow: chunk reuse, chunks in %s (%s)", cfg.chunk_store, ns.prefix)
-        return cls(tier, ns, cache, cfg.chunk_store, cfg.blend_min_ratio, metrics)
+        return cls(
+            tier, ns, cache, cfg.chunk_store, cfg.blend_min_ratio, metrics, cfg.force_blend_ratio
+        )
 
     def keep_only(self, live: set[str]) -> None:
         """Forget the requests not in ``live`` (finished, aborted, or past their prefill)."""
@@ -209,9 +213,11 @@ class ChunkReuse:
         request = BlendRequest(
             req.rid, self.tier_name, prefix_len, exact, reused, extend_len - exact - reused
         )
-        rnd = plan_blend([request], cost, min_ratio=self.min_ratio)
+        forced = self.force_ratio
+        min_ratio = self.min_ratio if forced is None else min(self.min_ratio, forced)
+        rnd = plan_blend([request], cost, min_ratio=min_ratio, ratio=forced)
         plan = rnd.plans[0]
-        if plan.ttft_s >= plan.full_recompute_s:
+        if forced is None and plan.ttft_s >= plan.full_recompute_s:
             self.metrics.blend("requests", "plain")
             return None
         loads, recomputed = [], 0
@@ -250,7 +256,10 @@ class ChunkReuse:
         blend = self.blends.pop(req.rid, None)
         if blend is None:
             return None
-        if req.prefix_len != blend.prefix_len or batch.return_logprob:
+        drop = blend.drop()
+        starts = batch.extend_logprob_start_lens if batch.return_logprob else None
+        over_loaded = starts is not None and starts[0] <= int(drop[-1])  # input logprobs
+        if req.prefix_len != blend.prefix_len or over_loaded:
             self._fallback(req, blend, "unsupported")
             return None
         if self.rotator is None:

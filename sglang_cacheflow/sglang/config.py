@@ -120,6 +120,8 @@ class CacheFlowConfig:
     ``chunk_store_mb``; ``redis``: the ``redis_url`` server); None: off. Needs the CPU engine
     without SGLang's overlap loop. ``blend_min_ratio``: the least share of a reused chunk's
     tokens recomputed (the planner may choose more, :func:`~sglang_cacheflow.planner.plan_blend`).
+    ``force_blend_ratio``: tests and experiments: every request with stored chunks is
+    blended at this ratio, whatever the plan predicts.
     """
 
     policy: str = "cacheflow"
@@ -143,6 +145,7 @@ class CacheFlowConfig:
     chunk_store: str | None = None
     chunk_store_mb: int = 256
     blend_min_ratio: float = 0.15
+    force_blend_ratio: float | None = None
 
     def for_device(self, device: str | None, overlap: bool | None = None) -> CacheFlowConfig:
         """This configuration with its server-dependent defaults resolved for ``device``
@@ -336,10 +339,9 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
         raise ConfigError(
             f"{FLAG_CONFIG}: chunk_store_mb must be >= 1, got {data['chunk_store_mb']}"
         )
-    if not 0.0 <= data.get("blend_min_ratio", _DEFAULTS.blend_min_ratio) <= 1.0:
-        raise ConfigError(
-            f"{FLAG_CONFIG}: blend_min_ratio must be in [0, 1], got {data['blend_min_ratio']}"
-        )
+    for key in ("blend_min_ratio", "force_blend_ratio"):
+        if not 0.0 <= (data.get(key) or 0.0) <= 1.0:
+            raise ConfigError(f"{FLAG_CONFIG}: {key} must be in [0, 1], got {data[key]}")
     if data.get("split_wait_s", _DEFAULTS.split_wait_s) <= 0:
         raise ConfigError(f"{FLAG_CONFIG}: split_wait_s must be > 0, got {data['split_wait_s']}")
     if data.get("force_shape") is not None:
@@ -373,6 +375,7 @@ def parse_config(policy: str | None, config: str | Mapping[str, Any] | None) -> 
         force_recompute=float(cfg.force_recompute),
         arrival_gap_ms=gap,
         blend_min_ratio=float(cfg.blend_min_ratio),
+        force_blend_ratio=None if cfg.force_blend_ratio is None else float(cfg.force_blend_ratio),
     )
 
 
