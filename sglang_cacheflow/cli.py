@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sglang_cacheflow.bench.sglang.restore",
         "TTFT of restored turns in SGLang: policies x emulated L3 bandwidth, alone and batched",
     ),
+    "sglang-blend-bench": (
+        "sglang_cacheflow.bench.sglang.blend",
+        "chunk reuse in SGLang: TTFT and answers of blended RAG prompts vs a plain prefill",
+    ),
     "patch-sglang": (
         "sglang_cacheflow.sglang.patch",
         "give the installed SGLang 0.5.23 a native --enable-cacheflow (--check, --revert)",

@@ -122,6 +122,7 @@ class _Chunks:
     spans: list[tuple[int, int]]
     keys: list[str]
     missed: set[int] = field(default_factory=set)  # indices looked up and not found
+    planned_at: int | None = None  # the prefix length the last plan was made for
 
 
 class ChunkReuse:
@@ -192,9 +193,9 @@ class ChunkReuse:
         ch = self.chunks.get(req.rid)
         if ch is None:
             return None
-        planned = self.blends.get(req.rid)
-        if planned is not None and planned.prefix_len == prefix_len:
-            return planned
+        if ch.planned_at == prefix_len:  # considered again in a later round
+            return self.blends.get(req.rid)
+        ch.planned_at = prefix_len
         self.blends.pop(req.rid, None)
         hits: list[tuple[int, StoredChunk, bool]] = []
         for i, (s, e) in enumerate(ch.spans):

@@ -106,8 +106,8 @@ def test_a_request_forces_its_own_shape_through_its_custom_params() -> None:
         ({"force_shape": "diagonal"}, "unknown shape 'diagonal'"),
         ({"force_shape": "token", "force_recompute": 2}, "within [0, 1]"),
         ({"force_shape": "token", "force_recompute": "half"}, "must be a number"),
-        ({"force_shape": "token", "policy": "load"}, "an object with force_shape"),
-        ("token", "an object with force_shape"),
+        ({"force_shape": "token", "policy": "load"}, "an object with any of force_shape"),
+        ("token", "an object with any of force_shape"),
         ({"force_shape": "layer"}, "cannot run a layer split"),
     ],
 )

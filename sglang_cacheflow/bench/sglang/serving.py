@@ -69,10 +69,14 @@ def link_for(gbps: float | None) -> str | None:
     return None if gbps is None else f"{gbps:g}gbps+0.2ms"
 
 
+_BLEND = "sglang:cacheflow_blend_"
+
+
 def scrape_restores(base_url: str) -> dict[str, float]:
     """Restore counters from ``/metrics``: ``load:TIER``, ``recompute:TIER``, ``fallbacks``,
-    ``shape:SHAPE`` (restores given each shape) and ``ratio_le:B`` (restores whose measured
-    over predicted time was at most B, the error-ratio histogram's cumulative buckets)."""
+    ``shape:SHAPE`` (restores given each shape), ``ratio_le:B`` (restores whose measured
+    over predicted time was at most B, the error-ratio histogram's cumulative buckets) and
+    ``blend:WHAT:LABEL`` (chunk reuse's counters, e.g. ``blend:requests:blended``)."""
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as resp:
         return parse_restores(resp.read().decode())
 
@@ -91,6 +95,10 @@ def parse_restores(text: str) -> dict[str, float]:
                 out["fallbacks"] = out.get("fallbacks", 0.0) + s.value
             elif s.name == "sglang:cacheflow_planned_requests_total":
                 key = f"shape:{s.labels.get('shape')}"
+                out[key] = out.get(key, 0.0) + s.value
+            elif s.name.startswith(_BLEND) and s.name.endswith("_total") and s.labels:
+                what = s.name[len(_BLEND) : -len("_total")]
+                key = f"blend:{what}:{list(s.labels.values())[-1]}"
                 out[key] = out.get(key, 0.0) + s.value
             elif s.name == "sglang:cacheflow_restore_error_ratio_bucket":
                 key = f"ratio_le:{float(s.labels['le']):g}"
