@@ -37,6 +37,7 @@ plainly), requests without input logprobs and without a split restore of their o
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -66,6 +67,9 @@ __all__ = ["Blend", "ChunkReuse", "chunk_namespace"]
 logger = logging.getLogger(__name__)
 
 SCORER = "spectral"  # the offline score stored chunks are ordered by (part of their key)
+PAGE_TOKENS = 16
+"""Tokens per page of the chunk store, apart from ``--page-size``: the recomputed share of a
+reused chunk is rounded up to whole pages (its best tokens' pages are left unread)."""
 
 
 def chunk_namespace(model: str, pool: Any, page_tokens: int) -> Namespace:
@@ -85,12 +89,32 @@ def _rotary(model: Any) -> Any:
 
 class _InvFreq:
     """What :class:`KeyRotator` reads of a rotary module: SGLang's keeps ``inv_freq`` only
-    inside its cos/sin cache, so it is computed again (with the module's own scaling)."""
+    inside its cos/sin cache, so it is computed again with the module's own scaling, and
+    checked against the cache's step from one position to the next (a variant that scales
+    positions some other way, e.g. linear scaling, is refused rather than moved wrongly)."""
 
     def __init__(self, rope: Any) -> None:
+        if rope is None:
+            raise ValueError("the model has no SGLang rotary embedding whose keys can be moved")
+        if not rope.is_neox_style or rope.rotary_dim != rope.head_size:
+            raise ValueError(
+                "chunk reuse moves keys rotated over the whole head in two halves (neox style); "
+                f"this model's rotary embedding has rotary_dim={rope.rotary_dim} of "
+                f"head_size={rope.head_size}, is_neox_style={rope.is_neox_style}"
+            )
         arg = next(iter(inspect.signature(rope._compute_inv_freq).parameters))
         value = rope.scaling_factor if arg == "scaling_factor" else rope.base
-        self.inv_freq = rope._compute_inv_freq(value).to("cpu")
+        inv = rope._compute_inv_freq(value).to(device="cpu", dtype=torch.float64)
+        rows = rope.cos_sin_cache[:2].to(device="cpu", dtype=torch.float64)
+        half = rows.shape[1] // 2
+        angles = torch.atan2(rows[:, half:], rows[:, :half])
+        step = torch.remainder(angles[1] - angles[0] + torch.pi, 2 * torch.pi) - torch.pi
+        if not torch.allclose(step, inv, rtol=2e-2, atol=1e-3):
+            raise ValueError(
+                f"{type(rope).__name__} scales positions in a way the RoPE fix-up does not "
+                "model (default, llama3 and yarn rotary embeddings are supported)"
+            )
+        self.inv_freq = inv
 
 
 @dataclass
@@ -109,6 +133,7 @@ class Blend:
     failed: bool = False
     handles: list[Any] = field(default_factory=list)
 
+    @functools.cached_property
     def drop(self) -> torch.Tensor:
         """The extend rows whose KV is loaded (ascending)."""
         rows = torch.cat([x.positions for x in self.loads]) - self.prefix_len
@@ -121,6 +146,7 @@ class _Chunks:
 
     spans: list[tuple[int, int]]
     keys: list[str]
+    ratio: float | None = None  # the recomputed share the request forces on itself
     missed: set[int] = field(default_factory=set)  # indices looked up and not found
     planned_at: int | None = None  # the prefix length the last plan was made for
 
@@ -149,17 +175,21 @@ class ChunkReuse:
         self.blends: dict[str, Blend] = {}  # planned, not yet run
         self.rotator: KeyRotator | None = None
         self.running: Blend | None = None  # the blend in the forward under way
+        self.disabled: str | None = None  # why this model cannot be blended, once known
         self._puts = ThreadPoolExecutor(1, thread_name_prefix="chunk-store")
         self._stored: set[str] = set()  # keys stored (or being stored) by this process
         self._lock = threading.Lock()
 
     # -- arrival ---------------------------------------------------------------------------
-    def take(self, rid: str, ids: list[int], spans: list[tuple[int, int]]) -> None:
-        """A request arrives marking ``spans`` of its prompt ``ids`` as chunks."""
+    def take(
+        self, rid: str, ids: list[int], spans: list[tuple[int, int]], ratio: float | None = None
+    ) -> None:
+        """A request arrives marking ``spans`` of its prompt ``ids`` as chunks (``ratio``:
+        the recomputed share it forces on itself)."""
         t = torch.tensor(ids, dtype=torch.int64)
         preamble = t[: spans[0][0]]
         keys = [chunk_key(t[s:e], preamble, SCORER) for s, e in spans]
-        self.chunks[rid] = _Chunks(spans, keys)
+        self.chunks[rid] = _Chunks(spans, keys, ratio)
 
     @classmethod
     def create(
@@ -175,7 +205,7 @@ class ChunkReuse:
             options = {"client_name": "sglang-cacheflow-chunks", **cfg.redis}
             tier = RedisTier(RedisTierConfig.from_dict({**options, "url": cfg.redis_url}))
         pool = cache.token_to_kv_pool_allocator.get_kvcache()
-        ns = chunk_namespace(model, pool, max(1, cache.page_size))
+        ns = chunk_namespace(model, pool, PAGE_TOKENS)
         logger.info("cacheflow: chunk reuse, chunks in %s (%s)", cfg.chunk_store, ns.prefix)
         return cls(
             tier, ns, cache, cfg.chunk_store, cfg.blend_min_ratio, metrics, cfg.force_blend_ratio
@@ -191,7 +221,7 @@ class ChunkReuse:
         """Plan ``req``'s blend for an admission of ``extend_len`` tokens after
         ``prefix_len`` (its tree match), or None: nothing to reuse, or no gain predicted."""
         ch = self.chunks.get(req.rid)
-        if ch is None:
+        if ch is None or self.disabled is not None:
             return None
         if ch.planned_at == prefix_len:  # considered again in a later round
             return self.blends.get(req.rid)
@@ -203,8 +233,10 @@ class ChunkReuse:
                 continue  # in the tree already (whole or in part), or past this extend
             stored = self.store.meta(ch.keys[i], e - s)
             self.metrics.blend("chunks", "miss" if stored is None else "hit")
-            if stored is None:
+            if stored is None:  # stored again once computed (gone, or its meta unreadable)
                 ch.missed.add(i)
+                with self._lock:
+                    self._stored.discard(ch.keys[i])
                 continue
             hits.append((s, stored, i == 0 and s == stored.start))
         if not hits:
@@ -214,7 +246,7 @@ class ChunkReuse:
         request = BlendRequest(
             req.rid, self.tier_name, prefix_len, exact, reused, extend_len - exact - reused
         )
-        forced = self.force_ratio
+        forced = ch.ratio if ch.ratio is not None else self.force_ratio
         min_ratio = self.min_ratio if forced is None else min(self.min_ratio, forced)
         rnd = plan_blend([request], cost, min_ratio=min_ratio, ratio=forced)
         plan = rnd.plans[0]
@@ -257,7 +289,7 @@ class ChunkReuse:
         blend = self.blends.pop(req.rid, None)
         if blend is None:
             return None
-        drop = blend.drop()
+        drop = blend.drop
         starts = batch.extend_logprob_start_lens if batch.return_logprob else None
         over_loaded = starts is not None and starts[0] <= int(drop[-1])  # input logprobs
         if req.prefix_len != blend.prefix_len or over_loaded:
@@ -265,7 +297,13 @@ class ChunkReuse:
             return None
         if self.rotator is None:
             model = worker.model_runner.model
-            self.rotator = KeyRotator(_InvFreq(_rotary(model)), model.config)
+            try:
+                self.rotator = KeyRotator(_InvFreq(_rotary(model)), model.config)
+            except ValueError as e:
+                self.disabled = str(e)
+                logger.error("cacheflow: chunk reuse is off for this model: %s", e)
+                self._fallback(req, blend, "unsupported")
+                return None
         row = row_of(req, self.cache)
         pool = self.pool
         start = getattr(pool, "start_layer", 0) or 0
@@ -301,11 +339,13 @@ class ChunkReuse:
 
         return wait
 
-    def finish(self, batch: Any, scheduler: Any) -> None:
-        """After the forward of a blend: settle it (used, or cut back and recomputed)."""
+    def finish(self, batch: Any, scheduler: Any) -> dict[str, bool]:
+        """After the forward of a blend: settle it (used, or cut back and recomputed).
+        Returns ``{rid: used}``: the forward waited for loads (it calibrates no compute),
+        and one cut back gave its request no token."""
         blend, self.running = self.running, None
         if blend is None:
-            return
+            return {}
         for h in blend.handles:
             h.remove()
         assert blend.loader is not None
@@ -315,7 +355,7 @@ class ChunkReuse:
             cut_to(req, blend.prefix_len, self.cache, scheduler, blend.skip_insert)
             no_input_logprobs(batch, 0)
             self._fallback(req, blend, "load_failed")
-            return
+            return {req.rid: False}
         self.metrics.blend("requests", "blended")
         self.metrics.blend("tokens", "exact", blend.exact)
         self.metrics.blend("tokens", "loaded", blend.loaded - blend.exact)
@@ -325,6 +365,7 @@ class ChunkReuse:
             req.rid, blend.ratio, blend.loaded, blend.exact, blend.recomputed,
             1e3 * blend.loader.waited_s,
         )  # fmt: skip
+        return {req.rid: True}
 
     def _fallback(self, req: Any, blend: Blend, reason: str) -> None:
         """``req`` is served plainly after all: its KV may enter the tree again."""

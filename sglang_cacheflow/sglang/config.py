@@ -25,6 +25,7 @@ __all__ = [
     "ConfigError",
     "forcing_params",
     "parse_config",
+    "request_blend_ratio",
     "request_chunks",
     "request_force",
     "tier_prior",
@@ -383,9 +384,11 @@ REQUEST_PARAM = "cacheflow"
 """The key of a request's ``sampling_params.custom_params`` that holds its own settings:
 ``{"force_shape": ..., "force_recompute": ...}``, as the config keys, for that request only,
 and ``"chunks": [s0, e0, s1, e1, ...]``, the token ranges ``[s, e)`` of its prompt that are
-reusable chunks (docs/sglang.md, "Configuration" and "Chunk reuse")."""
+reusable chunks, with ``"blend_ratio"`` (tests and experiments) the share of its reused
+chunks recomputed, as ``force_blend_ratio`` for that request only (docs/sglang.md,
+"Configuration" and "Chunk reuse")."""
 
-_REQUEST_KEYS = ("force_shape", "force_recompute", "chunks")
+_REQUEST_KEYS = ("force_shape", "force_recompute", "chunks", "blend_ratio")
 
 
 FORCED_SHAPES: dict[str, tuple[str, float]] = {
@@ -449,6 +452,21 @@ def request_chunks(custom_params: Any, prompt_tokens: int) -> list[tuple[int, in
             f"{prompt_tokens} tokens; chunks must end before the prompt's last token"
         )
     return spans
+
+
+def request_blend_ratio(custom_params: Any) -> float | None:
+    """The ratio a request forces on its own blend (``blend_ratio`` of
+    :data:`REQUEST_PARAM`), or None. Raises :class:`ConfigError` outside ``[0, 1]``."""
+    own = _request_own(custom_params)
+    ratio = None if own is None else own.get("blend_ratio")
+    if ratio is None:
+        return None
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+        raise ConfigError(
+            f"custom_params[{REQUEST_PARAM!r}]['blend_ratio'] must be a number in [0, 1], "
+            f"got {ratio!r}"
+        )
+    return float(ratio)
 
 
 def request_force(custom_params: Any, capabilities: Any) -> tuple[str, float] | None:

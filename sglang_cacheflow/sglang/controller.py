@@ -67,6 +67,7 @@ from sglang_cacheflow.sglang.capabilities import sglang_capabilities
 from sglang_cacheflow.sglang.config import (
     CacheFlowConfig,
     ConfigError,
+    request_blend_ratio,
     request_chunks,
     request_force,
 )
@@ -242,12 +243,13 @@ class CacheFlowController(SplitControl):
         try:
             force = request_force(params, self.caps)
             spans = request_chunks(params, len(req.origin_input_ids))
+            ratio = request_blend_ratio(params)
         except ConfigError as e:
             return str(e)
         if force is not None:
             self.forced[req.rid] = force
         if spans is not None and self.blends is not None:
-            self.blends.take(req.rid, list(req.origin_input_ids), spans)
+            self.blends.take(req.rid, list(req.origin_input_ids), spans, ratio)
         return None
 
     def plan_blend(self, req: Any, prefix_len: int, extend_len: int) -> Blend | None:

@@ -368,7 +368,7 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
         blend = None
         if one is None and ctl.blends is not None:
             blend = ctl.blends.begin(batch, self, stack)
-            one = (0, blend.drop()) if blend is not None else None
+            one = (0, blend.drop) if blend is not None else None
         switch = Narrowed(stack, *one) if one is not None and stack is not None else None
         clock = layer_clock(stack, getattr(getattr(self, "model_runner", None), "device", None))
         if clock is not None:
@@ -383,13 +383,14 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
                 switch.remove()
         elapsed = time.perf_counter() - start
         outside = clock.outside(elapsed) if clock is not None else None
-        if blend is not None:  # not under _safe: a blend that failed must be cut back
-            ctl.blends.finish(batch, ctl.scheduler)
-        elif switch is not None and switch.switched_at is not None:
+        if switch is not None and switch.switched_at is not None and blend is None:
             bottom = switch.switched_at - start
             _safe("bottom layers timing", lambda: ctl.one_forward_done(batch, bottom, start))
-        # Not under _safe: a stream that did not land must cut its request back, or fail.
+        # Not under _safe: a stream that did not land must cut its request back, or fail;
+        # so must a blend (it waited for loads too: it calibrates no compute either).
         streamed = ctl.finish_streams(batch) if ctl.streamed else None
+        if blend is not None:
+            streamed = {**(streamed or {}), **ctl.blends.finish(batch, ctl.scheduler)}
         if ctl.blends is not None and batch.forward_mode.is_extend():
             _safe("chunk store", lambda: ctl.blends.fill(batch))
         _safe(

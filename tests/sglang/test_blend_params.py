@@ -16,6 +16,7 @@ from sglang_cacheflow.sglang.config import (
     REQUEST_PARAM,
     ConfigError,
     parse_config,
+    request_blend_ratio,
     request_chunks,
     request_force,
 )
@@ -80,13 +81,22 @@ def test_a_malformed_chunk_list_says_what_to_change(flat: object, message: str) 
 
 
 def test_unknown_request_keys_are_named() -> None:
-    with pytest.raises(ConfigError, match="force_shape, force_recompute, chunks"):
+    with pytest.raises(ConfigError, match="force_shape, force_recompute, chunks, blend_ratio"):
         request_chunks({REQUEST_PARAM: {"chunk": [0, 4]}}, 20)
+
+
+def test_a_request_may_force_its_own_blend_ratio() -> None:
+    assert request_blend_ratio({REQUEST_PARAM: {"chunks": [0, 4], "blend_ratio": 0}}) == 0.0
+    assert request_blend_ratio(_chunks([0, 4])) is None
+    for bad in (1.5, -0.1, "half", True):
+        with pytest.raises(ConfigError, match="blend_ratio'\\] must be a number in"):
+            request_blend_ratio({REQUEST_PARAM: {"blend_ratio": bad}})
 
 
 _ROTATION_CHECK = """
 import torch
-from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+from sglang.srt.layers.rotary_embedding.base import LinearScalingRotaryEmbedding, RotaryEmbedding
+from sglang.srt.layers.rotary_embedding.rope_variant import Llama3RotaryEmbedding
 from sglang.srt.layers.rotary_embedding.yarn import YaRNScalingRotaryEmbedding
 from sglang_cacheflow.blend.rope import KeyRotator
 from sglang_cacheflow.sglang.blend import _InvFreq
@@ -95,6 +105,7 @@ torch.manual_seed(0)
 ropes = {
     "default": RotaryEmbedding(64, 64, 4096, 10000, True, torch.float32),
     "yarn": YaRNScalingRotaryEmbedding(64, 64, 4096, 10000, True, 4.0, torch.float32),
+    "llama3": Llama3RotaryEmbedding(64, 64, 4096, 500000, True, torch.float32, 8.0, 1.0, 4.0, 512),
 }
 for name, rope in ropes.items():
     rotator = KeyRotator(_InvFreq(rope), object())
@@ -107,15 +118,31 @@ for name, rope in ropes.items():
         err = (got - moved.view(35, 2, 64)).abs().max().item()
         scale = moved.abs().max().item()
         assert err <= 1e-5 * scale, (name, delta, err, scale)
+for refused in (
+    LinearScalingRotaryEmbedding(64, 64, 4096, 10000, True, 2.0, torch.float32),
+    RotaryEmbedding(64, 32, 4096, 10000, True, torch.float32),
+    RotaryEmbedding(64, 64, 4096, 10000, False, torch.float32),
+    None,
+):
+    try:
+        _InvFreq(refused)
+    except ValueError as e:
+        print("refused:", e)
+    else:
+        raise SystemExit(f"{refused} accepted")
 print("ok")
 """
 
 
 @pytest.mark.sglang
 def test_keys_moved_by_the_rope_fix_up_equal_sglangs_keys_at_the_new_positions() -> None:
+    """Default, YaRN and Llama-3 rotary modules; linear scaling (positions divided, not
+    frequencies), partial and interleaved rotations and no rotary module are refused."""
     env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}  # SGLang's rotary modules on CPU
     out = subprocess.run(
         [sys.executable, "-c", _ROTATION_CHECK], env=env, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    assert out.stdout.count("refused:") == 4
+    assert "scales positions" in out.stdout and "neox style" in out.stdout

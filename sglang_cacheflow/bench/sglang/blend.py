@@ -15,8 +15,11 @@ only the chunk store can help):
   share, the rest of each document's KV is loaded into the forward layer by layer.
 
 TTFT is one output token timed at the client, the two variants alternated A-B-B-A per
-prompt. The answers (``--answer-tokens`` greedy tokens of each variant) are compared: first
-token equal, and the share of answer tokens before the first difference. Counters from
+prompt. Quality against *plain*: the first token's distribution (KL(plain || other) over
+plain's 20 most likely tokens, a token missing from the other's 20 taken at its 20th
+logprob: a lower bound), the first token, and the share of ``--answer-tokens`` greedy
+tokens before the first difference; for the blend and for *reuse* (the same prompt at
+``blend_ratio`` 0: keys moved, nothing recomputed, the negative control). Counters from
 ``/metrics`` give the tokens loaded and recomputed. Writes JSON and prints a table::
 
     sglang-cacheflow sglang-blend-bench --out docs/figures/sglang-blend-bench.json
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -49,8 +53,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="JSON report")
 
 
-def _marked(spans: list[int]) -> dict[str, Any]:
-    return {"custom_params": {REQUEST_PARAM: {"chunks": spans}}}
+TOP = 20  # logprobs per position the KL is taken over
+
+
+def _marked(spans: list[int], ratio: float | None = None) -> dict[str, Any]:
+    own: dict[str, Any] = {"chunks": spans}
+    if ratio is not None:
+        own["blend_ratio"] = ratio
+    return {"custom_params": {REQUEST_PARAM: own}}
+
+
+def _top(reply: dict[str, Any]) -> dict[int, float]:
+    """The first output token's top logprobs, by token id."""
+    return {int(t[1]): float(t[0]) for t in reply["meta_info"]["output_top_logprobs"][0]}
+
+
+def top_kl(ref: dict[int, float], other: dict[int, float]) -> float:
+    """KL(ref || other) over ``ref``'s top tokens; one missing from ``other``'s top is
+    taken at ``other``'s least logprob (it is at most that): a lower bound."""
+    floor = min(other.values())
+    return sum(math.exp(lp) * (lp - other.get(t, floor)) for t, lp in ref.items())
 
 
 def _build(preamble: list[int], docs: list[list[int]], question: list[int]) -> tuple:
@@ -141,23 +163,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     server.generate(input_ids=ids, max_new_tokens=1, **variants[name])
                     ttft[name].append(time.perf_counter() - t0)
-                answers = {}
-                for name, extra in variants.items():
+                answers, tops = {}, {}
+                for name, extra in {**variants, "reuse": _marked(spans, 0.0)}.items():
                     _forget_prefixes(server, port)
                     reply = server.generate(
-                        input_ids=ids, max_new_tokens=args.answer_tokens, **extra
-                    )
-                    answers[name] = reply["output_ids"]
-                same = _common_prefix(answers["plain"], answers["blend"])
-                rows.append(
-                    {
-                        "prompt_tokens": len(ids),
-                        "plain_s": [round(x, 4) for x in ttft["plain"]],
-                        "blend_s": [round(x, 4) for x in ttft["blend"]],
+                        input_ids=ids, max_new_tokens=args.answer_tokens, return_logprob=True,
+                        top_logprobs_num=TOP, **extra,
+                    )  # fmt: skip
+                    answers[name], tops[name] = reply["output_ids"], _top(reply)
+                row: dict[str, Any] = {
+                    "prompt_tokens": len(ids),
+                    "plain_s": [round(x, 4) for x in ttft["plain"]],
+                    "blend_s": [round(x, 4) for x in ttft["blend"]],
+                }
+                for name in ("blend", "reuse"):
+                    same = _common_prefix(answers["plain"], answers[name])
+                    row[name] = {
+                        "first_token_kl": round(top_kl(tops["plain"], tops[name]), 5),
                         "first_token_equal": bool(same > 0),
                         "answer_prefix_equal": same / max(1, len(answers["plain"])),
                     }
-                )
+                rows.append(row)
             after = scrape_restores(server.base_url)
     finally:
         if redis_server is not None:
@@ -191,29 +217,42 @@ def _summary(rows: list[dict[str, Any]], counters: dict[str, float]) -> dict[str
     blend = [statistics.median(r["blend_s"]) for r in rows]
     loaded = counters.get("blend:tokens:loaded", 0.0) + counters.get("blend:tokens:exact", 0.0)
     recomputed = counters.get("blend:tokens:recomputed", 0.0)
-    return {
+    out: dict[str, Any] = {
         "plain_ttft_s": round(statistics.median(plain), 4),
         "blend_ttft_s": round(statistics.median(blend), 4),
         "speedup": round(statistics.median(p / b for p, b in zip(plain, blend, strict=True)), 3),
-        "first_token_equal": sum(r["first_token_equal"] for r in rows) / len(rows),
-        "answer_prefix_equal": round(statistics.mean(r["answer_prefix_equal"] for r in rows), 3),
         "recomputed_share": round(recomputed / max(1.0, loaded + recomputed), 3),
     }
+    for name in ("blend", "reuse"):
+        q = [r[name] for r in rows]
+        out[name] = {
+            "first_token_kl_mean": round(statistics.mean(x["first_token_kl"] for x in q), 4),
+            "first_token_kl_median": round(statistics.median(x["first_token_kl"] for x in q), 4),
+            "first_token_equal": sum(x["first_token_equal"] for x in q) / len(q),
+            "answer_prefix_equal": round(statistics.mean(x["answer_prefix_equal"] for x in q), 3),
+        }
+    return out
 
 
 def _table(report: dict[str, Any]) -> str:
     s = report["summary"]
-    return "\n".join(
-        [
-            "| store | docs x tokens | plain TTFT (s) | blend TTFT (s) | plain / blend "
-            "| chunk tokens recomputed | first token equal | answer prefix equal |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-            f"| {report['store']} | {report['docs_per_prompt']} x {report['doc_tokens']} "
-            f"| {s['plain_ttft_s']:.3f} | {s['blend_ttft_s']:.3f} | {s['speedup']:.2f}x "
-            f"| {100 * s['recomputed_share']:.0f}% | {100 * s['first_token_equal']:.0f}% "
-            f"| {100 * s['answer_prefix_equal']:.0f}% |",
-        ]
-    )
+    lines = [
+        f"store {report['store']}, {report['docs_per_prompt']} documents x "
+        f"{report['doc_tokens']} tokens: plain TTFT {s['plain_ttft_s']:.3f} s, blend "
+        f"{s['blend_ttft_s']:.3f} s ({s['speedup']:.2f}x), "
+        f"{100 * s['recomputed_share']:.0f}% of chunk tokens recomputed",
+        "",
+        "| against plain | first-token KL, mean (median) | first token equal "
+        "| answer prefix equal |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name in ("blend", "reuse"):
+        q = s[name]
+        lines.append(
+            f"| {name} | {q['first_token_kl_mean']:.3f} ({q['first_token_kl_median']:.3f}) "
+            f"| {100 * q['first_token_equal']:.0f}% | {100 * q['answer_prefix_equal']:.0f}% |"
+        )
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
