@@ -15,7 +15,6 @@ reply unchanged; a malformed chunk list is refused with a message.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 import redis
 
+from sglang_cacheflow.bench.sglang.blend import forget_prefixes, wait_stored
 from sglang_cacheflow.sglang.config import REQUEST_PARAM
 from sglang_cacheflow.testing.redis import RedisServer
 from sglang_cacheflow.testing.server import SGLangServer, SGLangServerError
@@ -31,6 +31,7 @@ from tests.sglang.helpers import (
     ask,
     assert_same_replies,
     cacheflow_server,
+    corrupt,
     metrics,
     reference_server,
     total,
@@ -69,23 +70,6 @@ def _delta(server: SGLangServer, before: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in now.items()}
 
 
-def _flush_prefixes(server: SGLangServer, l3: RedisServer) -> None:
-    """Drop every cached prefix (device, host and HiCache's pages in Redis), keep the chunks:
-    an exact prefix restored from a tier would leave nothing to blend."""
-    server.flush_cache(wait_s=60)
-    client = redis.Redis(host="127.0.0.1", port=l3.port)
-    stale = [k for k in client.scan_iter(count=1000) if b".chunks" not in k]
-    if stale:
-        client.delete(*stale)
-
-
-def _wait_stored(server: SGLangServer, n: float) -> None:
-    deadline = time.monotonic() + 30
-    while total(metrics(server), CHUNKS, result="stored") < n:
-        assert time.monotonic() < deadline, metrics(server)
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def servers(
     sglang_servers: StartServer, tiny_llama_path: Path, l3: RedisServer
@@ -105,13 +89,13 @@ def test_a_prompt_blended_from_its_own_chunks_replies_as_a_full_prefill(
     want = _ask(ref, ids, None)
     m0 = metrics(cf)
     first = _ask(cf, ids, spans)
-    _wait_stored(cf, 2)
+    wait_stored(cf, 2)
     m = _delta(cf, m0)
     assert total(m, CHUNKS, result="miss") == 2, m
     assert total(m, REQUESTS) == 0, m  # nothing stored yet: a plain prefill
     assert_same_replies([want], [first])
 
-    _flush_prefixes(cf, l3)
+    forget_prefixes(cf, l3.port)
     m0 = metrics(cf)
     blended = _ask(cf, ids, spans)
     m = _delta(cf, m0)
@@ -135,9 +119,9 @@ def test_chunks_in_another_order_are_blended_with_their_keys_moved(
     _, cf = servers
     ids, spans = _prompt(DOC_A, DOC_B)
     _ask(cf, ids, spans)  # stores both chunks if an earlier test did not
-    _wait_stored(cf, 2)
+    wait_stored(cf, 2)
     swapped, swapped_spans = _prompt(DOC_B, DOC_A)
-    _flush_prefixes(cf, l3)
+    forget_prefixes(cf, l3.port)
     m0 = metrics(cf)
     reply = _ask(cf, swapped, swapped_spans)
     m = _delta(cf, m0)
@@ -155,15 +139,12 @@ def test_corrupted_chunk_pages_fall_back_to_a_plain_prefill(
     ids, spans = _prompt(DOC_A, DOC_B)
     want = _ask(ref, ids, None)
     _ask(cf, ids, spans)
-    _wait_stored(cf, 2)
+    wait_stored(cf, 2)
     client = redis.Redis(host="127.0.0.1", port=l3.port)
     pages = [k for k in client.scan_iter(match="*.chunks*", count=1000) if b"-p" in k]
     assert pages
-    for key in pages:
-        raw = bytearray(client.get(key))
-        raw[len(raw) // 2] ^= 0xFF
-        client.set(key, bytes(raw))
-    _flush_prefixes(cf, l3)
+    corrupt(client, pages)
+    forget_prefixes(cf, l3.port)
     m0 = metrics(cf)
     reply = _ask(cf, ids, spans)
     m = _delta(cf, m0)

@@ -84,7 +84,7 @@ def _build(preamble: list[int], docs: list[list[int]], question: list[int]) -> t
     return ids + question, spans
 
 
-def _forget_prefixes(server: Any, redis_port: int | None) -> None:
+def forget_prefixes(server: Any, redis_port: int | None) -> None:
     """Drop every cached prefix: device and host memory, and HiCache's pages in Redis (the
     chunks, in their own namespace, stay)."""
     server.flush_cache(wait_s=60)
@@ -148,7 +148,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             for doc in rag.pool:
                 ids, spans = _build(preamble, [doc.ids.tolist()], rag.probe.tolist()[:8])
                 server.generate(input_ids=ids, max_new_tokens=1, **_marked(spans))
-            _wait_stored(server, len(rag.pool))
+            wait_stored(server, len(rag.pool))
             before = scrape_restores(server.base_url)
             for i, (picked, question) in enumerate(rag.prompts):
                 docs = [rag.pool[j].ids.tolist() for j in picked]
@@ -159,13 +159,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     order.reverse()
                 ttft: dict[str, list[float]] = {"plain": [], "blend": []}
                 for name in order:
-                    _forget_prefixes(server, port)
+                    forget_prefixes(server, port)
                     t0 = time.perf_counter()
                     server.generate(input_ids=ids, max_new_tokens=1, **variants[name])
                     ttft[name].append(time.perf_counter() - t0)
                 answers, tops = {}, {}
                 for name, extra in {**variants, "reuse": _marked(spans, 0.0)}.items():
-                    _forget_prefixes(server, port)
+                    forget_prefixes(server, port)
                     reply = server.generate(
                         input_ids=ids, max_new_tokens=args.answer_tokens, return_logprob=True,
                         top_logprobs_num=TOP, **extra,
@@ -202,14 +202,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _wait_stored(server: Any, n: int) -> None:
+def wait_stored(server: Any, n: int) -> None:
+    """Wait until ``server`` has stored ``n`` chunks since it started (they are stored on a
+    background thread after the forward that computed them)."""
     from sglang_cacheflow.bench.sglang.serving import scrape_restores
 
     deadline = time.monotonic() + 120
     while scrape_restores(server.base_url).get("blend:chunks:stored", 0.0) < n:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the server stored fewer than {n} chunks in 120 s")
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def _summary(rows: list[dict[str, Any]], counters: dict[str, float]) -> dict[str, Any]:
