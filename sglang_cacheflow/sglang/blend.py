@@ -282,18 +282,17 @@ class ChunkReuse:
         """``batch`` is a blend alone in its forward: start its loader and make each of
         ``stack``'s layers wait for its KV. The caller narrows the forward to the
         recomputed rows (:meth:`Blend.drop`)."""
-        reqs = batch.reqs
-        if len(reqs) != 1 or stack is None:
+        planned = [(r, self.blends.pop(r.rid)) for r in batch.reqs if r.rid in self.blends]
+        if not planned:
             return None
-        req = reqs[0]
-        blend = self.blends.pop(req.rid, None)
-        if blend is None:
-            return None
-        drop = blend.drop
+        req, blend = planned[0]
         starts = batch.extend_logprob_start_lens if batch.return_logprob else None
-        over_loaded = starts is not None and starts[0] <= int(drop[-1])  # input logprobs
-        if req.prefix_len != blend.prefix_len or over_loaded:
-            self._fallback(req, blend, "unsupported")
+        over_loaded = starts is not None and starts[0] <= int(blend.drop[-1])  # input logprobs
+        moved = req.prefix_len != blend.prefix_len
+        # admission runs a blend alone; a model whose layer loop cannot be hooked is not blended
+        if len(batch.reqs) > 1 or stack is None or moved or over_loaded:
+            for r, b in planned:
+                self._fallback(r, b, "unsupported")
             return None
         if self.rotator is None:
             model = worker.model_runner.model

@@ -240,9 +240,12 @@ class SGLangServer:
         max_new_tokens: int = 8,
         temperature: float = 0.0,
         return_logprob: bool = True,
+        top_logprobs_num: int = 0,
         **sampling: Any,
     ) -> dict[str, Any]:
-        """``POST /generate`` for one prompt (token ids or text); greedy by default."""
+        """``POST /generate`` for one prompt (token ids or text); greedy by default;
+        ``top_logprobs_num``: that many most likely tokens' logprobs at each output position
+        (``meta_info["output_top_logprobs"]``)."""
         if (input_ids is None) == (text is None):
             raise ValueError("give exactly one of input_ids and text")
         payload: dict[str, Any] = {
@@ -253,6 +256,8 @@ class SGLangServer:
             },
             "return_logprob": return_logprob,
         }
+        if top_logprobs_num:
+            payload["top_logprobs_num"] = top_logprobs_num
         if input_ids is not None:
             payload["input_ids"] = list(input_ids)
         else:
