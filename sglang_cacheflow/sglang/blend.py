@@ -204,6 +204,10 @@ class ChunkReuse:
 
             options = {"client_name": "sglang-cacheflow-chunks", **cfg.redis}
             tier = RedisTier(RedisTierConfig.from_dict({**options, "url": cfg.redis_url}))
+            if cfg.link:  # seen through the L3's emulated link (benchmarks)
+                from sglang_cacheflow.tiers.shaping import LinkShape, ShapedTier
+
+                tier = ShapedTier(tier, LinkShape.parse(cfg.link))
         pool = cache.token_to_kv_pool_allocator.get_kvcache()
         ns = chunk_namespace(model, pool, PAGE_TOKENS)
         logger.info("cacheflow: chunk reuse, chunks in %s (%s)", cfg.chunk_store, ns.prefix)

