@@ -7,7 +7,8 @@ stored from its slots. With the radix cache flushed, the same prompt is blended:
 where it was stored after the same preamble (exact, loaded whole), B is reused (its best
 tokens recomputed, the rest loaded), and since what was stored is what a prefill of this
 prompt computes, the reply must equal a server's without any cache. The documents in the
-other order are blended with their keys moved; a blend's KV never enters the radix tree;
+other order are blended with their keys moved; a new document beside a stored one is
+computed in the blend and stored from it; a blend's KV never enters the radix tree;
 B's pages corrupted in Redis make the next blend fall back to a plain prefill with the
 reply unchanged; a malformed chunk list is refused with a message.
 """
@@ -48,6 +49,7 @@ rng = random.Random(7)
 PRE = [rng.randrange(3, 250) for _ in range(20)]
 DOC_A = [rng.randrange(3, 250) for _ in range(64)]
 DOC_B = [rng.randrange(3, 250) for _ in range(64)]
+DOC_C = [rng.randrange(3, 250) for _ in range(48)]
 QUESTION = [rng.randrange(3, 250) for _ in range(8)]
 
 
@@ -130,6 +132,39 @@ def test_chunks_in_another_order_are_blended_with_their_keys_moved(
     assert total(m, TOKENS, kind="recomputed") == 32, m
     assert total(m, TOKENS, kind="loaded") == len(DOC_A) + len(DOC_B) - 32, m
     assert len(reply["output_ids"]) == 6
+
+
+def test_a_new_chunk_beside_a_stored_one_is_stored_from_the_blend(
+    servers: tuple[SGLangServer, SGLangServer], l3: RedisServer
+) -> None:
+    """A then a new C: A is loaded whole, C computed (a miss) and then stored from the
+    blend's slots; blended again, C is reused, and since A's KV was exact so is C's."""
+    ref, cf = servers
+    ids, spans = _prompt(DOC_A, DOC_B)
+    _ask(cf, ids, spans)
+    wait_stored(cf, 2)
+    ids, spans = _prompt(DOC_A, DOC_C)
+    want = _ask(ref, ids, None)
+    stored = total(metrics(cf), CHUNKS, result="stored")
+    forget_prefixes(cf, l3.port)
+    m0 = metrics(cf)
+    first = _ask(cf, ids, spans)
+    wait_stored(cf, int(stored) + 1)
+    m = _delta(cf, m0)
+    assert total(m, CHUNKS, result="hit") == 1 and total(m, CHUNKS, result="miss") == 1, m
+    assert total(m, REQUESTS, outcome="blended") == 1, m
+    assert total(m, TOKENS, kind="exact") == len(DOC_A), m
+    assert total(m, TOKENS, kind="recomputed") == 0, m
+    assert_same_replies([want], [first])
+
+    forget_prefixes(cf, l3.port)
+    m0 = metrics(cf)
+    again = _ask(cf, ids, spans)
+    m = _delta(cf, m0)
+    assert total(m, CHUNKS, result="hit") == 2, m
+    assert total(m, TOKENS, kind="recomputed") == 16, m  # C: its best page of 3
+    assert total(m, TOKENS, kind="loaded") == len(DOC_C) - 16, m
+    assert_same_replies([want], [again])
 
 
 def test_corrupted_chunk_pages_fall_back_to_a_plain_prefill(
