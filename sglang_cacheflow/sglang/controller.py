@@ -238,7 +238,8 @@ class CacheFlowController(SplitControl):
 
     def take_request_params(self, req: Any) -> str | None:
         """Read what a request arriving in the queue asks of CacheFlow itself (its
-        ``custom_params``: a forced shape); returns why it cannot be served, or None."""
+        ``custom_params``: a forced shape, the chunks it marks and their ratio); returns why
+        it cannot be served, or None."""
         params = getattr(req.sampling_params, "custom_params", None)
         try:
             force = request_force(params, self.caps)
