@@ -19,6 +19,8 @@ asked for (:class:`~sglang_cacheflow.sglang.stream.StreamedLayers`).
   backend reads each query's position rather than a prefix length (``cacheflow_cpu``:
   :mod:`~sglang_cacheflow.sglang.cpu.attention`). The front never attends to the back, so
   only the new tokens need each layer's group, but a layer waits for it as a whole.
+- A blend (:mod:`~sglang_cacheflow.sglang.blend`): the loaded tokens of reused chunks, rows
+  anywhere in the extend, leave before layer 0 the same way.
 
 Who owns what, when: the span's slots are the request's from its admission (SGLang allocates
 them with its extend); the computed part is written by this forward, the loaded part by the
