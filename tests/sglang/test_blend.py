@@ -72,6 +72,23 @@ def _delta(server: SGLangServer, before: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in now.items()}
 
 
+def _store_a_and_b(cf: SGLangServer) -> None:
+    """A and B in the chunk store (stored by the first prompt that marks them)."""
+    ids, spans = _prompt(DOC_A, DOC_B)
+    _ask(cf, ids, spans)
+    wait_stored(cf, 2)
+
+
+def _cold(
+    cf: SGLangServer, l3: RedisServer, ids: list[int], spans: list[int]
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The reply to ``ids`` with every cached prefix dropped first, and the counters it moved."""
+    forget_prefixes(cf, l3.port)
+    m0 = metrics(cf)
+    reply = _ask(cf, ids, spans)
+    return reply, _delta(cf, m0)
+
+
 @pytest.fixture(scope="module")
 def servers(
     sglang_servers: StartServer, tiny_llama_path: Path, l3: RedisServer
@@ -97,10 +114,7 @@ def test_a_prompt_blended_from_its_own_chunks_replies_as_a_full_prefill(
     assert total(m, REQUESTS) == 0, m  # nothing stored yet: a plain prefill
     assert_same_replies([want], [first])
 
-    forget_prefixes(cf, l3.port)
-    m0 = metrics(cf)
-    blended = _ask(cf, ids, spans)
-    m = _delta(cf, m0)
+    blended, m = _cold(cf, l3, ids, spans)
     assert total(m, REQUESTS, outcome="blended") == 1, m
     assert total(m, TOKENS, kind="exact") == len(DOC_A), m
     # B at ratio 0.25: its best 16 tokens (one page) recomputed, the other 48 loaded
@@ -119,14 +133,8 @@ def test_chunks_in_another_order_are_blended_with_their_keys_moved(
     servers: tuple[SGLangServer, SGLangServer], l3: RedisServer
 ) -> None:
     _, cf = servers
-    ids, spans = _prompt(DOC_A, DOC_B)
-    _ask(cf, ids, spans)  # stores both chunks if an earlier test did not
-    wait_stored(cf, 2)
-    swapped, swapped_spans = _prompt(DOC_B, DOC_A)
-    forget_prefixes(cf, l3.port)
-    m0 = metrics(cf)
-    reply = _ask(cf, swapped, swapped_spans)
-    m = _delta(cf, m0)
+    _store_a_and_b(cf)
+    reply, m = _cold(cf, l3, *_prompt(DOC_B, DOC_A))
     assert total(m, REQUESTS, outcome="blended") == 1, m
     assert total(m, TOKENS, kind="exact") == 0, m  # B first, but not where it was stored
     assert total(m, TOKENS, kind="recomputed") == 32, m
@@ -140,27 +148,19 @@ def test_a_new_chunk_beside_a_stored_one_is_stored_from_the_blend(
     """A then a new C: A is loaded whole, C computed (a miss) and then stored from the
     blend's slots; blended again, C is reused, and since A's KV was exact so is C's."""
     ref, cf = servers
-    ids, spans = _prompt(DOC_A, DOC_B)
-    _ask(cf, ids, spans)
-    wait_stored(cf, 2)
+    _store_a_and_b(cf)
     ids, spans = _prompt(DOC_A, DOC_C)
     want = _ask(ref, ids, None)
     stored = total(metrics(cf), CHUNKS, result="stored")
-    forget_prefixes(cf, l3.port)
-    m0 = metrics(cf)
-    first = _ask(cf, ids, spans)
+    first, m = _cold(cf, l3, ids, spans)
     wait_stored(cf, int(stored) + 1)
-    m = _delta(cf, m0)
     assert total(m, CHUNKS, result="hit") == 1 and total(m, CHUNKS, result="miss") == 1, m
     assert total(m, REQUESTS, outcome="blended") == 1, m
     assert total(m, TOKENS, kind="exact") == len(DOC_A), m
     assert total(m, TOKENS, kind="recomputed") == 0, m
     assert_same_replies([want], [first])
 
-    forget_prefixes(cf, l3.port)
-    m0 = metrics(cf)
-    again = _ask(cf, ids, spans)
-    m = _delta(cf, m0)
+    again, m = _cold(cf, l3, ids, spans)
     assert total(m, CHUNKS, result="hit") == 2, m
     assert total(m, TOKENS, kind="recomputed") == 16, m  # C: its best page of 3
     assert total(m, TOKENS, kind="loaded") == len(DOC_C) - 16, m
@@ -173,16 +173,12 @@ def test_corrupted_chunk_pages_fall_back_to_a_plain_prefill(
     ref, cf = servers
     ids, spans = _prompt(DOC_A, DOC_B)
     want = _ask(ref, ids, None)
-    _ask(cf, ids, spans)
-    wait_stored(cf, 2)
+    _store_a_and_b(cf)
     client = redis.Redis(host="127.0.0.1", port=l3.port)
     pages = [k for k in client.scan_iter(match="*.chunks*", count=1000) if b"-p" in k]
     assert pages
     corrupt(client, pages)
-    forget_prefixes(cf, l3.port)
-    m0 = metrics(cf)
-    reply = _ask(cf, ids, spans)
-    m = _delta(cf, m0)
+    reply, m = _cold(cf, l3, ids, spans)
     assert total(m, REQUESTS, outcome="fallback") == 1, m
     assert total(m, FALLBACKS, reason="load_failed") == 1, m
     assert total(m, REQUESTS, outcome="blended") == 0, m
